@@ -1,0 +1,101 @@
+"""``python -m engine``: run a job, print its resolved config, list the plugins."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+import pluggy
+
+from .config import dump_toml
+from .errors import EngineError
+from .loop import load_config, setup
+from .plugins import Plugins, make_plugins
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="load a plugin module (dotted name or path/to/file.py); repeatable",
+    )
+    common.add_argument(
+        "--block",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="do not load the plugin NAME (as `python -m engine plugins` lists it); repeatable",
+    )
+    common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    job = argparse.ArgumentParser(add_help=False)
+    job.add_argument("job", nargs="?", help="TOML job file (default: the built-in linear-regression job)")
+    job.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="SECTION.KEY=VALUE",
+        help="override a setting; the value is read as TOML (5, 0.1, true, [64, 64], adam)",
+    )
+    top = argparse.ArgumentParser(prog="python -m engine", description="A plugin-based PyTorch training engine.")
+    commands = top.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", parents=[job, common], help="train a job")
+    commands.add_parser("config", parents=[job, common], help="print the resolved config, every default filled in")
+    commands.add_parser("plugins", parents=[common], help="list plugins, their hooks (in call order) and components")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "plugins":
+            print(describe_plugins(make_plugins(args.plugin, args.block)))
+        elif args.command == "config":
+            config, _ = load_config(args.job, args.overrides, args.plugin, args.block)
+            print(dump_toml(config), end="")
+        else:
+            setup(args.job, overrides=args.overrides, plugins=args.plugin, blocked=args.block).fit()
+        return 0
+    except EngineError as error:
+        if args.debug:
+            traceback.print_exception(error)
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def describe_plugins(plugins: Plugins) -> str:
+    """Every plugin with its origin, hooks and components; then each hook's call order."""
+    lines = ["plugins (name, origin, hooks, components):"]
+    for name in plugins.names():
+        plugin = plugins.pm.get_plugin(name)
+        hooks = sorted(caller.name for caller in plugins.pm.get_hookcallers(plugin) or ())
+        provided = [
+            f"{kind} {component.name}"
+            for kind, table in sorted(plugins.components.items())
+            for component in table.values()
+            if component.plugin == name
+        ]
+        lines.append(f"  {name}  [{plugins.sources.get(name, '?')}]")
+        lines.append(f"      hooks: {', '.join(hooks) or '-'}")
+        if provided:
+            lines.append(f"      provides: {', '.join(provided)}")
+    lines.append("hook call order:")
+    for name in sorted(dir(plugins.hook)):
+        caller = getattr(plugins.hook, name)
+        if isinstance(caller, pluggy.HookCaller) and caller.get_hookimpls():
+            order = [impl.plugin_name + _marks(impl) for impl in reversed(caller.get_hookimpls())]
+            lines.append(f"  {name}: {' -> '.join(order)}")
+    return "\n".join(lines)
+
+
+def _marks(impl: pluggy.HookImpl) -> str:
+    marks = [mark for mark in ("tryfirst", "trylast", "wrapper", "hookwrapper") if getattr(impl, mark)]
+    return f" ({', '.join(marks)})" if marks else ""

@@ -1,0 +1,43 @@
+"""The tutorial's console line at each logging point, then the learned parameters of a small model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import engine
+
+# A model with at most this many weights gets them printed at the end (the tutorial's w and b).
+PRINT_PARAMETERS_UP_TO = 16
+LABELS = {"val_loss": "Val Loss", "val_accuracy": "Val Acc"}
+
+
+@engine.hookimpl
+def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
+    line = f"Epoch [{metrics['epoch']}/{trainer.epochs}]"
+    if "loss" in metrics:
+        line += f", Loss: {metrics['loss']:.4f}"
+    terms = [name for name in metrics if name not in ("epoch", "step", "loss") and not name.startswith("val_")]
+    if len(terms) > 1:
+        line += "".join(f", {name}: {metrics[name]:.4f}" for name in terms)
+    for name, value in metrics.items():
+        if name.startswith("val_") and (name in LABELS or len(terms) > 1 or name[4:] not in terms):
+            line += f", {LABELS.get(name, name)}: {value:.4f}"
+    print(line, flush=True)
+
+
+@engine.hookimpl
+def on_run_end(trainer: engine.Trainer, error: BaseException | None) -> None:
+    if error is not None:
+        return
+    named = list(trainer.model.named_parameters())
+    count = sum(p.numel() for _, p in named)
+    if count > PRINT_PARAMETERS_UP_TO:
+        print(f"Model: {count:,} parameters")
+        return
+    shown = ", ".join(f"{name} = {_values(p.detach().cpu().flatten().tolist())}" for name, p in named)
+    print(f"Learned parameters: {shown}")
+
+
+def _values(values: list[float]) -> str:
+    text = ", ".join(f"{v:.4f}" for v in values)
+    return text if len(values) == 1 else f"[{text}]"

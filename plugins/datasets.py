@@ -1,0 +1,116 @@
+"""Built-in datasets: the tutorial's linear regression (the default), a seeded classification set,
+and a user's ``.npz`` or ``.csv`` file.
+
+A factory returns ``(x, y)`` arrays, or ``{"train": (x, y), "val": (x, y)}`` when a separate
+validation file is given; the batching plugin turns them into batches. A user's own
+``torch.utils.data.Dataset`` comes in by reference: ``[data] name = "package.module:factory"``.
+"""
+
+from __future__ import annotations
+
+import csv as csv_module
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import engine
+
+
+def linear_regression(
+    seed: int, n_samples: int = 100, weight: float = 2.0, bias: float = 3.0, noise: float = 0.1
+) -> Any:
+    """The tutorial's data: ``x ~ N(0, 1)``, ``y = weight * x + bias + noise * N(0, 1)``, shape [N, 1]."""
+    rng = np.random.RandomState(seed)  # the same stream as the tutorial's np.random.seed(seed)
+    x = rng.randn(n_samples, 1)
+    y = weight * x + bias + rng.randn(n_samples, 1) * noise
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def classification(
+    seed: int, n_samples: int = 1000, n_features: int = 20, n_classes: int = 4, separation: float = 1.5
+) -> Any:
+    """Gaussian blobs: one random centre per class, unit noise; integer class labels."""
+    if n_classes < 2:
+        raise engine.ConfigError(f"data.n_classes: must be at least 2, got {n_classes}")
+    rng = np.random.RandomState(seed)
+    centres = rng.randn(n_classes, n_features) * separation
+    y = rng.randint(n_classes, size=n_samples)
+    x = centres[y] + rng.randn(n_samples, n_features)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def npz(path: str = "", val_path: str = "", x: str = "x", y: str = "y") -> Any:
+    """Arrays `x` and `y` from a ``.npz`` file (and from `val_path` for validation)."""
+
+    def load(file: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        arrays = np.load(_existing(file, key), allow_pickle=False)
+        for name in (x, y):
+            if name not in arrays:
+                raise engine.ConfigError(
+                    f"data.{key}: file '{file}' has no array {name!r} (it has: {', '.join(arrays.files)})"
+                )
+        return arrays[x], arrays[y]
+
+    return _splits(load, path, val_path)
+
+
+def csv(
+    path: str = "", val_path: str = "", target: str = "", features: tuple = (), delimiter: str = ",", task: str = "auto"
+) -> Any:
+    """Columns of a ``.csv`` file with a header row: `features` (default: all but `target`) and `target`.
+
+    `task` "auto" reads a target of whole numbers as class indices, any other as regression.
+    """
+    if not target:
+        raise engine.ConfigError("data.target: name the target column of the csv file")
+    if task not in ("auto", "regression", "classification"):
+        raise engine.ConfigError(f"data.task: expected auto, regression or classification, got {task!r}")
+
+    def load(file: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        with open(_existing(file, key), newline="", encoding="utf-8") as handle:
+            rows = list(csv_module.reader(handle, delimiter=delimiter))
+        if not rows:
+            raise engine.ConfigError(f"data.{key}: file '{file}' is empty")
+        header, body = rows[0], rows[1:]
+        wanted = list(features) or [name for name in header if name != target]
+        for name in [*wanted, target]:
+            if name not in header:
+                raise engine.ConfigError(f"data: column {name!r} is not in '{file}' (columns: {', '.join(header)})")
+        try:
+            table = np.array([[float(row[header.index(name)]) for name in [*wanted, target]] for row in body])
+        except (ValueError, IndexError) as error:
+            raise engine.ConfigError(f"data.{key}: '{file}' has a non-numeric or missing value: {error}") from None
+        labels = table[:, -1]
+        whole = np.all(labels == np.round(labels))
+        if task == "classification" or (task == "auto" and whole):
+            if not whole:
+                raise engine.ConfigError(f"data.task: '{file}' target {target!r} is not whole numbers")
+            labels = labels.astype(np.int64)
+        return table[:, :-1].astype(np.float32), labels
+
+    return _splits(load, path, val_path)
+
+
+def _existing(file: str, key: str) -> Path:
+    if not file:
+        raise engine.ConfigError(f"data.{key}: give the path of the data file")
+    path = Path(file)
+    if not path.is_file():
+        raise engine.ConfigError(f"data.{key}: file '{file}' does not exist")
+    return path
+
+
+def _splits(load, path: str, val_path: str) -> Any:
+    train = load(path, "path")
+    return {"train": train, "val": load(val_path, "val_path")} if val_path else train
+
+
+@engine.hookimpl
+def register_settings():
+    return {"data": {"name": "linear_regression"}}
+
+
+@engine.hookimpl
+def register_components():
+    return {"data": {"linear_regression": linear_regression, "classification": classification, "npz": npz, "csv": csv}}

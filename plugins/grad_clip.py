@@ -1,0 +1,24 @@
+"""Gradient clipping by total norm, before each optimizer step (`[grad_clip] max_norm`, 0 = off).
+
+Uses torch's foreach kernel and never reads the norm back, so it adds no host-device sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import engine
+
+
+@engine.hookimpl
+def register_settings():
+    return {"grad_clip": {"max_norm": 0.0, "norm_type": 2.0}}
+
+
+@engine.hookimpl
+def before_optimizer_step(trainer: engine.Trainer) -> None:
+    settings = trainer.config["grad_clip"]
+    if settings["max_norm"] > 0:
+        torch.nn.utils.clip_grad_norm_(
+            trainer.model.parameters(), settings["max_norm"], norm_type=settings["norm_type"], foreach=True
+        )

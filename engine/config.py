@@ -34,6 +34,22 @@ CORE_SETTINGS: dict[str, Any] = {
 MISSING = inspect.Parameter.empty
 
 
+class Override:
+    """A ``--set`` value: parsed as TOML, with its text kept for settings that take strings."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self, text: str, value: Any) -> None:
+        self.text, self.value = text, value
+
+
+def plain(value: Any, expected: type | None = None) -> Any:
+    """The value of a setting as given: an override's text where a string is expected."""
+    if isinstance(value, Override):
+        return value.text if expected is str else value.value
+    return value
+
+
 class Section(Mapping[str, Any]):
     """One resolved, read-only config section; keys read as attributes too (``config.data.batch_size``)."""
 
@@ -96,7 +112,7 @@ def apply_overrides(job: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
         if not sep or not key or key.count(".") > 1:
             raise ConfigError(f"--set {item!r}: expected section.key=value or key=value")
         try:
-            value = tomllib.loads(f"v = {text}")["v"]
+            value = Override(text, tomllib.loads(f"v = {text}")["v"])
         except tomllib.TOMLDecodeError:
             value = text
         section, _, name = key.rpartition(".")
@@ -137,7 +153,7 @@ def resolve(job: Mapping[str, Any], plugins: Plugins) -> Config:
         declared = settings.get(section, {})
         params: dict[str, Any] = {}
         if section in kinds:
-            name = given.get("name", declared.get("name", (None,))[0])
+            name = plain(given.get("name", declared.get("name", (None,))[0]), str)
             if name is None:
                 choices = ", ".join(sorted(plugins.components.get(section, {})))
                 raise ConfigError(f"{section}.name: required, no plugin sets a default (choose one of: {choices})")
@@ -178,8 +194,9 @@ def _resolve_keys(
 def check_type(key: str, value: Any, default: Any) -> Any:
     """`value` converted to the type of `default`, or a ConfigError naming `key`."""
     if default is None or default is MISSING:
-        return value
+        return plain(value)
     expected = type(default)
+    value = plain(value, expected)
     if expected is bool or isinstance(value, bool):
         ok = isinstance(value, bool) and expected is bool
     elif expected is float:

@@ -4,6 +4,7 @@
     register_components      once, to collect the named components (losses, optimizers, models, ...)
     build_loaders            once, after the data component is built (firstresult)
     on_run_start             once, after every component is built
+    wrap_step                once, chained: acceleration plugins wrap or replace the train step
     for each epoch:
         for each batch:                  -- inside the train step, tensor work only --
             before_forward               chained: may replace the batch
@@ -89,6 +90,18 @@ def on_run_start(trainer: Trainer) -> None:
     """Called once, after the model, optimizer and loaders are built and before the first epoch.
 
     ``trainer`` holds the config, the components and the :class:`State`. Its return is ignored.
+    """
+
+
+@hookspec
+def wrap_step(step: Callable[[Batch], Any], trainer: Trainer) -> Callable[[Batch], Any] | None:
+    """Called once, after `on_run_start`, to wrap or replace the train step.
+
+    ``step`` takes a :class:`Batch` and returns ``(loss, terms)``: the detached total loss and a
+    dict of detached loss terms, on the device. Return a function with the same contract (a
+    compiled or CUDA-graph-captured step) or None to keep it. Implementations are chained in hook
+    order, each wrapping what the previous one returned; document what your wrapper changes
+    (for example, that a replayed CUDA graph overwrites its output tensors).
     """
 
 

@@ -228,6 +228,8 @@ class Trainer:
         state, error = self.state, None
         try:
             self.hooks.on_run_start(trainer=self)
+            for wrap in self.plugins.bind("wrap_step", trainer=self):
+                self.step = wrap(step=self.step) or self.step
             while state.epoch <= self.epochs and not state.stop:
                 self.model.train()
                 for batch in self.loaders.train(state.epoch, start=state.batch):

@@ -48,7 +48,7 @@ class RunFiles:
         state = trainer.state
         summary: dict[str, Any] = {
             "status": "failed" if error else "completed",
-            "epochs": state.epoch - (0 if error else 1),
+            "epochs_completed": state.epoch - 1,
             "steps": state.step,
             "wall_time_s": round(wall, 4),
             "steps_per_s": round(state.step / wall, 2) if wall > 0 else None,

@@ -54,7 +54,8 @@ class Plugins:
         return self.pm.hook
 
     def names(self) -> list[str]:
-        return [self.pm.get_name(p) for p in self.pm.get_plugins()]
+        """Registered plugin names in registration order (pluggy keeps them in a set)."""
+        return [name for name in self.sources if self.pm.get_plugin(name) is not None]
 
     def collect(self) -> None:
         """Gather settings and components from every plugin, rejecting clashes by name."""

@@ -28,7 +28,7 @@ def linear_regression(
 
 
 def classification(
-    seed: int, n_samples: int = 1000, n_features: int = 20, n_classes: int = 4, separation: float = 1.5
+    seed: int, n_samples: int = 1000, n_features: int = 20, n_classes: int = 4, separation: float = 0.5
 ) -> Any:
     """Gaussian blobs: one random centre per class, unit noise; integer class labels."""
     if n_classes < 2:

@@ -56,8 +56,8 @@ class State:
     """Where the loop is: enough, with the components' state, to resume a run exactly."""
 
     epoch: int = 1  # the current epoch, 1-based
-    batch: int = 0  # batches trained in the current epoch: the position in its data order
-    step: int = 0  # batches trained in total
+    batch: int = 0  # batches started in the current epoch: the position in its data order
+    step: int = 0  # batches started in total; during a step and its after_step, this step's number
     stop: bool = False  # set by a plugin to end the run after the current epoch
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged metrics
     val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
@@ -107,6 +107,7 @@ class Trainer:
         self.config, self.plugins, self.hooks = config, plugins, plugins.hook
         self.epochs: int = config["epochs"]
         self.accumulation: int = config["grad_accumulation"]
+        self.val_every: int = config["val_every"]
         self.device = resolve_device(config["device"])
         self.run_dir = run_directory(config["runs_dir"], config["run_name"])
         seed_everything(config["seed"])
@@ -194,7 +195,7 @@ class Trainer:
         """
         if self.accumulation == 1:
             return True, True, 1
-        position = self.state.batch
+        position = self.state.batch - 1  # the loop counts the batch before the step runs
         start = position - position % self.accumulation
         size = min(self.accumulation, self.batches_per_epoch - start)
         return position == start, position == start + size - 1, 1.0 / size
@@ -224,24 +225,13 @@ class Trainer:
         return {f"val_{name}": mean for name, mean in zip(sums, means)}
 
     def fit(self) -> Result:
-        """The loop. Calls `on_run_end` whether it finishes or fails."""
-        state, error = self.state, None
+        """Run the loop; `on_run_end` is called whether it finishes or fails."""
+        error = None
         try:
             self.hooks.on_run_start(trainer=self)
             for wrap in self.plugins.bind("wrap_step", trainer=self):
                 self.step = wrap(step=self.step) or self.step
-            while state.epoch <= self.epochs and not state.stop:
-                self.model.train()
-                for batch in self.loaders.train(state.epoch, start=state.batch):
-                    loss, terms = self.step(batch)
-                    state.batch += 1
-                    state.step += 1
-                    for hook in self._after_step:
-                        hook(loss=loss, terms=terms)
-                if self.has_validation and (state.epoch % self.config["val_every"] == 0 or state.epoch == self.epochs):
-                    state.val_metrics = self.validate()
-                self.hooks.on_epoch_end(state=state, trainer=self)
-                state.epoch, state.batch = state.epoch + 1, 0
+            self.loop()
         except BaseException as raised:
             error = self.explain(raised)
         finally:
@@ -251,13 +241,29 @@ class Trainer:
                 error = error or self.explain(raised)
         if error is not None:
             raise error
-        return Result(self.model, dict(state.metrics), self.run_dir, self.config, state)
+        return Result(self.model, dict(self.state.metrics), self.run_dir, self.config, self.state)
+
+    def loop(self) -> None:
+        """The tutorial's loop: epochs of steps, then validation when due and the epoch-end hooks."""
+        state = self.state
+        while state.epoch <= self.epochs and not state.stop:
+            self.model.train()
+            for batch in self.loaders.train(state.epoch, start=state.batch):
+                state.batch += 1
+                state.step += 1
+                loss, terms = self.step(batch)
+                for hook in self._after_step:
+                    hook(loss=loss, terms=terms)
+            if self.has_validation and (state.epoch % self.val_every == 0 or state.epoch == self.epochs):
+                state.val_metrics = self.validate()
+            self.hooks.on_epoch_end(state=state, trainer=self)
+            state.epoch, state.batch = state.epoch + 1, 0
 
     def explain(self, error: BaseException) -> BaseException:
         """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook."""
         if not isinstance(error, Exception) or isinstance(error, EngineError):
             return error
-        where = f"epoch {self.state.epoch}, step {self.state.step + 1}"
+        where = f"epoch {self.state.epoch}, step {self.state.step}"
         culprit = self.plugins.blame(error.__traceback__)
         if culprit:
             plugin, hook = culprit

@@ -16,6 +16,14 @@ class ConfigError(EngineError):
 
 
 class TrainingError(EngineError):
-    """A failure during training: a non-finite loss, a shape mismatch, a plugin's exception."""
+    """A failure during training: a non-finite loss, a shape mismatch, a plugin's exception.
+
+    The engine prefixes the epoch and step where it was raised unless `located` says the message
+    already names them.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, *, located: bool = False) -> None:
+        super().__init__(message)
+        self.located = located

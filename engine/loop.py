@@ -261,14 +261,16 @@ class Trainer:
 
     def explain(self, error: BaseException) -> BaseException:
         """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook."""
+        where = f"epoch {self.state.epoch}, step {self.state.step}"
+        if isinstance(error, TrainingError) and not error.located:
+            return TrainingError(f"{where}: {error}", located=True)
         if not isinstance(error, Exception) or isinstance(error, EngineError):
             return error
-        where = f"epoch {self.state.epoch}, step {self.state.step}"
         culprit = self.plugins.blame(error.__traceback__)
         if culprit:
             plugin, hook = culprit
             where += f": plugin {plugin!r}" + (f" failed in hook {hook}" if hook else "")
-        explained = TrainingError(f"{where}: {describe(error)}")
+        explained = TrainingError(f"{where}: {describe(error)}", located=True)
         explained.__cause__ = error
         return explained
 

@@ -19,16 +19,21 @@ def _same_shape(name: str, loss: nn.Module) -> Callable[[Tensor, Tensor], Tensor
         if output.shape != target.shape:
             raise engine.TrainingError(
                 f"loss {name!r}: model output shape {tuple(output.shape)} does not match target shape "
-                f"{tuple(target.shape)} (it would broadcast); give the model {_outputs(target)} output(s) "
-                "or reshape the target"
+                f"{tuple(target.shape)} (it would broadcast); {_hint(output, target)}"
             )
         return loss(output, target)
 
     return compute
 
 
-def _outputs(target: Tensor) -> str:
-    return str(target.shape[-1]) if target.dim() > 1 else "a squeezed"
+def _hint(output: Tensor, target: Tensor) -> str:
+    if not target.is_floating_point():
+        return "the targets are class indices: use loss cross_entropy (or nll)"
+    if output.dim() == target.dim() + 1 and output.shape[-1] == 1:
+        return "the target needs a trailing dimension of 1, or squeeze the output"
+    if target.dim() == output.dim() + 1 and target.shape[-1] == 1:
+        return "the output lost its trailing dimension of 1 (squeezed?): keep it, or reshape the target"
+    return f"give the model {target.shape[-1] if target.dim() > 1 else 'a flat'} output, or reshape the target"
 
 
 def _class_indices(name: str, loss: nn.Module, n_classes: int) -> Callable[[Tensor, Tensor], Tensor]:

@@ -50,10 +50,12 @@ class Metrics:
         self.pending.clear()
         rows = [values[i * width : (i + 1) * width] for i in range(len(steps))]
         for (epoch, step), row in zip(steps, rows):
-            for name, value in zip(self.names, row):
+            # The terms before the total ("loss"), so that the message names the term at fault.
+            for name, value in [*zip(self.names[1:], row[1:]), (self.names[0], row[0])]:
                 if not math.isfinite(value):
                     raise engine.TrainingError(
-                        f"non-finite loss ({value}) in term {name!r} at epoch {epoch}, step {step}; training stopped"
+                        f"non-finite loss ({value}) in term {name!r} at epoch {epoch}, step {step}; training stopped",
+                        located=True,
                     )
         this_epoch = [row for (epoch, _), row in zip(steps, rows) if epoch == state.epoch]
         metrics: dict[str, float] = {"epoch": state.epoch, "step": state.step}

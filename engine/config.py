@@ -46,7 +46,8 @@ class Override:
 def plain(value: Any, expected: type | None = None) -> Any:
     """The value of a setting as given: an override's text where a string is expected."""
     if isinstance(value, Override):
-        return value.text if expected is str else value.value
+        # A quoted TOML string (--set loss.name='"huber"') is already its value, quotes removed.
+        return value.text if expected is str and not isinstance(value.value, str) else value.value
     return value
 
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from .config import Config, apply_overrides, load_job, resolve
+from .config import Config, apply_overrides, load_job, plain, resolve
 from .errors import ConfigError, EngineError, TrainingError
 from .plugins import CONTEXT_PARAMS, Plugins, describe, make_plugins
 
@@ -314,7 +314,7 @@ def load_config(
         job = load_job(job)
     merged = apply_overrides(job or {}, overrides)
     extra = [*plugins]
-    listed = merged.get("plugins", [])
+    listed = plain(merged.get("plugins", []))  # `--set plugins=[...]` gives an Override
     if not isinstance(listed, list):
         raise ConfigError(f"plugins: expected a list of module names, got {listed!r}")
     extra += [name for name in listed if name not in extra]

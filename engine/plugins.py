@@ -60,7 +60,7 @@ class Plugins:
     def collect(self) -> None:
         """Gather settings and components from every plugin, rejecting clashes by name."""
         for impl in reversed(self.pm.hook.register_settings.get_hookimpls()):
-            declared = call_blaming(impl, {}) or {}
+            declared = call_blaming(impl, "register_settings", {}) or {}
             for section, keys in declared.items():
                 table = self.settings.setdefault(section, {})
                 for key, default in keys.items():
@@ -71,7 +71,7 @@ class Plugins:
                         )
                     table[key] = (default, impl.plugin_name)
         for impl in reversed(self.pm.hook.register_components.get_hookimpls()):
-            provided = call_blaming(impl, {}) or {}
+            provided = call_blaming(impl, "register_components", {}) or {}
             for kind, named in provided.items():
                 table = self.components.setdefault(kind, {})
                 for name, factory in named.items():
@@ -141,14 +141,14 @@ def _bound(function: Callable[..., Any], argnames: tuple[str, ...], constants: M
     return call
 
 
-def call_blaming(impl: pluggy.HookImpl, arguments: Mapping[str, Any]) -> Any:
-    """Call one hook implementation; an exception becomes a ConfigError naming plugin and hook."""
+def call_blaming(impl: pluggy.HookImpl, hook: str, arguments: Mapping[str, Any]) -> Any:
+    """Call one implementation of `hook`; an exception becomes a ConfigError naming plugin and hook."""
     try:
         return impl.function(*(arguments[name] for name in impl.argnames))
     except ConfigError:
         raise
     except Exception as error:
-        raise ConfigError(f"plugin {impl.plugin_name!r} failed in its hook: {describe(error)}") from error
+        raise ConfigError(f"plugin {impl.plugin_name!r} failed in hook {hook}: {describe(error)}") from error
 
 
 def make_plugins(extra: Iterable[Any] = (), blocked: Iterable[str] = ()) -> Plugins:
@@ -179,8 +179,25 @@ def make_plugins(extra: Iterable[Any] = (), blocked: Iterable[str] = ()) -> Plug
         else:
             name = getattr(item, "__name__", None) or type(item).__name__
             register(plugins, item, name, "passed to engine.run")
+    check_hook_names(pm)
     plugins.collect()
     return plugins
+
+
+def check_hook_names(pm: pluggy.PluginManager) -> None:
+    """Reject an implementation of a hook the engine does not declare.
+
+    pluggy accepts it silently (until `check_pending`), so a misspelled hook would never be called.
+    """
+    declared = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT}_spec")]
+    for name in dir(pm.hook):
+        caller = getattr(pm.hook, name)
+        if isinstance(caller, pluggy.HookCaller) and not caller.has_spec():
+            for impl in caller.get_hookimpls():
+                if not impl.optionalhook:
+                    raise ConfigError(
+                        f"plugin {impl.plugin_name!r}: {name} is not a hook of the engine{suggest(name, declared)}"
+                    )
 
 
 def register(plugins: Plugins, plugin: Any, name: str, origin: str) -> None:

@@ -195,5 +195,8 @@ class DatasetLoaders:
         for x, y in self.loader:
             yield engine.Batch(x, y)
 
-    def val(self) -> DataLoader | None:
-        return self.val_loader
+    def val(self) -> Iterator[engine.Batch] | None:
+        if self.val_loader is None:
+            return None
+        # DataLoader collates each batch into a list; the engine and its hooks expect a Batch.
+        return (engine.Batch(x, y) for x, y in self.val_loader)

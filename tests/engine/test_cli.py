@@ -1,0 +1,301 @@
+"""engine/cli.py: `python -m engine run | config | plugins`, their output, exit codes and errors.
+
+Most tests call `engine.cli.main` in-process; a few run the real command in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+import engine
+from engine.cli import main
+from tests.helpers import read_json, read_jsonl, tutorial_data
+
+PYTHON = sys.executable
+
+
+def engine_command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "engine", *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=os.environ.copy()
+    )
+
+
+def tutorial_lines() -> list[str]:
+    """What the tutorial's own loop prints: the loss every 100 epochs, then w and b."""
+    import torch
+    from torch import nn
+
+    x, y = tutorial_data()
+    torch.manual_seed(42)
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    lines = []
+    for epoch in range(1000):
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (epoch + 1) % 100 == 0:
+            lines.append(f"Epoch [{epoch + 1}/1000], Loss: {loss.item():.4f}")
+    lines.append(f"Learned parameters: weight = {model.weight.item():.4f}, bias = {model.bias.item():.4f}")
+    return lines
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+def test_python_m_engine_run_trains_the_tutorial(tmp_path):
+    """The real command, as a new user types it."""
+    done = engine_command("run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:11] == tutorial_lines()
+    assert len(lines) == 12
+    assert lines[11].startswith("Run files: runs/")
+    run_dir = tmp_path / lines[11].removeprefix("Run files: ")
+    assert {p.name for p in run_dir.iterdir()} == {"config.toml", "metrics.jsonl", "summary.json"}
+    weight, bias = (float(part.split(" = ")[1]) for part in lines[10].removeprefix("Learned parameters: ").split(", "))
+    assert abs(weight - 2) < 0.05 and abs(bias - 3) < 0.05
+    assert done.stderr == ""
+
+
+def test_run_prints_the_loss_line_at_each_logging_point(capsys):
+    code, out, err = run_cli(capsys, "run", "--set", "epochs=5", "--set", "loss.name=l1", "--set", "run_name=l1")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert [line.split(",")[0] for line in lines[:5]] == [f"Epoch [{e}/5]" for e in range(1, 6)]
+    logged = read_jsonl(Path("runs/l1/metrics.jsonl"))
+    assert lines[:5] == [f"Epoch [{m['epoch']}/5], Loss: {m['loss']:.4f}" for m in logged]
+    assert "l1" in logged[0] and logged[0]["l1"] == logged[0]["loss"]
+    assert lines[5].startswith("Learned parameters: weight = ")
+    assert lines[6] == "Run files: runs/l1"
+
+
+def test_run_a_job_file_with_overrides(capsys, tmp_path):
+    (tmp_path / "job.toml").write_text(
+        'epochs = 4\nrun_name = "job"\n[data]\nname = "classification"\nn_samples = 80\nval_fraction = 0.25\n'
+        '[model]\nname = "mlp"\nhidden = [8]\n[loss]\nname = "cross_entropy"\n[log]\nevery = 2\n'
+    )
+    code, out, _ = run_cli(capsys, "run", "job.toml", "--set", "epochs=6", "--set", "optimizer.name=sgd")
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split(",")[0] for line in lines[:3]] == ["Epoch [2/6]", "Epoch [4/6]", "Epoch [6/6]"]
+    assert all(", Val Loss: " in line and ", Val Acc: " in line for line in lines[:3])
+    assert lines[3] == "Model: 204 parameters"  # 20*8 + 8 + 8*4 + 4
+    config = tomllib.loads(Path("runs/job/config.toml").read_text())
+    assert config["epochs"] == 6 and config["optimizer"]["name"] == "sgd" and config["model"]["hidden"] == [8]
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_config_prints_every_default_and_round_trips(capsys):
+    code, out, _ = run_cli(capsys, "config")
+    assert code == 0
+    printed = tomllib.loads(out)
+    defaults, _ = engine.load_config()
+    assert set(printed) == set(defaults)
+    for section, value in defaults.items():
+        if isinstance(value, engine.Section):
+            unset = {key for key, default in value.items() if default is None}  # printed as comments
+            assert set(printed[section]) == set(value) - unset, section
+            assert all(f"\n# {key} = (not set)\n" in out for key in unset)
+    again, _ = engine.load_config(printed)
+    assert again.to_dict() == defaults.to_dict()
+
+
+def test_config_of_a_job_file_with_overrides_and_a_plugin(capsys, tmp_path, write_plugin):
+    write_plugin(
+        "tiny_focal",
+        "import engine\n\ndef focal(gamma: float = 2.0):\n    return None\n\n"
+        "@engine.hookimpl\ndef register_components():\n    return {'loss': {'focal': focal}}\n",
+    )
+    (tmp_path / "job.toml").write_text('epochs = 7\n[loss]\nname = "focal"\n')
+    code, out, _ = run_cli(capsys, "config", "job.toml", "--plugin", "tiny_focal", "--set", "loss.gamma=3")
+    assert code == 0
+    printed = tomllib.loads(out)
+    assert printed["epochs"] == 7
+    assert printed["loss"] == {"name": "focal", "gamma": 3.0}
+    assert '[loss]\nname = "focal"\ngamma = 3.0\n' in out
+
+
+# --- plugins -------------------------------------------------------------------------------------
+
+
+def test_plugins_lists_origin_hooks_components_and_call_order(capsys, write_plugin):
+    write_plugin(
+        "listed_plugin",
+        "import engine\n\n@engine.hookimpl(tryfirst=True)\ndef on_epoch_end():\n    pass\n\n"
+        "@engine.hookimpl\ndef register_components():\n    return {'loss': {'focal': lambda: None}}\n",
+    )
+    code, out, _ = run_cli(capsys, "plugins", "--plugin", "listed_plugin", "--block", "progress")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "plugins (name, origin, hooks, components):"
+    entry = lines.index("  losses  [built-in]")
+    assert lines[entry + 1] == "      hooks: register_components, register_settings"
+    assert lines[entry + 2] == (
+        "      provides: loss mse, loss cross_entropy, loss l1, loss smooth_l1, loss huber, "
+        "loss bce_with_logits, loss nll"
+    )
+    mine = lines.index("  listed_plugin  [--plugin listed_plugin]")
+    assert lines[mine + 1 : mine + 3] == [
+        "      hooks: on_epoch_end, register_components",
+        "      provides: loss focal",
+    ]
+    assert "  progress  [built-in]" not in lines
+    order = lines[lines.index("hook call order:") + 1 :]
+    assert "  on_epoch_end: listed_plugin (tryfirst) -> schedulers -> metrics (trylast)" in order
+    assert "  before_forward: device (tryfirst)" in order
+    assert any(line.startswith("  on_run_end: ") and line.endswith("run_files (trylast)") for line in order)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def assert_one_line_error(err: str, message: str) -> None:
+    assert err.startswith(f"error: {message}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "missing.toml"], "job file 'missing.toml' does not exist"),
+        (["run", "bad.toml"], "job file 'bad.toml' is not valid TOML"),
+        (["run", "--set", "loss.name=msee"], "loss.name: unknown loss 'msee' (did you mean 'mse'?)"),
+        (["run", "--set", "optimizer.name=sgdd"], "optimizer.name: unknown optimizer 'sgdd' (did you mean 'sgd'?)"),
+        (["run", "--set", "model.name=lineer"], "model.name: unknown model 'lineer' (did you mean 'linear'?)"),
+        (["run", "--set", "data.name=npy"], "data.name: unknown data 'npy' (did you mean 'npz'?)"),
+        (["run", "--plugin", "no_such_plugin_xyz"], "plugin module 'no_such_plugin_xyz' cannot be imported"),
+        (["run", "--plugin", "nowhere/p.py"], "plugin file 'nowhere/p.py' does not exist"),
+        (["run", "--set", "optimizer.momentum=0.9"], "optimizer.momentum: unknown key in [optimizer]"),
+        (["run", "--set", "epochs=ten"], "epochs: expected int, got str 'ten'"),
+        (["config", "--set", "data.batch_size=1.5"], "data.batch_size: expected int, got float 1.5"),
+        (["plugins", "--plugin", "no_such_plugin_xyz"], "plugin module 'no_such_plugin_xyz' cannot be imported"),
+        (["run", "--set", "data.batch_size=-1"], "data.batch_size: must be 0 (whole set) or positive, got -1"),
+        (["run", "--set", "model.name=tests.helpers:nope"], "model.name: module 'tests.helpers' has no attribute"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(capsys, tmp_path, argv, message):
+    (tmp_path / "bad.toml").write_text("[data\n")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert_one_line_error(err, message)
+    assert out == ""
+    assert not Path("runs").exists()  # rejected before training started
+
+
+def test_two_plugins_registering_one_component_name(capsys, write_plugin):
+    source = "import engine\n\n@engine.hookimpl\ndef register_components():\n    return {'loss': {'focal': None}}\n"
+    write_plugin("focal_one", source)
+    write_plugin("focal_two", source)
+    code, _, err = run_cli(capsys, "run", "--plugin", "focal_one", "--plugin", "focal_two")
+    assert code == 2
+    assert_one_line_error(err, "loss 'focal' is provided by both plugin")
+    assert "'focal_one'" in err and "'focal_two'" in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    code, _, err = run_cli(capsys, "run", "--debug", "--set", "loss.name=msee")
+    assert code == 2
+    assert "Traceback (most recent call last)" in err
+    assert err.rstrip().splitlines()[-1] == "error: loss.name: unknown loss 'msee' (did you mean 'mse'?)"
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["train"])
+    assert raised.value.code == 2
+    assert "invalid choice: 'train'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as raised:
+        main([])
+    assert raised.value.code == 2
+
+
+def test_a_config_error_exits_2_from_the_real_command(tmp_path):
+    done = engine_command("run", "--set", "epochs=0", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == "error: epochs: must be at least 1, got 0\n"
+    assert done.stdout == ""
+
+
+def training_failure(capsys, *argv: str) -> tuple[str, Path]:
+    code, out, err = run_cli(capsys, "run", "--set", "run_name=failed", *argv)
+    assert code == 1, err
+    assert out.splitlines()[-1] == "Run files: runs/failed"  # what was written before the failure stays
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err.removeprefix("error: ").strip(), Path("runs/failed")
+
+
+def test_a_diverging_run_stops_at_the_non_finite_loss_and_keeps_its_files(capsys):
+    message, run_dir = training_failure(
+        capsys,
+        "--set",
+        "optimizer.name=sgd",
+        "--set",
+        "optimizer.lr=10",
+        "--set",
+        "epochs=5",
+        "--set",
+        "log.every=1",
+        "--set",
+        "data.batch_size=10",
+    )
+    assert message == "non-finite loss (inf) in term 'mse' at epoch 2, step 16; training stopped"
+    logged = read_jsonl(run_dir / "metrics.jsonl")
+    assert [line["epoch"] for line in logged] == [1]
+    assert logged[0]["step"] == 10 and logged[0]["loss"] > 0
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "failed" and summary["error"] == message
+    assert summary["epochs_completed"] == 1
+
+
+def test_mse_on_n_by_1_against_n_does_not_broadcast(capsys):
+    message, run_dir = training_failure(capsys, "--set", "model.name=tests.helpers:flat_model", "--set", "epochs=2")
+    assert message.startswith("epoch 1, step 1: loss 'mse': model output shape (100,) does not match target shape")
+    assert "(100, 1)" in message
+    assert read_json(run_dir / "summary.json")["status"] == "failed"
+
+
+def test_a_dataset_with_n_targets_against_an_n_by_1_model(capsys):
+    message, _ = training_failure(capsys, "--set", "data.name=tests.helpers:scalar_target_dataset")
+    assert message.startswith(
+        "epoch 1, step 1: loss 'mse': model output shape (40, 1) does not match target shape (40,)"
+    )
+
+
+def test_class_indices_out_of_range_for_cross_entropy(capsys):
+    message, _ = training_failure(
+        capsys,
+        "--set",
+        "data.name=classification",
+        "--set",
+        "loss.name=cross_entropy",
+        "--set",
+        "model.out_features=2",
+    )
+    assert message.startswith("epoch 1, step 1: loss 'cross_entropy': the targets hold class indices up to 3")
+    assert "only 2 classes" in message
+
+
+def test_an_exception_in_a_plugins_hook_names_plugin_and_hook(capsys, write_plugin):
+    write_plugin(
+        "exploding",
+        "import engine\n\n@engine.hookimpl\ndef after_step(state):\n"
+        "    if state.step == 3:\n        raise RuntimeError('boom')\n",
+    )
+    message, run_dir = training_failure(capsys, "--plugin", "exploding", "--set", "data.batch_size=10")
+    assert message == "epoch 1, step 3: plugin 'exploding' failed in hook after_step: RuntimeError: boom"
+    assert read_json(run_dir / "summary.json")["error"] == message

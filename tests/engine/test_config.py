@@ -1,0 +1,205 @@
+"""engine/config.py: defaults, `--set` typing, validation with suggestions, TOML in and out."""
+
+from __future__ import annotations
+
+import pytest
+import tomllib
+
+import engine
+from engine.config import CORE_SETTINGS, apply_overrides, load_job
+
+EXPECTED_DEFAULTS = {
+    **CORE_SETTINGS,
+    "data": {
+        "name": "linear_regression",
+        "batch_size": 0,
+        "shuffle": True,
+        "drop_last": False,
+        "val_fraction": 0.0,
+        "num_workers": 0,
+        "pin_memory": False,
+        "n_samples": 100,
+        "weight": 2.0,
+        "bias": 3.0,
+        "noise": 0.1,
+    },
+    "model": {"name": "linear", "in_features": 0, "out_features": 0, "bias": True},
+    "loss": {"name": "mse", "reduction": "mean"},
+    "optimizer": {
+        "name": "adam",
+        "lr": 0.01,
+        "betas": (0.9, 0.999),
+        "eps": 1e-08,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        "impl": "auto",
+    },
+    "scheduler": {"name": "none"},
+    "log": {"progress": True, "every": 0},
+    "grad_clip": {"max_norm": 0.0, "norm_type": 2.0},
+}
+
+
+def resolved(job=None, *overrides: str) -> dict:
+    config, _ = engine.load_config(job, overrides)
+    return config.to_dict()
+
+
+def test_every_setting_has_a_default_and_the_default_job_is_the_tutorial():
+    defaults = resolved()
+    # Sections that other plugins add (acceleration, checkpoints, ...) are theirs to test.
+    assert {key: defaults[key] for key in EXPECTED_DEFAULTS} == EXPECTED_DEFAULTS
+    assert (defaults["seed"], defaults["epochs"], defaults["device"]) == (42, 1000, "auto")
+
+
+def test_a_component_section_takes_the_chosen_components_parameters():
+    config = resolved({"loss": {"name": "cross_entropy"}, "optimizer": {"name": "sgd"}})
+    assert config["loss"] == {
+        "name": "cross_entropy",
+        "reduction": "mean",
+        "label_smoothing": 0.0,
+        "weight": (),
+        "ignore_index": -100,
+    }
+    assert config["optimizer"] == {
+        "name": "sgd",
+        "lr": 0.01,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+        "impl": "auto",
+    }
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "value"),
+    [
+        ("epochs=5", ("epochs",), 5),
+        ("optimizer.lr=0.5", ("optimizer", "lr"), 0.5),
+        ("optimizer.lr=1", ("optimizer", "lr"), 1.0),  # an int where a float is expected
+        ("optimizer.lr=3e-4", ("optimizer", "lr"), 3e-4),
+        ("data.shuffle=false", ("data", "shuffle"), False),
+        ("optimizer.amsgrad=true", ("optimizer", "amsgrad"), True),
+        ("loss.name=l1", ("loss", "name"), "l1"),
+        ('loss.name="huber"', ("loss", "name"), "huber"),
+        ("run_name=2024", ("run_name",), "2024"),  # text kept where a string is expected
+        ("run_name=true", ("run_name",), "true"),
+        ("runs_dir=out/runs", ("runs_dir",), "out/runs"),
+        ("optimizer.betas=[0.8, 0.99]", ("optimizer", "betas"), (0.8, 0.99)),
+        ("plugins=[]", ("plugins",), []),
+        ("data.val_fraction=0.25", ("data", "val_fraction"), 0.25),
+    ],
+)
+def test_set_overrides_are_typed(override, path, value):
+    config = resolved(None, override)
+    for key in path:
+        config = config[key]
+    assert config == value and type(config) is type(value)
+
+
+def test_set_list_for_mlp_hidden_sizes():
+    config = resolved({"model": {"name": "mlp"}}, "model.hidden=[128,32]", "model.activation=gelu")
+    assert config["model"]["hidden"] == (128, 32) and config["model"]["activation"] == "gelu"
+
+
+def test_overrides_apply_on_top_of_the_job_and_later_ones_win():
+    merged = apply_overrides({"epochs": 3, "data": {"batch_size": 8}}, ["data.batch_size=16", "epochs=4", "epochs=6"])
+    assert merged["data"]["batch_size"].value == 16 and merged["epochs"].value == 6
+
+
+@pytest.mark.parametrize(
+    ("job", "overrides", "message"),
+    [
+        ({}, ["epochz=3"], "epochz: unknown key in the top level (did you mean 'epochs'?)"),
+        ({}, ["optimizer.lrr=0.1"], "optimizer.lrr: unknown key in [optimizer] (did you mean 'lr'?)"),
+        ({}, ["lossx.name=mse"], "unknown section [lossx] (did you mean 'loss'?)"),
+        ({}, ["optimizer.lr=fast"], "optimizer.lr: expected float, got str 'fast'"),
+        ({}, ["epochs=1.5"], "epochs: expected int, got float 1.5"),
+        ({}, ["epochs=true"], "epochs: expected int, got bool True"),
+        ({}, ["data.shuffle=1"], "data.shuffle: expected bool, got int 1"),
+        ({}, ["optimizer.betas=0.9"], "optimizer.betas: expected tuple, got float 0.9"),
+        ({}, ["epochs=0"], "epochs: must be at least 1, got 0"),
+        ({}, ["grad_accumulation=0"], "grad_accumulation: must be at least 1, got 0"),
+        ({}, ["device=tpu"], "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+        ({}, ["loss.name=mse2"], "loss.name: unknown loss 'mse2' (did you mean 'mse'?)"),
+        ({}, ["optimizer.name=adamx"], "optimizer.name: unknown optimizer 'adamx' (did you mean 'adam'?)"),
+        ({}, ["model.name=mpl"], "model.name: unknown model 'mpl' (did you mean 'mlp'?)"),
+        ({}, ["data.name=clasification"], "data.name: unknown data 'clasification' (did you mean 'classification'?)"),
+        ({}, ["scheduler.name=cosin"], "scheduler.name: unknown scheduler 'cosin' (did you mean 'cosine'?)"),
+        ({}, ["model.hidden=[8]"], "model.hidden: unknown key in [model]"),  # linear has no hidden layers
+        ({}, ["noequals"], "--set 'noequals': expected section.key=value or key=value"),
+        ({}, ["a.b.c=1"], "--set 'a.b.c=1': expected section.key=value or key=value"),
+        ({"epochs": 3}, ["epochs.x=1"], "--set 'epochs.x=1': 'epochs' is a setting, not a section"),
+        ({"loss": {"name": 3}}, [], "loss.name: expected a string, got 3"),
+        ({"plugins": "my_losses"}, [], "plugins: expected a list of module names, got 'my_losses'"),
+    ],
+)
+def test_bad_settings_are_rejected_naming_the_key(job, overrides, message):
+    with pytest.raises(engine.ConfigError) as raised:
+        engine.load_config(job, overrides)
+    assert str(raised.value).startswith(message)
+    assert "\n" not in str(raised.value)
+
+
+def test_an_unknown_key_without_a_close_match_lists_the_choices():
+    with pytest.raises(
+        engine.ConfigError, match=r"loss.zzz: unknown key in \[loss\] \(choose one of: name, reduction\)"
+    ):
+        engine.load_config({"loss": {"zzz": 1}})
+
+
+def test_a_missing_job_file(tmp_path):
+    with pytest.raises(engine.ConfigError, match=r"job file 'nope.toml' does not exist"):
+        load_job("nope.toml")
+
+
+def test_a_malformed_job_file(tmp_path):
+    (tmp_path / "bad.toml").write_text("epochs = \n")
+    with pytest.raises(engine.ConfigError, match=r"job file 'bad.toml' is not valid TOML: .*line 1"):
+        load_job("bad.toml")
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(engine.ConfigError, match=r"job file 'binary.toml' cannot be read"):
+        load_job("binary.toml")
+
+
+def test_dump_toml_round_trips_the_resolved_config():
+    config, _ = engine.load_config(
+        {"model": {"name": "mlp", "hidden": [8, 4]}, "loss": {"name": "cross_entropy", "weight": [1.0, 2.0]}},
+        ["data.name=classification", "run_name=2024"],
+    )
+    text = engine.dump_toml(config)
+    again, _ = engine.load_config(tomllib.loads(text))
+    assert again.to_dict() == config.to_dict()
+    assert 'run_name = "2024"' in text and "hidden = [8, 4]" in text
+
+
+def test_dump_toml_writes_every_value_type():
+    text = engine.dump_toml({"a": True, "b": 1.5, "c": float("inf"), "d": None, "s": {"e": 'q"uote', "f": [1, 2]}})
+    assert text == 'a = true\nb = 1.5\nc = inf\n# d = (not set)\n\n[s]\ne = "q\\"uote"\nf = [1, 2]\n'
+    assert tomllib.loads(text) == {"a": True, "b": 1.5, "c": float("inf"), "s": {"e": 'q"uote', "f": [1, 2]}}
+
+
+def test_sections_are_read_only_mappings_with_attribute_access():
+    config, _ = engine.load_config()
+    assert config.optimizer.lr == config["optimizer"]["lr"] == 0.01
+    assert isinstance(config, engine.Config) and isinstance(config.data, engine.Section)
+    with pytest.raises(TypeError):
+        config.data["batch_size"] = 3  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        _ = config.data.nope
+
+
+def test_a_users_component_parameters_become_settings():
+    config = resolved({"model": {"name": "tests.helpers:scaled_model", "scale": 2}})
+    assert config["model"] == {"name": "tests.helpers:scaled_model", "scale": 2.0}
+    with pytest.raises(engine.ConfigError, match=r"model.width: unknown key in \[model\]"):
+        resolved({"model": {"name": "tests.helpers:scaled_model", "width": 2}})
+
+
+def test_a_job_file_lists_plugin_modules(tmp_path, write_plugin):
+    write_plugin("square_loss_plugin", "from tests.helpers import LossOnly as plugin\n")
+    (tmp_path / "job.toml").write_text('plugins = ["tests.helpers"]\n')
+    config, plugins = engine.load_config(tmp_path / "job.toml")
+    assert plugins.sources["tests.helpers"] == "--plugin tests.helpers"
+    assert config["plugins"] == ["tests.helpers"]

@@ -1,0 +1,276 @@
+"""engine/plugins.py: discovery through entry points, origins, the component table and its clashes,
+plugin modules by name or file, and blaming a plugin for its exception. Also: the core names no
+built-in (it has no list of them)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import tomllib
+
+import engine
+import engine.plugins as discovery
+from tests.conftest import REPO
+from tests.helpers import LossOnly, job
+
+FOCAL = """
+import torch
+
+import engine
+
+
+def focal(gamma: float = 2.0):
+    def loss(output, target):
+        log_p = torch.log_softmax(output, dim=1).gather(1, target[:, None]).squeeze(1)
+        return (-((1 - log_p.exp()) ** gamma) * log_p).mean()
+
+    return loss
+
+
+@engine.hookimpl
+def register_components():
+    return {"loss": {"focal": focal}}
+"""
+
+
+def built_in_entry_points() -> dict[str, str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return project["project"]["entry-points"][engine.ENTRY_POINT_GROUP]
+
+
+def test_every_built_in_is_registered_through_the_entry_point_group():
+    declared = built_in_entry_points()
+    plugins = engine.make_plugins()
+    assert set(plugins.names()) == set(declared)
+    assert all(plugins.sources[name] == "built-in" for name in declared)
+    assert {path.stem for path in (REPO / "plugins").glob("*.py")} - {"__init__"} == {
+        value.split(":")[0].split(".")[1] for value in declared.values()
+    }
+
+
+def test_plugins_are_listed_in_registration_order():
+    plugins = engine.make_plugins([LossOnly], blocked=["losses"])
+    assert plugins.names() == [*sorted(set(built_in_entry_points()) - {"losses"}), "LossOnly"]
+    assert plugins.sources["LossOnly"] == "passed to engine.run"
+
+
+def test_blocked_plugins_are_not_loaded():
+    plugins = engine.make_plugins(blocked=["losses", "console"])
+    assert "losses" not in plugins.names() and "console" not in plugins.names()
+    assert "loss" not in plugins.components
+
+
+# --- third-party plugins -------------------------------------------------------------------------
+
+
+class FakeEntryPoint:
+    """An entry point of an installed package, as importlib.metadata reports it."""
+
+    def __init__(self, name: str, module: str, dist: str) -> None:
+        self.name, self.value, self.group = name, module, engine.ENTRY_POINT_GROUP
+        self.dist = SimpleNamespace(name=dist)
+
+    def load(self):
+        return __import__(self.value)
+
+
+@pytest.fixture
+def installed(monkeypatch, write_plugin):
+    """Pretend a package `my-losses` is installed that declares `my_losses` in the engine's group."""
+    write_plugin("my_losses", FOCAL)
+    real = discovery.entry_points
+    monkeypatch.setattr(
+        discovery,
+        "entry_points",
+        lambda group: [*real(group=group), FakeEntryPoint("my_losses", "my_losses", "my-losses")],
+    )
+
+
+def test_an_installed_package_provides_a_loss_through_its_entry_point(installed):
+    plugins = engine.make_plugins()
+    assert plugins.sources["my_losses"] == "entry point of package my-losses"
+    assert plugins.component("loss", "focal").plugin == "my_losses"
+    result = engine.run(
+        job(epochs=2, data={"name": "classification", "n_samples": 64}, model={"name": "mlp", "hidden": [8]}),
+        overrides=["loss.name=focal", "loss.gamma=1.5"],
+    )
+    assert set(result.metrics) >= {"loss", "focal"}
+    assert result.config["loss"]["gamma"] == 1.5
+
+
+def test_an_entry_point_that_cannot_load_is_a_config_error(monkeypatch):
+    broken = FakeEntryPoint("broken", "no_such_module_xyz", "broken-pkg")
+    monkeypatch.setattr(discovery, "entry_points", lambda group: [broken])
+    with pytest.raises(engine.ConfigError, match=r"plugin 'broken' \(entry point no_such_module_xyz\): cannot load"):
+        engine.make_plugins()
+
+
+def test_a_plugin_module_by_dotted_name_and_by_file_path(write_plugin, tmp_path, fresh_modules):
+    write_plugin("focal_by_name", FOCAL)
+    by_name = engine.make_plugins(["focal_by_name"])
+    assert by_name.sources["focal_by_name"] == "--plugin focal_by_name"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "focal_file.py").write_text(FOCAL)
+    fresh_modules("focal_file")
+    by_path = engine.make_plugins(["sub/focal_file.py"])
+    assert by_path.sources["focal_file"] == "--plugin sub/focal_file.py"
+    assert by_path.component("loss", "focal").plugin == "focal_file"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_plugin_xyz", "plugin module 'no_such_plugin_xyz' cannot be imported: ModuleNotFoundError"),
+        ("missing/file.py", "plugin file 'missing/file.py' does not exist"),
+        ("broken_plugin.py", "plugin file 'broken_plugin.py' failed to import: ZeroDivisionError: division by zero"),
+    ],
+)
+def test_a_plugin_that_cannot_be_imported_is_a_config_error(spec, message, tmp_path, fresh_modules):
+    (tmp_path / "broken_plugin.py").write_text("1 / 0\n")
+    fresh_modules("broken_plugin")
+    with pytest.raises(engine.ConfigError) as raised:
+        engine.make_plugins([spec])
+    assert str(raised.value).startswith(message)
+    assert "broken_plugin" not in sys.modules
+
+
+# --- the component table -------------------------------------------------------------------------
+
+
+class AnotherMse:
+    @engine.hookimpl
+    def register_components(self):
+        return {"loss": {"mse": lambda: None}}
+
+
+def test_two_plugins_providing_one_component_name_is_an_error_naming_both():
+    with pytest.raises(engine.ConfigError) as raised:
+        engine.make_plugins([AnotherMse])
+    message = str(raised.value)
+    assert message.startswith("loss 'mse' is provided by both plugin")
+    assert "'losses'" in message and "'AnotherMse'" in message
+
+
+class AnotherLogEvery:
+    @engine.hookimpl
+    def register_settings(self):
+        return {"log": {"every": 5}}
+
+
+def test_two_plugins_declaring_one_setting_is_an_error_naming_both():
+    with pytest.raises(engine.ConfigError, match=r"setting log.every is declared by both plugin") as raised:
+        engine.make_plugins([AnotherLogEvery])
+    assert "'metrics'" in str(raised.value) and "'AnotherLogEvery'" in str(raised.value)
+
+
+class ClaimsEpochs:
+    @engine.hookimpl
+    def register_settings(self):
+        return {"": {"epochs": 5}}
+
+
+def test_a_plugin_cannot_declare_a_core_setting():
+    with pytest.raises(engine.ConfigError, match="plugin 'ClaimsEpochs' declares setting epochs, which the core owns"):
+        engine.run({"epochs": 1}, plugins=[ClaimsEpochs])
+
+
+def test_a_plugin_name_can_only_be_taken_once(write_plugin):
+    write_plugin("losses_clone", FOCAL)
+
+    class Named:
+        __name__ = "metrics"
+
+    with pytest.raises(engine.ConfigError, match="plugin name 'metrics' is taken by built-in"):
+        engine.make_plugins([Named()])
+
+
+def test_components_have_a_kind_a_name_and_an_owner():
+    plugins = engine.make_plugins()
+    assert {kind: sorted(table) for kind, table in plugins.components.items() if kind != "scheduler"} == {
+        "data": ["classification", "csv", "linear_regression", "npz"],
+        "loss": ["bce_with_logits", "cross_entropy", "huber", "l1", "mse", "nll", "smooth_l1"],
+        "model": ["linear", "mlp"],
+        "optimizer": ["adam", "adamw", "sgd"],
+    }
+    assert plugins.component("optimizer", "sgd").plugin == "optimizers"
+    with pytest.raises(engine.ConfigError, match=r"optimizer.name: unknown optimizer 'sdg' \(did you mean 'sgd'\?\)"):
+        plugins.component("optimizer", "sdg")
+    with pytest.raises(engine.ConfigError, match=r"unknown optimizer 'zzz' \(choose one of: adam, adamw, sgd\)"):
+        plugins.component("optimizer", "zzz")
+
+
+def test_a_component_by_reference_imports_it():
+    plugins = engine.make_plugins()
+    assert plugins.component("model", "tests.helpers:scaled_model").factory.__name__ == "scaled_model"
+    with pytest.raises(engine.ConfigError, match=r"model.name: cannot import module 'tests.nope'"):
+        plugins.component("model", "tests.nope:factory")
+    with pytest.raises(engine.ConfigError, match=r"model.name: module 'tests.helpers' has no attribute 'nope'"):
+        plugins.component("model", "tests.helpers:nope")
+
+
+class BadRegistration:
+    @engine.hookimpl
+    def register_components(self):
+        raise KeyError("oops")
+
+
+def test_an_exception_in_a_registration_hook_names_the_plugin():
+    with pytest.raises(
+        engine.ConfigError, match="plugin 'BadRegistration' failed in hook register_components: KeyError: 'oops'"
+    ):
+        engine.make_plugins([BadRegistration])
+
+
+# --- the core names no built-in ------------------------------------------------------------------
+
+
+def core_words() -> set[str]:
+    """Identifiers and string literals of engine/*.py, without docstrings, comments and help texts."""
+    words: set[str] = set()
+    for path in (REPO / "engine").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        docs = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        docs |= {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.keyword) and node.arg == "help"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                words |= set(re.findall(r"[A-Za-z_]+", node.value.lower()))
+            elif isinstance(node, ast.Name):
+                words.add(node.id.lower())
+            elif isinstance(node, ast.Attribute):
+                words.add(node.attr.lower())
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                words.add(node.name.lower())
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                words |= {part for alias in node.names for part in alias.name.lower().split(".")}
+                words |= set((getattr(node, "module", None) or "").lower().split("."))
+    return words
+
+
+def test_the_core_names_no_particular_loss_optimizer_model_dataset_or_logger():
+    plugins = engine.make_plugins()
+    named = {name for kind in ("loss", "optimizer", "model", "data") for name in plugins.components[kind]}
+    named |= {"console", "tqdm", "progress", "run_files", "jsonl", "crossentropy", "mseloss", "adamw"}
+    assert named & core_words() == set()
+
+
+def test_the_core_never_imports_the_plugins_package():
+    for path in (REPO / "engine").glob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+plugins\b", path.read_text(), re.M), path.name
+
+
+def test_the_core_runs_with_the_loss_plugin_blocked(tmp_path):
+    result = engine.run(job(loss={"name": "sq"}), plugins=[LossOnly], blocked=["losses"])
+    assert result.metrics["loss"] > 0
+    assert (Path(result.run_dir) / "summary.json").is_file()

@@ -1,0 +1,199 @@
+"""Shared test helpers: the hand-written PyTorch loops used as oracles, a hook recorder, and small
+user components that jobs reference as ``"tests.helpers:factory"``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import engine
+
+# A short job for tests where the oracle is not at stake: few epochs, a named run.
+QUICK: dict[str, Any] = {"epochs": 3, "run_name": "quick"}
+
+
+def job(**sections: Any) -> dict[str, Any]:
+    """QUICK merged with `sections` (``job(epochs=5, loss={"name": "l1"})``)."""
+    return {**QUICK, **sections}
+
+
+# --- the oracles: the tutorial's loop, written by hand -------------------------------------------
+
+
+def tutorial_data(seed: int = 42, n: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    np.random.seed(seed)
+    x = np.random.randn(n, 1)
+    y = 2 * x + 3 + 0.1 * np.random.randn(n, 1)
+    return torch.from_numpy(x).float(), torch.from_numpy(y).float()
+
+
+def tutorial_loop(epochs: int = 1000, lr: float = 0.01) -> tuple[float, nn.Linear]:
+    """The classic tutorial, verbatim: its last loss and the trained model."""
+    x, y = tutorial_data()
+    torch.manual_seed(42)
+    model = nn.Linear(1, 1)
+    criterion = nn.MSELoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        outputs = model(x)
+        loss = criterion(outputs, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item(), model
+
+
+def classification_data(
+    seed: int, n_samples: int, n_features: int, n_classes: int, separation: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blobs, generated the way the `classification` dataset documents it."""
+    rng = np.random.RandomState(seed)
+    centres = rng.randn(n_classes, n_features) * separation
+    y = rng.randint(n_classes, size=n_samples)
+    x = centres[y] + rng.randn(n_samples, n_features)
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The documented shuffle: one permutation per epoch from a generator seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+# --- plugins for tests ---------------------------------------------------------------------------
+
+
+class Recorder:
+    """Records every hook the engine calls, in order, with the loop position."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.modes: list[tuple[str, bool, bool]] = []  # (hook, model.training, inference mode)
+        self.lrs: list[float] = []
+        self.epoch_lrs: list[float] = []
+
+    def _mode(self, hook: str, trainer: engine.Trainer) -> None:
+        self.modes.append((hook, trainer.model.training, torch.is_inference_mode_enabled()))
+
+    @engine.hookimpl
+    def on_run_start(self, trainer):
+        self.calls.append("on_run_start")
+
+    @engine.hookimpl
+    def before_forward(self, batch, trainer):
+        self.calls.append("before_forward")
+        self._mode("before_forward", trainer)
+
+    @engine.hookimpl
+    def compute_loss(self, trainer):
+        self.calls.append("compute_loss")
+
+    @engine.hookimpl
+    def before_optimizer_step(self, trainer):
+        self.calls.append("before_optimizer_step")
+
+    @engine.hookimpl
+    def after_step(self, state, trainer):
+        self.calls.append("after_step")
+        self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
+
+    @engine.hookimpl
+    def compute_metrics(self, trainer):
+        self.calls.append("compute_metrics")
+        self._mode("compute_metrics", trainer)
+
+    @engine.hookimpl
+    def on_epoch_end(self, state, trainer):
+        self.calls.append("on_epoch_end")
+        self.epoch_lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        self._mode("on_epoch_end", trainer)
+
+    @engine.hookimpl
+    def on_log(self, metrics):
+        self.calls.append("on_log")
+
+    @engine.hookimpl
+    def on_run_end(self, error):
+        self.calls.append("on_run_end")
+
+
+class LossOnly:
+    """A stand-in for the built-in `losses` plugin: one loss component, `"sq"`, and its default."""
+
+    @engine.hookimpl
+    def register_components(self):
+        return {"loss": {"sq": lambda: lambda output, target: ((output - target) ** 2).mean()}}
+
+
+# --- user components referenced as "tests.helpers:..." -------------------------------------------
+
+
+class Scaled(nn.Module):
+    def __init__(self, n_in: int, n_out: int, scale: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale
+
+
+def scaled_model(info: engine.DataInfo, scale: float = 1.0) -> nn.Module:
+    """A user model: its `scale` parameter becomes the setting ``model.scale``."""
+    return Scaled(info.n_features, info.n_outputs, scale)
+
+
+class Flat(nn.Module):
+    def __init__(self, n_in: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(-1)  # [N]: does not fit a [N, 1] target
+
+
+def flat_model(info: engine.DataInfo) -> nn.Module:
+    return Flat(info.n_features)
+
+
+def broken_model(info: engine.DataInfo) -> nn.Module:
+    raise ValueError("no weights file")
+
+
+class Pairs(torch.utils.data.Dataset):
+    """A map-style Dataset of (x, y) samples."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: list[str] | None = None) -> None:
+        self.x, self.y = x, y
+        if classes is not None:
+            self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+
+def blobs_dataset(seed: int, n_samples: int = 96, n_classes: int = 3) -> Pairs:
+    """A user Dataset for classification (goes through DataLoader)."""
+    x, y = classification_data(seed, n_samples, 4, n_classes, 3.0)
+    return Pairs(x, y)
+
+
+def scalar_target_dataset(seed: int) -> Pairs:
+    """Regression samples whose target is a scalar: batches have y of shape [N]."""
+    x, y = tutorial_data(seed, 40)
+    return Pairs(x, y[:, 0])
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

@@ -108,25 +108,29 @@ class Plugins:
 
     def blame(self, tb: TracebackType | None) -> tuple[str, str] | None:
         """(plugin, hook) of the innermost plugin frame in a traceback, or None."""
-        modules = {}
+        modules: dict[str, list[str]] = {}
         for plugin in self.pm.get_plugins():
             module = plugin if isinstance(plugin, ModuleType) else sys.modules.get(type(plugin).__module__)
             if module is not None:
-                modules[module.__name__] = self.pm.get_name(plugin)
-        hook_of_code = {}
+                modules.setdefault(module.__name__, []).append(self.pm.get_name(plugin))
+        impl_of_code = {}
         for name in dir(self.pm.hook):
             caller = getattr(self.pm.hook, name)
             if isinstance(caller, pluggy.HookCaller):
                 for impl in caller.get_hookimpls():
-                    hook_of_code[getattr(impl.function, "__func__", impl.function).__code__] = name
+                    impl_of_code[getattr(impl.function, "__func__", impl.function).__code__] = (impl.plugin_name, name)
         found = None
         hook = ""
         while tb is not None:
             frame = tb.tb_frame
-            hook = hook_of_code.get(frame.f_code, hook)
-            plugin = modules.get(frame.f_globals.get("__name__", ""))
-            if plugin is not None:
-                found = (plugin, hook)
+            if frame.f_code in impl_of_code:
+                # The implementation names its own plugin: several plugins may share one module.
+                found = impl_of_code[frame.f_code]
+                hook = found[1]
+            else:
+                owners = modules.get(frame.f_globals.get("__name__", ""), [])
+                if owners and (found is None or found[0] not in owners):  # not a helper of the same plugin
+                    found = (owners[0], hook)
             tb = tb.tb_next
         return found
 

@@ -56,6 +56,6 @@ class RunFiles:
         }
         summary.update({name: value for name, value in state.metrics.items() if name.startswith("val_")})
         if error is not None:
-            summary["error"] = str(error)
+            summary["error"] = str(error) or type(error).__name__  # KeyboardInterrupt has no message
         write_atomically(trainer.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"Run files: {trainer.run_dir}")

@@ -299,3 +299,18 @@ def test_an_exception_in_a_plugins_hook_names_plugin_and_hook(capsys, write_plug
     message, run_dir = training_failure(capsys, "--plugin", "exploding", "--set", "data.batch_size=10")
     assert message == "epoch 1, step 3: plugin 'exploding' failed in hook after_step: RuntimeError: boom"
     assert read_json(run_dir / "summary.json")["error"] == message
+
+
+def test_an_interrupted_run_exits_130_and_keeps_its_files(capsys, write_plugin):
+    write_plugin(
+        "interrupting",
+        "import engine\n\n@engine.hookimpl\ndef after_step(state):\n"
+        "    if state.step == 3:\n        raise KeyboardInterrupt\n",
+    )
+    code, _, err = run_cli(
+        capsys, "run", "--plugin", "interrupting", "--set", "run_name=stopped", "--set", "log.every=1"
+    )
+    assert code == 130 and err == "interrupted\n"
+    assert [line["epoch"] for line in read_jsonl(Path("runs/stopped/metrics.jsonl"))] == [1, 2]
+    summary = read_json(Path("runs/stopped/summary.json"))
+    assert summary["status"] == "failed" and summary["error"] == "KeyboardInterrupt" and summary["steps"] == 3

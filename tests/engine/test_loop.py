@@ -353,3 +353,45 @@ def test_result_holds_the_final_metrics_and_run_dir(tmp_path):
     assert result.run_dir.resolve() == tmp_path / "runs" / "quick"
     assert set(result.metrics) == {"epoch", "step", "loss", "mse"}
     assert result.state.epoch == 4 and result.state.step == 3
+
+
+# --- failures name the plugin and hook -----------------------------------------------------------
+
+
+class Quiet:
+    @engine.hookimpl
+    def on_epoch_end(self):
+        pass
+
+    @engine.hookimpl
+    def on_run_start(self):
+        pass
+
+
+def exploding(hook: str, at_step: int = 2):
+    """A plugin class whose `hook` raises once the run reaches step `at_step`."""
+
+    def implementation(self, trainer):
+        if hook == "on_run_start" or trainer.state.step >= at_step:
+            raise RuntimeError("boom")
+
+    return type("Exploding", (), {hook: engine.hookimpl(implementation)})
+
+
+@pytest.mark.parametrize(
+    ("hook", "where"),
+    [
+        ("on_run_start", "epoch 1, step 0"),
+        ("before_forward", "epoch 1, step 2"),
+        ("compute_loss", "epoch 1, step 2"),
+        ("before_optimizer_step", "epoch 1, step 2"),
+        ("after_step", "epoch 1, step 2"),
+        ("on_epoch_end", "epoch 1, step 2"),
+    ],
+)
+def test_an_exception_in_a_hook_names_plugin_hook_epoch_and_step(hook, where):
+    # Quiet comes from this module too: the blame must still name the plugin that raised.
+    with pytest.raises(engine.TrainingError) as raised:
+        engine.run(job(epochs=3, data={"batch_size": 50}), plugins=[exploding(hook), Quiet])
+    assert str(raised.value) == f"{where}: plugin 'Exploding' failed in hook {hook}: RuntimeError: boom"
+    assert isinstance(raised.value.__cause__, RuntimeError)

@@ -103,6 +103,15 @@ def test_an_installed_package_provides_a_loss_through_its_entry_point(installed)
     assert result.config["loss"]["gamma"] == 1.5
 
 
+def test_plugins_command_shows_the_installed_package(installed, capsys):
+    from engine.cli import main
+
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    entry = lines.index("  my_losses  [entry point of package my-losses]")
+    assert lines[entry + 1 : entry + 3] == ["      hooks: register_components", "      provides: loss focal"]
+
+
 def test_an_entry_point_that_cannot_load_is_a_config_error(monkeypatch):
     broken = FakeEntryPoint("broken", "no_such_module_xyz", "broken-pkg")
     monkeypatch.setattr(discovery, "entry_points", lambda group: [broken])

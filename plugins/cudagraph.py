@@ -111,12 +111,31 @@ def graph_safe(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.
     return type(optimizer)(groups, **defaults)
 
 
-def hyperparameters(optimizer: torch.optim.Optimizer) -> list[Any]:
-    """The values a captured step bakes in: every non-tensor setting of every param group."""
-    return [
-        [(key, value) for key, value in group.items() if key != "params" and not isinstance(value, torch.Tensor)]
-        for group in optimizer.param_groups
-    ]
+class Frozen:
+    """The optimizer settings a captured step bakes in: every non-tensor value of every param group."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.watched = [
+            (index, group, key)
+            for index, group in enumerate(optimizer.param_groups)
+            for key, value in group.items()
+            if key != "params" and not isinstance(value, torch.Tensor)
+        ]
+        self.values = self.now()
+
+    def now(self) -> list[Any]:
+        return [group[key] for _, group, key in self.watched]
+
+    def check(self) -> None:
+        """A TrainingError when a setting changed since capture: the graphs would still use the old one."""
+        if self.now() == self.values:
+            return
+        for (index, _, key), old, new in zip(self.watched, self.values, self.now()):
+            if old != new:
+                raise engine.TrainingError(
+                    f"accelerate = 'cudagraph': optimizer setting {key!r} of param group {index} changed from "
+                    f"{old!r} to {new!r} after capture (a scheduler?); a CUDA graph keeps only tensor settings"
+                )
 
 
 class Captured:
@@ -143,7 +162,7 @@ class Graphs:
         self.seen: Counter[Hashable] = Counter()
         self.pool: Any = None  # the memory pool every graph of the run shares
         self.stream = torch.cuda.Stream(trainer.device)
-        self.frozen: list[Any] | None = None
+        self.frozen: Frozen | None = None
 
     def __call__(self, batch: engine.Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         key = (batch.x.shape, batch.x.dtype, batch.y.shape, batch.y.dtype, self.trainer.accumulation_window())
@@ -152,11 +171,11 @@ class Graphs:
             if self.seen[key] < self.warmup:
                 self.seen[key] += 1
                 return self.eager(batch)
-            if self.frozen is not None and hyperparameters(self.trainer.optimizer) != self.frozen:
-                raise engine.TrainingError(self.changed())  # the graphs would disagree with each other
+            if self.frozen is not None:
+                self.frozen.check()  # a new graph must bake in what the others did
             captured = self.graphs[key] = self.capture(batch)
-        elif hyperparameters(self.trainer.optimizer) != self.frozen:
-            raise engine.TrainingError(self.changed())
+        else:
+            self.frozen.check()
         return captured.replay(batch)  # capturing does not run the step: this replay does
 
     def eager(self, batch: engine.Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -184,16 +203,6 @@ class Graphs:
                 names[name] = next(i for i, output in enumerate(outputs) if output is term)
             packed = torch.stack([output.float() for output in outputs])
         self.pool = graph.pool()
-        self.frozen = hyperparameters(self.trainer.optimizer)
+        if self.frozen is None:
+            self.frozen = Frozen(self.trainer.optimizer)
         return Captured(graph, static, packed, names)
-
-    def changed(self) -> str:
-        now = hyperparameters(self.trainer.optimizer)
-        for index, (before, after) in enumerate(zip(self.frozen or [], now)):
-            for (key, old), (_, new) in zip(before, after):
-                if old != new:
-                    return (
-                        f"accelerate = 'cudagraph': optimizer setting {key!r} of param group {index} changed from "
-                        f"{old!r} to {new!r} after capture (a scheduler?); a CUDA graph keeps only tensor settings"
-                    )
-        return "accelerate = 'cudagraph': the optimizer's param groups changed after capture"

@@ -34,7 +34,11 @@ def on_run_start(trainer: engine.Trainer) -> None:
         return
     device = trainer.device.type
     # A partial of torch.autocast (not one shared instance) so torch.compile traces a fresh context.
-    trainer.autocast = functools.partial(torch.autocast, device_type=device, dtype=DTYPES[precision])
+    # No cast cache: a CUDA graph must not capture casts of the weights cached from an earlier step
+    # (PyTorch's CUDA-graph notes), and the weights here are cast once per forward anyway.
+    trainer.autocast = functools.partial(
+        torch.autocast, device_type=device, dtype=DTYPES[precision], cache_enabled=False
+    )
     if precision == "16-mixed":
         trainer.scaler = torch.amp.GradScaler(device)
 

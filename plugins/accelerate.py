@@ -58,9 +58,9 @@ def on_run_start(trainer: engine.Trainer) -> None:
             raise engine.ConfigError(f"auto.candidates: expected some of {', '.join(CANDIDATES)}, got {unknown}")
         if settings["steps"] < ROUNDS:
             raise engine.ConfigError(f"auto.steps: must be at least {ROUNDS}, got {settings['steps']}")
-        graphs = trainer.plugins.pm.get_plugin("cudagraph")
-        if "cudagraph" in settings["candidates"] and trainer.device.type == "cuda" and graphs is not None:
-            graphs.prepare(trainer)  # a graph-safe optimizer must exist before the scheduler binds to it
+        if can_graph(trainer):
+            # A graph-safe optimizer must exist before the scheduler binds to it.
+            trainer.plugins.pm.get_plugin("cudagraph").prepare(trainer)
 
 
 @engine.hookimpl(trylast=True)
@@ -103,13 +103,10 @@ class Auto:
         self.skipped: list[str] = []
         self.compiler = trainer.plugins.pm.get_plugin("compile") if "compile" in wanted else None
         self.graphs: Any = None
-        if "cudagraph" in wanted and self.cuda:
+        if can_graph(trainer):
             self.graphs = trainer.plugins.pm.get_plugin("cudagraph")
-            if self.graphs is not None:
-                untimed = trainer.config["cudagraph"]["warmup"] + 1
-                self.candidates.append(
-                    Candidate("cudagraph", self.graphs.accelerate(step, trainer), untimed, configured)
-                )
+            untimed = trainer.config["cudagraph"]["warmup"] + 1
+            self.candidates.append(Candidate("cudagraph", self.graphs.accelerate(step, trainer), untimed, configured))
         self.eager, self.index, self.count, self.rounds = step, 0, 0, []
         self.started = 0.0
 
@@ -163,6 +160,16 @@ class Auto:
             return
         step = self.compiler.accelerate(self.eager, trainer)
         self.candidates.insert(self.index + 1, Candidate("compile", step, 2, self.candidates[0].activate))
+
+
+def can_graph(trainer: engine.Trainer) -> bool:
+    """Whether the cudagraph candidate applies: CUDA, its plugin loaded, and a GradScaler it can capture."""
+    if "cudagraph" not in trainer.config["auto"]["candidates"] or trainer.device.type != "cuda":
+        return False
+    if trainer.plugins.pm.get_plugin("cudagraph") is None:
+        return False
+    # fp16's GradScaler reads a non-fused optimizer's overflow flag on the host, which no graph can hold.
+    return trainer.config.get("precision") != "16-mixed" or bool(trainer.optimizer.defaults.get("fused"))
 
 
 def can_fuse(trainer: engine.Trainer) -> bool:

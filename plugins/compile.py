@@ -5,19 +5,23 @@ backward and the optimizer step; ``[compile] mode``, ``fullgraph`` and ``dynamic
 ``torch.compile`` as given (``mode = "default"`` is torch's default). Dynamo cannot trace
 ``Tensor.backward()``, so the step always splits there: AOTAutograd compiles the backward together
 with the forward graph, and torch.optim adds its own two breaks around ``optimizer.step`` (so that
-the update compiles as an in-place, no-grad graph). ``fullgraph = true`` therefore fails with
-torch's message; anything else that breaks the graph is a plugin's code and is reported.
+the update compiles as an in-place, no-grad graph). ``fullgraph = true`` is therefore a config
+error at the first step, naming torch's reason; any other break is reported.
 
 After the first compiled step one line reports the graphs, the graph breaks and their causes
 (``[compile] explain = true`` prints every reason). A batch of another size than the configured
 one (the last partial batch of an epoch) runs the eager step, so it never costs a recompile.
-With a fused optimizer (``optimizer.impl = "auto"`` on a device with fused kernels) the step is
-rebuilt on torch's foreach kernels, which Inductor compiles into one fused update; the fused
-kernel itself is opaque to torch.compile.
+Before the scheduler binds to it, a torch.optim optimizer is rebuilt with its learning rate as a
+tensor (a scheduler's new rate then needs no recompile) and, unless ``impl = "fused"`` was asked
+for, as a per-parameter loop that Dynamo traces and Inductor fuses (the fused kernel is opaque to
+it). With gradient accumulation the step reads its window from a constant the wrapper sets, so
+each window position compiles once. Modes that replay CUDA graphs (``reduce-overhead``,
+``max-autotune`` on CUDA) overwrite a step's outputs at the next replay: those outputs are copied.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -76,17 +80,24 @@ class Compile:
         check(settings)
         self.traceable_zero_grad(trainer.optimizer)
         window = self.constant_window(trainer)
-        compiled = torch.compile(
-            step,
-            mode=None if settings["mode"] == "default" else settings["mode"],
-            fullgraph=settings["fullgraph"],
-            dynamic=settings["dynamic"],
-        )
+        mode = None if settings["mode"] == "default" else settings["mode"]
+        compiled = torch.compile(step, mode=mode, fullgraph=settings["fullgraph"], dynamic=settings["dynamic"])
+        if trainer.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune"):
+            compiled = graph_outputs_kept(compiled)
         size = full_batch_size(trainer)
 
         def first(batch: engine.Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             breaks, graphs = Counter(counters["graph_break"]), counters["stats"]["unique_graphs"]
-            result = compiled(batch)
+            try:
+                result = compiled(batch)
+            except torch._dynamo.exc.Unsupported as error:
+                if not settings["fullgraph"]:
+                    raise
+                reason = str(error).strip().splitlines()[0]
+                raise engine.ConfigError(
+                    f"compile.fullgraph = true: torch.compile cannot trace the whole step as one graph ({reason}); "
+                    "set it to false, and the graph breaks are reported"
+                ) from error
             self.graphs = counters["stats"]["unique_graphs"]
             new = Counter(counters["graph_break"])
             new.subtract(breaks)
@@ -147,6 +158,10 @@ def traceable(optimizer: torch.optim.Optimizer, impl: str | None) -> torch.optim
         return optimizer
     flags: dict[str, Any] = {} if impl == "fused" else {"fused": None, "foreach": False}
     device = optimizer.param_groups[0]["params"][0].device
+    if device.type != "cpu" and "capturable" in inspect.signature(type(optimizer).__init__).parameters:
+        # The optimizer state then stays on the device: no host sync in the eager steps (a short
+        # last batch), and the step is safe for the CUDA graphs of mode "reduce-overhead".
+        flags["capturable"] = True
     groups = [
         {**group, **flags, "lr": torch.tensor(float(group["lr"]), device=device)} for group in optimizer.param_groups
     ]
@@ -159,6 +174,22 @@ def check(settings: engine.Section) -> None:
         raise engine.ConfigError(f"compile.mode: expected one of {', '.join(MODES)}, got {settings['mode']!r}")
     if settings["dynamic"] not in (None, True, False):
         raise engine.ConfigError(f"compile.dynamic: expected true, false or unset, got {settings['dynamic']!r}")
+
+
+def graph_outputs_kept(compiled: Step) -> Step:
+    """The compiled step for modes that replay CUDA graphs (Inductor's cudagraph trees).
+
+    Each replay overwrites the previous one's outputs, and the metrics plugin keeps every step's
+    losses until its next sync: so each step is marked as a new iteration and its outputs copied.
+    """
+
+    def step(batch: engine.Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.compiler.cudagraph_mark_step_begin()
+        loss, terms = compiled(batch)
+        copies = torch.stack([loss.float(), *(term.float() for term in terms.values())]).unbind()
+        return copies[0], dict(zip(terms, copies[1:]))
+
+    return step
 
 
 def full_batch_size(trainer: engine.Trainer) -> int:

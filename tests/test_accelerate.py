@@ -119,6 +119,9 @@ def test_compile_with_bf16_autocast_matches_eager_bf16():
 def test_compile_settings_are_checked():
     with pytest.raises(engine.ConfigError, match=r"compile\.mode"):
         engine.run({**TUTORIAL, "accelerate": "compile", "compile": {"mode": "fastest"}})
+    # Dynamo cannot trace backward, so one graph for the whole step is out of reach: said so, by name.
+    with pytest.raises(engine.ConfigError, match=r"compile\.fullgraph = true: .*backward"):
+        engine.run({**TUTORIAL, "accelerate": "compile", "compile": {"fullgraph": True}})
 
 
 # --- precision (CPU) -------------------------------------------------------------------------

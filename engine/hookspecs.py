@@ -8,11 +8,11 @@
     for each epoch:
         for each batch:                  -- inside the train step, tensor work only --
             before_forward               chained: may replace the batch
-            (forward; the [loss] component's term)
+            (forward; the [loss] component's term)      under trainer.autocast() (mixed precision)
             compute_loss                 extra loss terms, summed with the main one
             (zero grads; backward)
             before_optimizer_step        only on the batch that closes an accumulation window
-            (optimizer step)
+            (optimizer step)             through trainer.scaler when a precision plugin sets one
                                          -- host side, after the step returns --
             after_step
         validation, when due: before_forward, compute_loss and compute_metrics per batch

@@ -6,6 +6,7 @@ A fresh :class:`Plugins` is built for every run: there is no global plugin manag
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -97,13 +98,15 @@ class Plugins:
         Each returned callable takes the hook's remaining arguments by keyword and passes each
         implementation only those it declares.
         """
+        caller = getattr(self.pm.hook, hook_name)
+        passed = {name for name in caller.spec.argnames if name not in constants}  # what each call gives
         callers = []
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+        for impl in reversed(caller.get_hookimpls()):
             if impl.hookwrapper or impl.wrapper:
                 raise ConfigError(
                     f"plugin {impl.plugin_name!r}: hook {hook_name} is called per step and takes no wrapper"
                 )
-            callers.append(_bound(impl.function, impl.argnames, constants))
+            callers.append(_bound(impl.function, impl.argnames, constants, passed))
         return callers
 
     def blame(self, tb: TracebackType | None) -> tuple[str, str] | None:
@@ -135,9 +138,15 @@ class Plugins:
         return found
 
 
-def _bound(function: Callable[..., Any], argnames: tuple[str, ...], constants: Mapping[str, Any]):
+def _bound(
+    function: Callable[..., Any], argnames: tuple[str, ...], constants: Mapping[str, Any], passed: set[str]
+) -> Callable[..., Any]:
     fixed = {name: constants[name] for name in argnames if name in constants}
     wanted = tuple(name for name in argnames if name not in constants)
+    if set(wanted) == passed:
+        # It takes every argument the call passes: forward them from C, without a Python frame of
+        # ours per call (several calls a step; the frame cost about a tenth of a µs each).
+        return functools.partial(function, **fixed)
 
     def call(**arguments: Any) -> Any:
         return function(**fixed, **{name: arguments[name] for name in wanted})

@@ -3,7 +3,19 @@
 from .config import Config, Section, dump_toml
 from .errors import ConfigError, EngineError, TrainingError
 from .hookspecs import hookimpl, hookspec
-from .loop import Batch, DataInfo, Loaders, Result, State, Trainer, load_config, run, setup, total
+from .loop import (
+    Batch,
+    DataInfo,
+    Loaders,
+    Result,
+    State,
+    Trainer,
+    load_config,
+    rebuild_optimizer,
+    run,
+    setup,
+    total,
+)
 from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
 
 __all__ = [
@@ -25,6 +37,7 @@ __all__ = [
     "hookspec",
     "load_config",
     "make_plugins",
+    "rebuild_optimizer",
     "run",
     "setup",
     "total",

@@ -275,7 +275,7 @@ class Trainer:
 
     def explain(self, error: BaseException) -> BaseException:
         """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook."""
-        where = f"epoch {self.state.epoch}, step {self.state.step}"
+        where = f"epoch {self.state.epoch}, step {self.state.step}" if self.state.step else "at the start of the run"
         if isinstance(error, TrainingError) and not error.located:
             return TrainingError(f"{where}: {error}", located=True)
         if not isinstance(error, Exception) or isinstance(error, EngineError):
@@ -287,6 +287,32 @@ class Trainer:
         explained = TrainingError(f"{where}: {describe(error)}", located=True)
         explained.__cause__ = error
         return explained
+
+
+def rebuild_optimizer(
+    optimizer: torch.optim.Optimizer, *, tensor_lr: bool = False, **changes: Any
+) -> torch.optim.Optimizer:
+    """A new optimizer of the same class over the same parameter groups, with `changes` applied.
+
+    For acceleration plugins that need other constructor flags (``capturable``, ``fused``) or the
+    learning rate as a device tensor (`tensor_lr`: a scheduler then writes it in place, which a
+    compiled or captured step follows). The optimizer state is not carried over: rebuild before
+    the first step.
+    """
+    device = optimizer.param_groups[0]["params"][0].device
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+
+    def changed(settings: Mapping[str, Any]) -> dict[str, Any]:
+        updated = {**settings, **changes}
+        if tensor_lr:
+            updated["lr"] = torch.tensor(float(settings["lr"]), device=device)
+        return updated
+
+    groups = [changed(group) for group in optimizer.param_groups]
+    # Only what the constructor takes: `defaults` may hold keys a subclass fixes (AdamW's
+    # decoupled_weight_decay in torch 2.13).
+    defaults = {key: value for key, value in changed(optimizer.defaults).items() if key in accepted}
+    return type(optimizer)(groups, **defaults)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -79,6 +79,7 @@ class Compile:
         settings = trainer.config["compile"]
         check(settings)
         self.traceable_zero_grad(trainer.optimizer)
+        self.traceable_step(trainer.optimizer)
         window = self.constant_window(trainer)
         mode = None if settings["mode"] == "default" else settings["mode"]
         compiled = torch.compile(step, mode=mode, fullgraph=settings["fullgraph"], dynamic=settings["dynamic"])
@@ -131,6 +132,26 @@ class Compile:
         optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
         self.restore.append(lambda: vars(optimizer).pop("zero_grad", None))
 
+    def traceable_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Call the optimizer's own step, not the wrapper an LR scheduler puts on it.
+
+        torch's LR schedulers wrap ``optimizer.step`` only to note that it was called (for a
+        warning about call order); Dynamo skips their module, so that wrapper cost a graph break.
+        This one, which Dynamo traces, sets the note once and keeps the mark the scheduler checks.
+        """
+        wrapper = vars(optimizer).get("step")
+        if wrapper is None or not getattr(wrapper, "_wrapped_by_lr_sched", False):
+            return
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+        own_step = type(optimizer).step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return own_step(optimizer, *args, **kwargs)
+
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        optimizer.step = step  # type: ignore[method-assign]
+        self.restore.append(lambda: setattr(optimizer, "step", wrapper))
+
     def constant_window(self, trainer: engine.Trainer) -> list[tuple[bool, bool, float]] | None:
         """With gradient accumulation: the step reads its window from a list set before each call.
 
@@ -162,11 +183,7 @@ def traceable(optimizer: torch.optim.Optimizer, impl: str | None) -> torch.optim
         # The optimizer state then stays on the device: no host sync in the eager steps (a short
         # last batch), and the step is safe for the CUDA graphs of mode "reduce-overhead".
         flags["capturable"] = True
-    groups = [
-        {**group, **flags, "lr": torch.tensor(float(group["lr"]), device=device)} for group in optimizer.param_groups
-    ]
-    defaults = {**optimizer.defaults, **flags, "lr": torch.tensor(float(optimizer.defaults["lr"]), device=device)}
-    return type(optimizer)(groups, **defaults)
+    return engine.rebuild_optimizer(optimizer, tensor_lr=True, **flags)
 
 
 def check(settings: engine.Section) -> None:

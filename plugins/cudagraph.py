@@ -73,7 +73,7 @@ class CudaGraph:
             )
         if trainer.config["cudagraph"]["warmup"] < 1:
             raise engine.ConfigError("cudagraph.warmup: must be at least 1 (eager steps before each capture)")
-        trainer.optimizer = graph_safe(trainer.optimizer, trainer.device)
+        trainer.optimizer = graph_safe(trainer.optimizer)
         if trainer.config.get("precision") == "16-mixed" and not trainer.optimizer.defaults.get("fused"):
             raise engine.ConfigError(
                 "precision '16-mixed' with accelerate = 'cudagraph' needs a fused optimizer "
@@ -92,7 +92,7 @@ class CudaGraph:
         return Graphs(step, trainer, trainer.config["cudagraph"]["warmup"])
 
 
-def graph_safe(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.optim.Optimizer:
+def graph_safe(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """A new optimizer of the same class and settings that a CUDA graph can capture."""
     accepts = inspect.signature(type(optimizer).__init__).parameters
     flags: dict[str, Any] = {}
@@ -104,11 +104,7 @@ def graph_safe(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.
         raise engine.ConfigError(
             f"accelerate = 'cudagraph': optimizer {type(optimizer).__name__} has neither capturable nor fused"
         )
-    groups = []
-    for group in optimizer.param_groups:
-        groups.append({**group, **flags, "lr": torch.tensor(float(group["lr"]), device=device)})
-    defaults = {**optimizer.defaults, **flags, "lr": torch.tensor(float(optimizer.defaults["lr"]), device=device)}
-    return type(optimizer)(groups, **defaults)
+    return engine.rebuild_optimizer(optimizer, tensor_lr=True, **flags)
 
 
 class Frozen:

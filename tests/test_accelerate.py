@@ -82,6 +82,7 @@ SMALL = {
     "loss": {"name": "penalized_ce"},
     "grad_clip": {"max_norm": 0.5},
     "scheduler": {"name": "warmup_cosine", "warmup_steps": 5},
+    "optimizer": {"name": "adamw"},  # AdamW keeps a default its constructor does not take
 }
 
 

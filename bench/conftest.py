@@ -79,7 +79,7 @@ JOBS = {
         loss=nn.MSELoss,
         batch_size=0,
         epochs_per_round=100,
-        rounds=40,
+        rounds=100,
         warmup_rounds=10,
     ),
     # 32 features -> 256 -> 256 -> 4 classes, ReLU, cross-entropy, Adam 1e-3, batch 32 of 8192
@@ -98,8 +98,8 @@ JOBS = {
         loss=nn.CrossEntropyLoss,
         batch_size=32,
         epochs_per_round=1,
-        rounds=12,
-        warmup_rounds=2,
+        rounds=25,
+        warmup_rounds=3,
     ),
 }
 

@@ -21,9 +21,10 @@
     on_run_end               once, also when the run failed
 
 Implementations take only the arguments they use, as in pytest, so adding an argument to a hook
-breaks no plugin. The per-step hooks (`before_forward`, `compute_loss`, `before_optimizer_step`,
-`after_step`) are bound once at setup and called without pluggy's dispatch; they therefore take no
-wrappers, and the engine refuses a plugin that declares one.
+breaks no plugin. The hooks called per step or per epoch (`before_forward`, `compute_loss`,
+`before_optimizer_step`, `after_step`, `compute_metrics`, `on_epoch_end`) are bound once at setup
+and called without pluggy's dispatch; they therefore take no wrappers, and the engine refuses a
+plugin that declares one.
 """
 
 from __future__ import annotations

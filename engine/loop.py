@@ -132,12 +132,13 @@ class Trainer:
         self.autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self.scaler: torch.amp.GradScaler | None = None
         self.state = State()
-        # Per-step hooks are resolved once here; see engine.plugins.STEP_HOOKS.
+        # Per-step and per-epoch hooks are resolved once here; see engine.plugins.BOUND_HOOKS.
         self._before_forward = plugins.bind("before_forward", trainer=self)
         self._compute_loss = plugins.bind("compute_loss", trainer=self)
         self._before_optimizer_step = plugins.bind("before_optimizer_step", trainer=self)
         self._after_step = plugins.bind("after_step", trainer=self, state=self.state)
         self._compute_metrics = plugins.bind("compute_metrics", trainer=self)
+        self._on_epoch_end = plugins.bind("on_epoch_end", trainer=self, state=self.state)
         self.step: Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]] = self.train_step
 
     def build(self, kind: str, **context: Any) -> Any:
@@ -270,7 +271,8 @@ class Trainer:
                     hook(loss=loss, terms=terms)
             if self.has_validation and (state.epoch % self.val_every == 0 or state.epoch == self.epochs):
                 state.val_metrics = self.validate()
-            self.hooks.on_epoch_end(state=state, trainer=self)
+            for hook in self._on_epoch_end:
+                hook()
             state.epoch, state.batch = state.epoch + 1, 0
 
     def explain(self, error: BaseException) -> BaseException:

@@ -203,3 +203,29 @@ def test_a_job_file_lists_plugin_modules(tmp_path, write_plugin):
     config, plugins = engine.load_config(tmp_path / "job.toml")
     assert plugins.sources["tests.helpers"] == "--plugin tests.helpers"
     assert config["plugins"] == ["tests.helpers"]
+
+
+class Owns:
+    """A plugin that owns a section of its own and adds a component kind."""
+
+    @engine.hookimpl
+    def register_settings(self):
+        return {"ema": {"decay": 0.99, "enabled": False}, "sampler": {"name": "plain"}}
+
+    @engine.hookimpl
+    def register_components(self):
+        return {"sampler": {"plain": lambda: None, "weighted": lambda power=1.0: None}}
+
+
+def test_plugins_add_their_own_sections_and_component_kinds():
+    config, _ = engine.load_config({"ema": {"decay": 0.9}}, ["sampler.name=weighted"], plugins=[Owns])
+    assert dict(config.ema) == {"decay": 0.9, "enabled": False}
+    assert dict(config.sampler) == {"name": "weighted", "power": 1.0}
+    with pytest.raises(engine.ConfigError, match=r"ema.decai: unknown key in \[ema\] \(did you mean 'decay'\?\)"):
+        engine.load_config({"ema": {"decai": 0.9}}, plugins=[Owns])
+    with pytest.raises(
+        engine.ConfigError, match=r"sampler.name: unknown sampler 'weighed' \(did you mean 'weighted'\?\)"
+    ):
+        engine.load_config({"sampler": {"name": "weighed"}}, plugins=[Owns])
+    with pytest.raises(engine.ConfigError, match=r"unknown section \[ema\]"):
+        engine.load_config({"ema": {"decay": 0.9}})  # without the plugin, nobody owns [ema]

@@ -3,6 +3,7 @@ gradient accumulation, the state object, and `engine.run` from Python."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import random
 
@@ -381,7 +382,7 @@ def exploding(hook: str, at_step: int = 2):
 @pytest.mark.parametrize(
     ("hook", "where"),
     [
-        ("on_run_start", "epoch 1, step 0"),
+        ("on_run_start", "at the start of the run"),
         ("before_forward", "epoch 1, step 2"),
         ("compute_loss", "epoch 1, step 2"),
         ("before_optimizer_step", "epoch 1, step 2"),
@@ -395,3 +396,83 @@ def test_an_exception_in_a_hook_names_plugin_hook_epoch_and_step(hook, where):
         engine.run(job(epochs=3, data={"batch_size": 50}), plugins=[exploding(hook), Quiet])
     assert str(raised.value) == f"{where}: plugin 'Exploding' failed in hook {hook}: RuntimeError: boom"
     assert isinstance(raised.value.__cause__, RuntimeError)
+
+
+# --- resuming from the state object --------------------------------------------------------------
+
+
+class Snapshot:
+    """Saves what a checkpoint would at one step, then interrupts the run."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.saved = at, None
+
+    @engine.hookimpl
+    def after_step(self, state, trainer):
+        if state.step == self.at:
+            self.saved = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict(), state.state_dict()))
+            raise KeyboardInterrupt
+
+
+def test_a_run_resumed_from_its_state_mid_epoch_ends_exactly_like_an_uninterrupted_one():
+    resumable = job(
+        epochs=3,
+        data={"batch_size": 25},
+        model={"name": "mlp", "hidden": [8], "dropout": 0.2},  # dropout draws from the torch RNG
+        optimizer={"name": "adamw"},
+    )
+    whole = engine.run({**resumable, "run_name": "whole"})
+
+    snapshot = Snapshot(at=6)  # epoch 2, after its second batch of four
+    with pytest.raises(KeyboardInterrupt):
+        engine.run({**resumable, "run_name": "killed"}, plugins=[snapshot])
+    model_state, optimizer_state, loop_state = snapshot.saved
+    assert (loop_state["epoch"], loop_state["batch"], loop_state["step"]) == (2, 2, 6)
+
+    trainer = engine.setup({**resumable, "run_name": "resumed"})
+    trainer.model.load_state_dict(model_state)
+    trainer.optimizer.load_state_dict(optimizer_state)
+    trainer.state.load_state_dict(loop_state)
+    resumed = trainer.fit()
+    assert resumed.state.step == whole.state.step == 12
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+# --- validation cadence and host-device syncs ----------------------------------------------------
+
+
+def test_validation_runs_every_val_every_epochs_and_at_the_end():
+    recorder = Recorder()
+    engine.run(job(epochs=5, val_every=2, data={"val_fraction": 0.2}), plugins=[recorder])
+    epochs, validated = 1, []
+    for call in recorder.calls:
+        if call == "compute_metrics":
+            validated.append(epochs)
+        elif call == "on_epoch_end":
+            epochs += 1
+    assert validated == [2, 4, 5]
+
+
+def test_the_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
+    """Only the logging point syncs: one `tolist` for all the losses of the logging period."""
+    reads: list[str] = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    trainer = engine.setup(
+        job(epochs=6, log={"every": 6}, data={"batch_size": 10}, model={"name": "mlp", "hidden": [4]}),
+        blocked=["console"],
+    )
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    trainer.fit()
+    monkeypatch.undo()
+    assert reads == ["tolist"]  # the metrics plugin's one read, at the only logging point (epoch 6)

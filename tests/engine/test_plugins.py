@@ -283,3 +283,19 @@ def test_the_core_runs_with_the_loss_plugin_blocked(tmp_path):
     result = engine.run(job(loss={"name": "sq"}), plugins=[LossOnly], blocked=["losses"])
     assert result.metrics["loss"] > 0
     assert (Path(result.run_dir) / "summary.json").is_file()
+
+
+def test_plugins_import_only_the_engines_public_api():
+    public = set(engine.__all__)
+    for path in (REPO / "plugins").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(("engine.", "plugins")), f"{path.name}: from {node.module}"
+                if node.module == "engine":
+                    assert {alias.name for alias in node.names} <= public, path.name
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith(("engine.", "plugins")), f"{path.name}: import {alias.name}"
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "engine":
+                assert node.attr in public, f"{path.name}: engine.{node.attr} is not in engine.__all__"

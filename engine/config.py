@@ -9,11 +9,10 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import ConfigError
 from .plugins import CONTEXT_PARAMS, Plugins, dotted, suggest

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import tomllib
+
+import pytest
 
 import engine
 from engine.config import CORE_SETTINGS, apply_overrides, load_job

@@ -69,7 +69,7 @@ class Plugins:
     def collect(self) -> None:
         """Gather settings and components from every plugin, rejecting clashes by name."""
         for impl in reversed(self.pm.hook.register_settings.get_hookimpls()):
-            declared = call_blaming(impl, "register_settings", {}) or {}
+            declared = call_blaming(impl, "register_settings") or {}
             for section, keys in declared.items():
                 table = self.settings.setdefault(section, {})
                 for key, default in keys.items():
@@ -80,7 +80,7 @@ class Plugins:
                         )
                     table[key] = (default, impl.plugin_name)
         for impl in reversed(self.pm.hook.register_components.get_hookimpls()):
-            provided = call_blaming(impl, "register_components", {}) or {}
+            provided = call_blaming(impl, "register_components") or {}
             for kind, named in provided.items():
                 table = self.components.setdefault(kind, {})
                 for name, factory in named.items():
@@ -155,10 +155,10 @@ def _bound(
     return call
 
 
-def call_blaming(impl: pluggy.HookImpl, hook: str, arguments: Mapping[str, Any]) -> Any:
-    """Call one implementation of `hook`; an exception becomes a ConfigError naming plugin and hook."""
+def call_blaming(impl: pluggy.HookImpl, hook: str) -> Any:
+    """Call one implementation of an argument-less `hook`; an exception becomes a ConfigError naming both."""
     try:
-        return impl.function(*(arguments[name] for name in impl.argnames))
+        return impl.function()
     except ConfigError:
         raise
     except Exception as error:

@@ -1,25 +1,29 @@
 """A plugin-based PyTorch training engine: the tutorial's loop, with every feature a pluggy plugin."""
 
-from .config import Config, Section, dump_toml
+from .config import Config, Section, dump_toml, load_config
 from .errors import ConfigError, EngineError, TrainingError
 from .hookspecs import hookimpl, hookspec
-from .loop import (
+from .loop import Result, Trainer, rebuild_optimizer, run, setup, total
+from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
+from .schema import Range
+from .types import (
+    Acceleration,
     Batch,
     DataInfo,
     Loaders,
-    Result,
+    Precision,
+    RunLength,
+    Scheduled,
     State,
-    Trainer,
-    load_config,
-    rebuild_optimizer,
-    run,
-    setup,
-    total,
+    Step,
+    TrainerView,
+    Window,
+    windows,
 )
-from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "Acceleration",
     "Batch",
     "Config",
     "ConfigError",
@@ -27,11 +31,18 @@ __all__ = [
     "EngineError",
     "Loaders",
     "Plugins",
+    "Precision",
+    "Range",
     "Result",
+    "RunLength",
+    "Scheduled",
     "Section",
     "State",
+    "Step",
     "Trainer",
+    "TrainerView",
     "TrainingError",
+    "Window",
     "dump_toml",
     "hookimpl",
     "hookspec",
@@ -41,4 +52,5 @@ __all__ = [
     "run",
     "setup",
     "total",
+    "windows",
 ]

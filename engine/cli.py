@@ -9,9 +9,10 @@ from collections.abc import Sequence
 
 import pluggy
 
-from .config import dump_toml
+from .config import CORE_KINDS, dump_toml, load_config
 from .errors import EngineError
-from .loop import load_config, setup
+from .hookspecs import SETUP_CHAIN
+from .loop import setup
 from .plugins import Plugins, make_plugins
 
 
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def describe_plugins(plugins: Plugins) -> str:
-    """Every plugin with its origin, hooks and components; then each hook's call order."""
+    """Every plugin with its origin, hooks and components; the setup chain; each hook's call order."""
     lines = ["plugins (name, origin, hooks, components):"]
     for name in plugins.names():
         plugin = plugins.pm.get_plugin(name)
@@ -87,13 +88,26 @@ def describe_plugins(plugins: Plugins) -> str:
         lines.append(f"      hooks: {', '.join(hooks) or '-'}")
         if provided:
             lines.append(f"      provides: {', '.join(provided)}")
+    lines.append("setup chain (a component kind: its default, from which plugins; a hook: its call order):")
+    for link in SETUP_CHAIN:
+        if link in plugins.components or link in CORE_KINDS:
+            table = plugins.components.get(link, {})
+            default = plugins.settings.get(link, {}).get("name")
+            providers = ", ".join(sorted({component.plugin for component in table.values()})) or "none"
+            chosen = default.default if default is not None else "none chosen"
+            lines.append(f"  {link}: component {chosen} (from {providers})")
+        else:
+            lines.append(f"  {link}: {_order(getattr(plugins.hook, link)) or '-'}")
     lines.append("hook call order:")
     for name in sorted(dir(plugins.hook)):
         caller = getattr(plugins.hook, name)
         if isinstance(caller, pluggy.HookCaller) and caller.get_hookimpls():
-            order = [impl.plugin_name + _marks(impl) for impl in reversed(caller.get_hookimpls())]
-            lines.append(f"  {name}: {' -> '.join(order)}")
+            lines.append(f"  {name}: {_order(caller)}")
     return "\n".join(lines)
+
+
+def _order(caller: pluggy.HookCaller) -> str:
+    return " -> ".join(impl.plugin_name + _marks(impl) for impl in reversed(caller.get_hookimpls()))
 
 
 def _marks(impl: pluggy.HookImpl) -> str:

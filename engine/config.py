@@ -1,36 +1,64 @@
 """The job config: TOML in, defaults and ``--set`` overrides merged, every key validated.
 
-A config is resolved entirely before training starts: unknown sections and keys, wrong types and
-unknown component names are errors naming the key, with the name probably meant.
+A config is resolved entirely before training starts: unknown sections and keys, values that do
+not fit a setting's schema (engine/schema.py) and unknown component names are errors naming the
+key, with the name probably meant.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import tomllib
+import typing
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from .errors import ConfigError
-from .plugins import CONTEXT_PARAMS, Plugins, dotted, suggest
+from .errors import ConfigError, suggest
+from .plugins import Plugins, dotted, make_plugins
+from .schema import MISSING, Range, Setting, convert, settings_of
 
-# Component kinds the core itself builds; plugins may add more (their sections work the same).
-CORE_KINDS = ("data", "model", "loss", "optimizer")
-# The core's own top-level settings; plugins add theirs through `register_settings`.
-CORE_SETTINGS: dict[str, Any] = {
-    "seed": 42,
-    "epochs": 1000,
-    "device": "auto",
-    "plugins": [],
-    "grad_accumulation": 1,
-    "val_every": 1,
-    "run_name": "",
-    "runs_dir": "runs",
+# The component kinds the core builds, in the order of the setup chain, each with the names of
+# the run context its factories may ask for (a parameter of that name receives it; every other
+# parameter is a setting). Plugins may add kinds of their own; those receive no context.
+CORE_KINDS: dict[str, tuple[str, ...]] = {
+    "data": ("seed", "device"),
+    "model": ("info", "device"),
+    "loss": ("info", "device"),
+    "optimizer": ("params",),
+    "precision": ("device",),
+    "accelerate": ("trainer",),
+    "scheduler": ("optimizer", "length"),
 }
-MISSING = inspect.Parameter.empty
+# Kinds a run may go without: when no plugin provides one, none is built (full precision, the
+# eager step, a constant learning rate).
+OPTIONAL_KINDS = frozenset({"precision", "accelerate", "scheduler"})
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSettings:
+    """The core's top-level settings."""
+
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 42
+    epochs: Annotated[int, Range(ge=1)] = 1000
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    plugins: tuple[str, ...] = ()  # plugin modules to load, as --plugin does
+    grad_accumulation: Annotated[int, Range(ge=1)] = 1
+    val_every: Annotated[int, Range(ge=1)] = 1
+    run_name: str = ""
+    runs_dir: str = "runs"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """``[log]``: the logging points, where the step losses are read back and checked."""
+
+    every: Annotated[int, Range(ge=0)] = 0  # epochs between logging points; 0: a tenth of the run
+
+
+CORE_SECTIONS = {"": CoreSettings, "log": LogSettings}
 
 
 class Override:
@@ -42,16 +70,27 @@ class Override:
         self.text, self.value = text, value
 
 
-def plain(value: Any, expected: type | None = None) -> Any:
-    """The value of a setting as given: an override's text where a string is expected."""
+def plain(value: Any, annotation: Any = Any) -> Any:
+    """The value of a setting as given: an override's text where the setting takes a string."""
     if isinstance(value, Override):
         # A quoted TOML string (--set loss.name='"huber"') is already its value, quotes removed.
-        return value.text if expected is str and not isinstance(value.value, str) else value.value
+        return value.text if _takes_string(annotation) and not isinstance(value.value, str) else value.value
     return value
 
 
+def _takes_string(annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _takes_string(args[0])
+    if origin is Literal:
+        return all(isinstance(arg, str) for arg in args)
+    if origin is not None and type(None) in args:  # Optional[str]
+        return any(_takes_string(arg) for arg in args if arg is not type(None))
+    return annotation is str
+
+
 class Section(Mapping[str, Any]):
-    """One resolved, read-only config section; keys read as attributes too (``config.data.batch_size``)."""
+    """One resolved, read-only config section."""
 
     __slots__ = ("_values", "params")
 
@@ -67,12 +106,6 @@ class Section(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._values)
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self._values[key]
-        except KeyError:
-            raise AttributeError(key) from None
 
     def component_settings(self) -> dict[str, Any]:
         return {key: value for key, value in self._values.items() if key in self.params}
@@ -126,103 +159,107 @@ def apply_overrides(job: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
     return merged
 
 
+def declared_settings(plugins: Plugins) -> dict[str, dict[str, Setting]]:
+    """Every declared setting by section: the core's, then each plugin's."""
+    settings = {section: settings_of(declared, "core") for section, declared in CORE_SECTIONS.items()}
+    for section, keys in plugins.settings.items():
+        for key, setting in keys.items():
+            if key in settings.get(section, {}):
+                raise ConfigError(
+                    f"plugin {setting.owner!r} declares setting {dotted(section, key)}, which the core owns"
+                )
+            settings.setdefault(section, {})[key] = setting
+    return settings
+
+
 def resolve(job: Mapping[str, Any], plugins: Plugins) -> Config:
     """Validate `job` against every declared setting and component, filling in defaults."""
-    settings = {"": {key: (value, "core") for key, value in CORE_SETTINGS.items()}}
-    for section, keys in plugins.settings.items():
-        for key, (default, owner) in keys.items():
-            if key in settings.get(section, {}):
-                raise ConfigError(f"plugin {owner!r} declares setting {dotted(section, key)}, which the core owns")
-            settings.setdefault(section, {})[key] = (default, owner)
+    settings = declared_settings(plugins)
     kinds = list(dict.fromkeys([*CORE_KINDS, *plugins.components]))
     sections = list(dict.fromkeys([*kinds, *(s for s in settings if s)]))
 
-    top = {key: value for key, value in job.items() if not isinstance(value, Mapping)}
-    for section in job:
-        if isinstance(job[section], Mapping) and section not in sections:
-            raise ConfigError(f"unknown section [{section}]{suggest(section, sections)}")
-    resolved: dict[str, Any] = _resolve_keys("", top, settings[""], {})
-    if resolved["device"] not in ("auto", "cpu", "cuda") and not str(resolved["device"]).startswith("cuda:"):
-        raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {resolved['device']!r}")
-    for key in ("epochs", "grad_accumulation", "val_every"):
-        if resolved[key] < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {resolved[key]}")
+    top = {key: value for key, value in job.items() if key not in sections and not isinstance(value, Mapping)}
+    for key, value in job.items():
+        if isinstance(value, Mapping) and key not in sections:
+            raise ConfigError(f"unknown section [{key}]{suggest(key, sections)}")
+        if key in sections and not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: is a section; set its keys ([{key}] or --set {key}.KEY=VALUE)")
+    resolved: dict[str, Any] = _resolve_keys("", top, settings[""])
+    device = resolved["device"]
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
     for section in sections:
         given = dict(job.get(section, {}))
-        declared = settings.get(section, {})
-        params: dict[str, Any] = {}
+        declared = dict(settings.get(section, {}))
+        params: dict[str, Setting] = {}
         if section in kinds:
-            name = plain(given.get("name", declared.get("name", (None,))[0]), str)
-            if name is None:
-                choices = ", ".join(sorted(plugins.components.get(section, {})))
-                raise ConfigError(f"{section}.name: required, no plugin sets a default (choose one of: {choices})")
-            if not isinstance(name, str):
-                raise ConfigError(f"{section}.name: expected a string, got {name!r}")
-            params = factory_settings(plugins.component(section, name).factory, section)
+            name = _component_name(section, given, declared, plugins)
+            if name is not None:
+                params = _component_params(section, name, declared, plugins)
             given["name"] = name
-            declared = {**declared, "name": (name, "core")}
-            for key in params:
-                if key in declared and key != "name":
-                    raise ConfigError(
-                        f"{section}.{key}: both a setting of plugin {declared[key][1]!r} and of {section} {name!r}"
-                    )
-        values = _resolve_keys(section, given, declared, params)
+            declared["name"] = Setting("name", str | None, name, "core")
+        values = _resolve_keys(section, given, {**declared, **params})
         resolved[section] = Section(values, params)
     return Config(resolved)
 
 
-def _resolve_keys(
-    section: str, given: Mapping[str, Any], declared: Mapping[str, tuple[Any, str]], params: Mapping[str, Any]
-) -> dict[str, Any]:
-    known = {**{key: default for key, (default, _) in declared.items()}, **params}
+def _component_name(
+    kind: str, given: Mapping[str, Any], declared: Mapping[str, Setting], plugins: Plugins
+) -> str | None:
+    """The component the `[kind]` section names, else the default a plugin declared."""
+    default = declared["name"].default if "name" in declared else None
+    name = plain(given.get("name", default), str)
+    if name is None and kind not in OPTIONAL_KINDS:
+        choices = ", ".join(sorted(plugins.components.get(kind, {})))
+        raise ConfigError(f"{kind}.name: required, no plugin sets a default (choose one of: {choices})")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{kind}.name: expected a string, got {name!r}")
+    return name
+
+
+def _component_params(kind: str, name: str, declared: Mapping[str, Setting], plugins: Plugins) -> dict[str, Setting]:
+    """The settings of component `name`: its factory's parameters that are not run context."""
+    params = settings_of(plugins.component(kind, name).factory, f"{kind} {name!r}", CORE_KINDS.get(kind, ()))
+    for key in params:
+        if key in declared and key != "name":
+            raise ConfigError(f"{kind}.{key}: both a setting of plugin {declared[key].owner!r} and of {kind} {name!r}")
+    return params
+
+
+def _resolve_keys(section: str, given: Mapping[str, Any], declared: Mapping[str, Setting]) -> dict[str, Any]:
     for key in given:
-        if key not in known:
+        if key not in declared:
             where = f"[{section}]" if section else "the top level"
-            raise ConfigError(f"{dotted(section, key)}: unknown key in {where}{suggest(key, known)}")
+            raise ConfigError(f"{dotted(section, key)}: unknown key in {where}{suggest(key, declared)}")
     values = {}
-    for key, default in known.items():
+    for key, setting in declared.items():
         if key not in given:
-            if default is MISSING:
+            if setting.default is MISSING:
                 raise ConfigError(f"{dotted(section, key)}: required setting is missing")
-            values[key] = default
+            values[key] = setting.default
         else:
-            values[key] = check_type(dotted(section, key), given[key], default)
+            values[key] = convert(dotted(section, key), plain(given[key], setting.annotation), setting.annotation)
     return values
 
 
-def check_type(key: str, value: Any, default: Any) -> Any:
-    """`value` converted to the type of `default`, or a ConfigError naming `key`."""
-    if default is None or default is MISSING:
-        return plain(value)
-    expected = type(default)
-    value = plain(value, expected)
-    if expected is bool or isinstance(value, bool):
-        ok = isinstance(value, bool) and expected is bool
-    elif expected is float:
-        ok = isinstance(value, (int, float))
-        value = float(value) if ok else value
-    elif expected in (list, tuple):
-        ok = isinstance(value, (list, tuple))
-        value = expected(value) if ok else value
-    else:
-        ok = isinstance(value, expected)
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def factory_settings(factory: Any, kind: str) -> dict[str, Any]:
-    """The settings of a component factory: its parameters that are not run context."""
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return {}
-    return {
-        name: param.default
-        for name, param in signature.parameters.items()
-        if name not in CONTEXT_PARAMS and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-    }
+def load_config(
+    job: Mapping[str, Any] | str | Path | Config | None = None,
+    overrides: Iterable[str] = (),
+    plugins: Iterable[Any] = (),
+    blocked: Iterable[str] = (),
+) -> tuple[Config, Plugins]:
+    """Resolve a job (a dict, a TOML path, a Config, or None for the defaults) and its plugins."""
+    if isinstance(job, Config):
+        job = job.to_dict()
+    elif isinstance(job, (str, Path)):
+        job = load_job(job)
+    merged = apply_overrides(job or {}, overrides)
+    listed = convert("plugins", plain(merged.get("plugins", ())), tuple[str, ...])
+    extra = [*plugins]
+    extra += [name for name in listed if name not in extra]
+    found = make_plugins(extra, blocked)
+    return resolve(merged, found), found
 
 
 def dump_toml(config: Mapping[str, Any]) -> str:

@@ -2,59 +2,99 @@
 
     register_settings        once, to collect the settings (and their defaults) each plugin owns
     register_components      once, to collect the named components (losses, optimizers, models, ...)
-    build_loaders            once, after the data component is built (firstresult)
-    on_run_start             once, after every component is built
-    wrap_step                once, chained: acceleration plugins wrap or replace the train step
+    -- the setup chain (engine.setup; nothing is written yet) --
+    (the data component)
+    build_loaders            once, firstresult: batch iterators over the data
+    (the model, loss, optimizer and precision components)
+    wrap_model               chained: DDP, EMA, a compiled module; the step calls the result
+    (the accelerate component)
+    wrap_optimizer           chained: fused, capturable, tensor learning rate; then the
+                             accelerate component's optimizer
+    (the scheduler component, built on the final optimizer)
+    (restore from a checkpoint, when resuming, into these final objects)
+    wrap_step                chained: then the accelerate component's step wraps them all
+    -- the run (Trainer.fit) --
+    on_run_start             once, before the first epoch
     for each epoch:
         for each batch:                  -- inside the train step, tensor work only --
             before_forward               chained: may replace the batch
-            (forward; the [loss] component's term)      under trainer.autocast() (mixed precision)
+            (forward and the [loss] component's term, under precision's autocast)
             compute_loss                 extra loss terms, summed with the main one
-            (zero grads; backward)
-            before_optimizer_step        only on the batch that closes an accumulation window
-            (optimizer step)             through trainer.scaler when a precision plugin sets one
+            (zero grads on a window's first batch; backward of loss x window scale)
+            before_optimizer_step        only on a window's last batch, after unscaling
+            (optimizer step)             through the precision's gradient scaler, if any
                                          -- host side, after the step returns --
+            (a per-step scheduler steps after a window's last batch)
             after_step
         validation, when due: before_forward, compute_loss and compute_metrics per batch
-        on_epoch_end
-    on_log                   called by the plugin that reduces metrics, at each logging point
+        (a logging point, when due: the losses read back once, checked finite)
+            on_log                       with the epoch's metrics
+        (a per-epoch scheduler steps)
+        on_epoch_end                     the state already points at the next epoch
     on_run_end               once, also when the run failed
 
 Implementations take only the arguments they use, as in pytest, so adding an argument to a hook
-breaks no plugin. The hooks called per step or per epoch (`before_forward`, `compute_loss`,
-`before_optimizer_step`, `after_step`, `compute_metrics`, `on_epoch_end`) are bound once at setup
-and called without pluggy's dispatch; they therefore take no wrappers, and the engine refuses a
-plugin that declares one.
+breaks no plugin. The hooks in `ONE_BY_ONE` are called by the core one implementation at a time
+(chained, bound once for the loop, or collected per plugin), so pluggy's wrappers cannot apply to
+them: a plugin that declares one there is refused at registration. Every other hook is called
+through pluggy and takes wrappers by pluggy's rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
+import torch
 
-if TYPE_CHECKING:
-    import torch
-
-    from .loop import Batch, Loaders, State, Trainer
+from .types import Batch, Loaders, State, Step, TrainerView, Window
 
 PROJECT = "engine"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+# The setup chain in the order engine.loop.Trainer runs it: component kinds the core builds
+# (engine.config.CORE_KINDS) and the hooks between them. `python -m engine plugins` shows it.
+SETUP_CHAIN = (
+    "data",
+    "build_loaders",
+    "model",
+    "loss",
+    "optimizer",
+    "precision",
+    "wrap_model",
+    "accelerate",
+    "wrap_optimizer",
+    "scheduler",
+    "wrap_step",
+    "on_run_start",
+)
+# Called once per batch or per epoch (on the tutorial job an epoch is one step): bound at setup
+# and called without pluggy's dispatch (about 2 us a call even with no implementation).
+PER_STEP = frozenset(
+    {"before_forward", "compute_loss", "before_optimizer_step", "after_step", "compute_metrics", "on_epoch_end"}
+)
+# Chained (each implementation receives what the previous one returned) or collected per plugin.
+CHAINED = frozenset({"wrap_model", "wrap_optimizer", "wrap_step"})
+COLLECTED = frozenset({"register_settings", "register_components"})
+ONE_BY_ONE = PER_STEP | CHAINED | COLLECTED
 
-# --- setup ---------------------------------------------------------------------------------------
+
+# --- registration ----------------------------------------------------------------------------------
 
 
 @hookspec
-def register_settings() -> Mapping[str, Mapping[str, Any]] | None:
-    """Declare the settings this plugin owns, as ``{section: {key: default}}``.
+def register_settings() -> Mapping[str, Callable[..., Any]] | None:
+    """Declare the settings this plugin owns, as ``{section: settings class}``.
 
-    Called once per run, before the config is read. A top-level key is declared under the section
-    ``""``. The type of each default is the type the key accepts (``None`` accepts anything). The
-    key ``name`` of a component section (``loss.name``) sets which component is the default.
-    Two plugins declaring the same key is an error that names both.
+    Called once per run, before the config is read. A settings class is a dataclass (any callable
+    will do) whose keyword parameters are the keys: the default is the value when the config does
+    not set it, the annotation its schema (``Literal[...]`` for choices,
+    ``Annotated[float, engine.Range(gt=0)]`` for bounds; see engine/schema.py). Top-level keys
+    are declared under the section ``""``. The key ``name`` of a component section
+    (``loss.name``) sets which component is the default. Two plugins declaring one key is an error
+    naming both.
     """
 
 
@@ -62,47 +102,83 @@ def register_settings() -> Mapping[str, Mapping[str, Any]] | None:
 def register_components() -> Mapping[str, Mapping[str, Callable[..., Any]]] | None:
     """Provide named components, as ``{kind: {name: factory}}``.
 
-    Called once per run, before the config is read. Kinds the core builds: ``data``, ``model``,
-    ``loss``, ``optimizer``; plugins may add their own (``scheduler``). The config section of the
-    kind picks one by ``name``. The factory's keyword parameters with defaults are its settings
-    (the rest of the section); parameters named after the run's context are passed that context
-    instead: ``seed`` (data), ``info`` (model, loss: a :class:`DataInfo`), ``params`` (optimizer),
-    ``optimizer`` and ``schedule`` (scheduler). Two plugins providing one name is an error naming
-    both.
+    Called once per run, before the config is read. The core builds the kinds ``data``, ``model``,
+    ``loss``, ``optimizer``, ``precision``, ``accelerate`` and ``scheduler`` in the setup chain
+    (see the top of this module); plugins may add kinds of their own. The config section of the
+    kind picks one by ``name``. The factory's keyword parameters are its settings (the rest of the
+    section), typed by their annotations, except those named after the kind's run context, which
+    receive it (engine.config.CORE_KINDS): ``seed`` and ``device`` (data); ``info`` (a
+    :class:`DataInfo`) and ``device`` (model, loss); ``params`` (optimizer); ``device``
+    (precision); ``trainer`` (accelerate); ``optimizer`` and ``length`` (a :class:`RunLength`,
+    scheduler). Two plugins providing one name is an error naming both.
 
     What factories return: data, a ``(x, y)`` pair of tensors or arrays, a
     ``torch.utils.data.Dataset``, or ``{"train": ..., "val": ...}`` of those; model, an
     ``nn.Module``; loss, a callable ``(output, target) -> Tensor``; optimizer, a
-    ``torch.optim.Optimizer``.
+    ``torch.optim.Optimizer``; precision, a :class:`Precision`; accelerate, an
+    :class:`Acceleration` or None (the eager step); scheduler, a :class:`Scheduled` or None.
     """
+
+
+# --- the setup chain -----------------------------------------------------------------------------
 
 
 @hookspec(firstresult=True)
 def build_loaders(data: Any, config: Any, seed: int, device: torch.device) -> Loaders | None:
-    """Turn what the data component returned into batch iterators.
+    """Turn what the data component returned into batch iterators on `device`.
 
-    Called once per run. ``data`` is the data component's return value, ``config`` the resolved
-    config. Return a :class:`Loaders`; the first non-None result wins.
+    Called once per run, first in the setup chain. ``data`` is the data component's return value,
+    ``config`` the resolved config. Return a :class:`Loaders`; the first non-None result wins.
     """
 
 
 @hookspec
-def on_run_start(trainer: Trainer) -> None:
-    """Called once, after the model, optimizer and loaders are built and before the first epoch.
+def wrap_model(model: torch.nn.Module, trainer: TrainerView) -> torch.nn.Module | None:
+    """Wrap or replace the module the train step and validation call (DDP, EMA, a compiled module).
 
-    ``trainer`` holds the config, the components and the :class:`State`. Its return is ignored.
+    Called once in the setup chain, after the model, loss, optimizer and precision components are
+    built. Chained in hook order: each implementation receives what the previous one returned;
+    return a module or None to keep it. ``trainer.module`` stays the model as built (what is
+    saved and exported); ``trainer.model`` becomes the chain's result. The optimizer was built on
+    ``trainer.module``'s parameters.
     """
 
 
 @hookspec
-def wrap_step(step: Callable[[Batch], Any], trainer: Trainer) -> Callable[[Batch], Any] | None:
-    """Called once, after `on_run_start`, to wrap or replace the train step.
+def wrap_optimizer(optimizer: torch.optim.Optimizer, trainer: TrainerView) -> torch.optim.Optimizer | None:
+    """Wrap or replace the optimizer (other constructor flags, a learning rate as a tensor).
 
-    ``step`` takes a :class:`Batch` and returns ``(loss, terms)``: the detached total loss and a
-    dict of detached loss terms, on the device. Return a function with the same contract (a
-    compiled or CUDA-graph-captured step) or None to keep it. Implementations are chained in hook
-    order, each wrapping what the previous one returned; document what your wrapper changes
-    (for example, that a replayed CUDA graph overwrites its output tensors).
+    Called once in the setup chain, after `wrap_model` and before the scheduler is built, so the
+    scheduler and a resumed run's optimizer state apply to the final optimizer. Chained in hook
+    order; return an optimizer or None to keep it. ``engine.rebuild_optimizer`` makes a new one of
+    the same class and parameters with changed flags. The accelerate component's optimizer comes
+    last.
+    """
+
+
+@hookspec
+def wrap_step(step: Step, trainer: TrainerView) -> Step | None:
+    """Wrap or replace the train step; called once, last in the setup chain.
+
+    ``step(batch, window)`` takes a :class:`Batch` and its :class:`Window` and returns
+    ``(loss, terms)``: the detached total loss and a dict of detached loss terms, on the device.
+    It is a function of its arguments: a compiled or captured step keys its graphs on the batch's
+    shapes and the window. Chained in hook order, each wrapping what the previous one returned;
+    return a function with the same contract or None to keep it. The accelerate component's step
+    wraps the result. Document what your wrapper changes (for example, that a replayed CUDA graph
+    overwrites its output tensors).
+    """
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_run_start(trainer: TrainerView) -> None:
+    """Called once when the run starts (`Trainer.fit`), after the setup chain, before the first epoch.
+
+    ``trainer`` holds the config, the final components and the :class:`State` (restored, when
+    resuming). Open files and start timers here. Its return is ignored.
     """
 
 
@@ -110,16 +186,17 @@ def wrap_step(step: Callable[[Batch], Any], trainer: Trainer) -> Callable[[Batch
 
 
 @hookspec
-def before_forward(batch: Batch, trainer: Trainer) -> Batch | None:
+def before_forward(batch: Batch, trainer: TrainerView) -> Batch | None:
     """Called inside the train step and in validation, before the model sees ``batch``.
 
-    Return a replacement :class:`Batch` (moved to the device, augmented) or None to keep it;
-    implementations are chained in hook order, each seeing what the previous one returned.
+    ``batch`` is on the run's device. Return a replacement :class:`Batch` (augmented, reshaped)
+    or None to keep it; implementations are chained in hook order, each seeing what the previous
+    one returned.
     """
 
 
 @hookspec
-def compute_loss(batch: Batch, output: torch.Tensor, trainer: Trainer) -> Mapping[str, torch.Tensor] | None:
+def compute_loss(batch: Batch, output: torch.Tensor, trainer: TrainerView) -> Mapping[str, torch.Tensor] | None:
     """Called inside the train step and in validation, after the forward pass.
 
     Return extra loss terms ``{name: scalar tensor}`` (a regularizer, an auxiliary loss) or None.
@@ -129,11 +206,12 @@ def compute_loss(batch: Batch, output: torch.Tensor, trainer: Trainer) -> Mappin
 
 
 @hookspec
-def before_optimizer_step(trainer: Trainer) -> None:
-    """Called inside the train step after backward and before ``optimizer.step()``.
+def before_optimizer_step(trainer: TrainerView) -> None:
+    """Called inside the train step after backward and before the optimizer step.
 
-    Only on the batch that completes a gradient-accumulation window. Use it for tensor work on the
-    gradients (clipping, unscaling). Its return is ignored.
+    Only on the batch that closes a gradient-accumulation window; the gradients are already
+    unscaled when a gradient scaler is in use. Use it for tensor work on the gradients
+    (clipping). Its return is ignored.
     """
 
 
@@ -141,17 +219,20 @@ def before_optimizer_step(trainer: Trainer) -> None:
 
 
 @hookspec
-def after_step(state: State, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], trainer: Trainer) -> None:
+def after_step(
+    state: State, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], window: Window, trainer: TrainerView
+) -> None:
     """Called after each train step, outside it, on the host.
 
     ``loss`` is the detached total loss of the step and ``terms`` its detached terms, both still
     on the device: reading a value (``.item()``) forces a host-device sync, so do it only when you
-    must. ``state.step`` already counts this step. Its return is ignored.
+    must. ``state.step`` already counts this step; ``window.last`` says whether the optimizer
+    stepped. Its return is ignored.
     """
 
 
 @hookspec
-def compute_metrics(batch: Batch, output: torch.Tensor, trainer: Trainer) -> Mapping[str, torch.Tensor] | None:
+def compute_metrics(batch: Batch, output: torch.Tensor, trainer: TrainerView) -> Mapping[str, torch.Tensor] | None:
     """Called for each validation batch under ``torch.inference_mode()``.
 
     Return ``{name: scalar tensor}`` of per-batch means (accuracy); the engine averages them over
@@ -160,24 +241,27 @@ def compute_metrics(batch: Batch, output: torch.Tensor, trainer: Trainer) -> Map
 
 
 @hookspec
-def on_epoch_end(state: State, trainer: Trainer) -> None:
-    """Called after each epoch, after validation when it ran (``state.val_metrics`` holds it).
+def on_log(state: State, metrics: Mapping[str, float], trainer: TrainerView) -> None:
+    """Called at each logging point with host-side ``metrics``: epoch, step, the epoch's mean loss
+    and terms, and the last validation's ``val_*`` values, all finite.
 
-    Set ``state.stop = True`` to end the run after this epoch. Its return is ignored.
+    The core calls it after reading the step losses back (one sync per logging point) and checking
+    them. Loggers (console, files) implement it. Its return is ignored.
     """
 
 
 @hookspec
-def on_log(state: State, metrics: Mapping[str, float], trainer: Trainer) -> None:
-    """Called at each logging point with host-side ``metrics`` (epoch, step, losses, validation).
+def on_epoch_end(epoch: int, state: State, trainer: TrainerView) -> None:
+    """Called after epoch ``epoch`` ended: its validation, logging point and epoch scheduler step
+    are done, and ``state`` already points at the next epoch (``state.epoch == epoch + 1``,
+    ``state.batch == 0``), so a checkpoint taken here resumes there.
 
-    The plugin that reduces the step losses calls it; loggers (console, files) implement it.
-    Its return is ignored.
+    Set ``state.stop = True`` to end the run. Its return is ignored.
     """
 
 
 @hookspec
-def on_run_end(trainer: Trainer, error: BaseException | None) -> None:
+def on_run_end(trainer: TrainerView, error: BaseException | None) -> None:
     """Called once when the run ends: after the last epoch, or after a failure (``error``).
 
     Write summaries and close files here; what was logged before a failure must stay valid.

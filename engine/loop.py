@@ -1,84 +1,24 @@
-"""The training loop: setup, the train step, validation, and the loop that ties them together."""
+"""The trainer: the setup chain, the train step, validation, the logging point and the loop."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
+import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import Config, apply_overrides, load_job, plain, resolve
-from .errors import ConfigError, EngineError, TrainingError
-from .plugins import CONTEXT_PARAMS, Plugins, describe, make_plugins
-
-
-class Batch(NamedTuple):
-    """One batch: the model's input and the loss's target."""
-
-    x: Any
-    y: Any
-
-
-@dataclass(slots=True, frozen=True)
-class DataInfo:
-    """What the model and loss factories may infer from the data."""
-
-    n_features: int  # width of one input sample (its last dimension)
-    n_outputs: int  # target width for regression, number of classes for classification
-    task: str  # "regression" or "classification"
-    n_train: int
-    n_val: int = 0
-
-
-class Loaders(Protocol):
-    """Batch iterators over the training and validation data, built by `build_loaders`."""
-
-    info: DataInfo
-
-    def train(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """The batches of `epoch` (1-based) from position `start`; the order depends only on (seed, epoch)."""
-
-    def train_batches(self) -> int:
-        """How many batches one training epoch has."""
-
-    def val(self) -> Iterable[Batch] | None:
-        """The validation batches, or None when there is no validation data."""
-
-
-@dataclass(slots=True)
-class State:
-    """Where the loop is: enough, with the components' state, to resume a run exactly."""
-
-    epoch: int = 1  # the current epoch, 1-based
-    batch: int = 0  # batches started in the current epoch: the position in its data order
-    step: int = 0  # batches started in total; during a step and its after_step, this step's number
-    stop: bool = False  # set by a plugin to end the run after the current epoch
-    metrics: dict[str, float] = field(default_factory=dict)  # the last logged metrics
-    val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
-
-    def state_dict(self) -> dict[str, Any]:
-        """The loop position and every RNG state (python, numpy, torch, CUDA)."""
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "metrics": dict(self.metrics), "rng": rng}
-
-    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-        self.epoch, self.batch, self.step = saved["epoch"], saved["batch"], saved["step"]
-        self.metrics = dict(saved["metrics"])
-        rng = saved["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+from .config import CORE_KINDS, Config, load_config
+from .errors import ConfigError, EngineError, TrainingError, one_line
+from .plugins import Plugins
+from .schema import MISSING, settings_of
+from .types import Batch, DataInfo, Loaders, Precision, RunLength, Scheduled, State, Step, Window, windows
 
 
 @dataclass(slots=True)
@@ -102,7 +42,11 @@ def total(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 class Trainer:
-    """One run: its config, plugins, components and state. Built by `run` or `setup`."""
+    """One run: its config, plugins, components and state. Built by `setup`, run by `fit`.
+
+    The constructor is the setup chain (engine/hookspecs.py): it builds every component and lets
+    the chained hooks wrap them, but writes nothing; `fit` runs the loop.
+    """
 
     def __init__(self, config: Config, plugins: Plugins) -> None:
         self.config, self.plugins, self.hooks = config, plugins, plugins.hook
@@ -111,87 +55,167 @@ class Trainer:
         self.val_every: int = config["val_every"]
         self.device = resolve_device(config["device"])
         self.run_dir = run_directory(config["runs_dir"], config["run_name"])
-        seed_everything(config["seed"])
-        data = self.build("data", seed=config["seed"], device=self.device)
-        loaders = self.hooks.build_loaders(data=data, config=config, seed=config["seed"], device=self.device)
+        self.state = State()
+        seed = config["seed"]
+        seed_everything(seed)
+
+        data = self.build("data", seed=seed, device=self.device)
+        loaders = self.hooks.build_loaders(data=data, config=config, seed=seed, device=self.device)
         if loaders is None:
             raise ConfigError("no plugin implements build_loaders: nothing can batch the data")
         self.loaders: Loaders = loaders
         self.info: DataInfo = loaders.info
-        self.batches_per_epoch = loaders.train_batches()
+        self.batches_per_epoch: int = loaders.train_batches()
+        self.windows = windows(self.batches_per_epoch, self.accumulation)
         self.has_validation = loaders.val() is not None
-        torch.manual_seed(config["seed"])  # model init must not depend on what the data consumed
-        self.model: torch.nn.Module = self.build("model", info=self.info, device=self.device).to(self.device)
+        torch.manual_seed(seed)  # model init must not depend on what the data consumed
+        self.module: torch.nn.Module = self.build("model", info=self.info, device=self.device)
+        if not isinstance(self.module, torch.nn.Module):
+            raise ConfigError(
+                f"model {config['model']['name']!r}: the factory returned a "
+                f"{type(self.module).__name__}, not a torch.nn.Module"
+            )
+        self.module.to(self.device)
         self.loss_name: str = config["loss"]["name"].rpartition(":")[2]
         self.loss_fn: Callable[[Any, Any], torch.Tensor] = self.build("loss", info=self.info, device=self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer: torch.optim.Optimizer = self.build("optimizer", params=params)
-        self.scheduler: Any = None  # a plugin that schedules the learning rate sets it, for checkpoints
-        # A precision plugin sets these in on_run_start: the context entered around forward and
-        # loss (autocast), and a gradient scaler (GradScaler, for fp16) used for backward and step.
-        self.autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
-        self.scaler: torch.amp.GradScaler | None = None
-        self.state = State()
-        # Per-step and per-epoch hooks are resolved once here; see engine.plugins.BOUND_HOOKS.
-        self._before_forward = plugins.bind("before_forward", trainer=self)
-        self._compute_loss = plugins.bind("compute_loss", trainer=self)
-        self._before_optimizer_step = plugins.bind("before_optimizer_step", trainer=self)
-        self._after_step = plugins.bind("after_step", trainer=self, state=self.state)
-        self._compute_metrics = plugins.bind("compute_metrics", trainer=self)
-        self._on_epoch_end = plugins.bind("on_epoch_end", trainer=self, state=self.state)
-        self.step: Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]] = self.train_step
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        optimizer: torch.optim.Optimizer = self.build("optimizer", params=params)
+        self.precision: Precision = self.build("precision", device=self.device) or Precision(self.device.type)
 
-    def build(self, kind: str, **context: Any) -> Any:
-        """Build the component the config's `[kind]` section names, passing the context it asks for."""
+        self.model: torch.nn.Module = self.chain("wrap_model", "model", self.module)
+        acceleration = self.build("accelerate", trainer=self)
+        optimizer = self.chain("wrap_optimizer", "optimizer", optimizer)
+        self.optimizer = acceleration.optimizer(optimizer) if acceleration is not None else optimizer
+        # torch's LR schedulers wrap `optimizer.step` to warn when a schedule steps before the
+        # optimizer (pytorch#20124); Dynamo does not trace that wrapper (a graph break every
+        # compiled step). The core steps them in the right order by construction, so the step
+        # calls the optimizer's own `step`, taken before a scheduler wraps it.
+        self.optimizer_step: Callable[[], Any] = self.optimizer.step
+        length = RunLength(self.epochs, len([w for w in self.windows if w.last]))
+        scheduled: Scheduled | None = self.build("scheduler", optimizer=self.optimizer, length=length)
+        self.scheduler = scheduled.scheduler if scheduled is not None else None
+        if self.scheduler is not None:
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]  # the warning's flag: see above
+
+        # What runs per step and per epoch, resolved once: bound hooks (engine.plugins.Plugins.bind),
+        # and the core's own parts only where the run has them.
+        self.before_forward = self.plugins.bind("before_forward", trainer=self)
+        self.compute_loss = self.plugins.bind("compute_loss", trainer=self)
+        self.before_optimizer_step = self.plugins.bind("before_optimizer_step", trainer=self)
+        self.after_step = self.plugins.bind("after_step", trainer=self, state=self.state)
+        self.compute_metrics = self.plugins.bind("compute_metrics", trainer=self)
+        self.epoch_end = self.plugins.bind("on_epoch_end", trainer=self, state=self.state)
+        self.train_step: Step = self.chain("wrap_step", "step", self.build_step())
+        if acceleration is not None:
+            self.train_step = acceleration.step(self.train_step)
+
+        self.epoch_scheduler: Callable[[], Any] | None = None
+        if scheduled is not None and scheduled.per_epoch:
+            self.epoch_scheduler = scheduled.scheduler.step
+        elif scheduled is not None:  # before the plugins' after_step: they see the step complete
+            self.after_step.insert(0, self.step_scheduler_after_window(scheduled.scheduler))
+        every = config["log"]["every"]
+        self.log_every = every or max(1, self.epochs // 10)
+
+    def build(self, kind: str, name: str | None = None, **context: Any) -> Any:
+        """Build the component of `kind` the config names (or `name`, with its default settings),
+        passing the context it asks for. An optional kind with no component chosen builds None."""
         section = self.config[kind]
-        component = self.plugins.component(kind, section["name"])
-        arguments = section.component_settings()
+        chosen = name or section["name"]
+        if chosen is None:
+            return None
+        component = self.plugins.component(kind, chosen)
+        if chosen == section["name"]:
+            arguments = section.component_settings()
+        else:
+            settings = settings_of(component.factory, f"{kind} {chosen!r}", CORE_KINDS.get(kind, ()))
+            arguments = {key: s.default for key, s in settings.items() if s.default is not MISSING}
         try:
             wanted = inspect.signature(component.factory).parameters
         except (TypeError, ValueError):
             wanted = {}
-        arguments.update({name: value for name, value in context.items() if name in wanted and name in CONTEXT_PARAMS})
+        arguments.update({key: value for key, value in context.items() if key in wanted})
         try:
             return component.factory(**arguments)
         except EngineError:
             raise
         except Exception as error:
             source = f" (plugin {component.plugin!r})" if component.plugin else ""
-            raise ConfigError(f"{kind} {section['name']!r}{source} cannot be built: {describe(error)}") from error
+            raise ConfigError(f"{kind} {chosen!r}{source} cannot be built: {one_line(error)}") from error
 
-    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One batch: before_forward, forward, loss terms, zero grad, backward, optimizer step.
+    def chain(self, hook: str, argument: str, value: Any) -> Any:
+        """`value` passed through every implementation of a chained setup hook, in hook order."""
+        for wrap in self.plugins.bind(hook, trainer=self):
+            value = wrap(**{argument: value}) or value
+        return value
 
-        Tensor work only, so that acceleration plugins can compile or capture it whole. Returns the
-        detached total loss and terms, still on the device.
+    def build_step(self) -> Step:
+        """The train step: before_forward, forward, loss terms, zero grad, backward, optimizer step.
+
+        Tensor work only, so that acceleration can compile or capture it whole. A function of the
+        batch and its accumulation window; returns the detached total loss and terms, on the
+        device. Assembled once from the pieces this run has, so no step tests for a feature that
+        is off.
         """
-        for hook in self._before_forward:
-            batch = hook(batch=batch) or batch
-        with self.autocast():
-            terms = self.loss_terms(batch, self.model(batch.x))
-            loss = total(terms)
-        first, last, scale = self.accumulation_window()
-        if first:
-            self.optimizer.zero_grad(set_to_none=True)
-        scaled = loss if scale == 1 else loss * scale
-        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
-        if last:
-            for hook in self._before_optimizer_step:
-                hook()
-            if self.scaler is None:
-                self.optimizer.step()
+        model, loss_fn, loss_terms, optimizer_step = self.model, self.loss_fn, self.loss_terms, self.optimizer_step
+        before_forward, before_optimizer_step = self.before_forward, list(self.before_optimizer_step)
+        autocast, scaler, optimizer = self.precision.autocast, self.precision.scaler, self.optimizer
+        if scaler is not None and before_optimizer_step:
+            unscale = scaler.unscale_
+            # The hooks (gradient clipping) see true gradients; scaler.step then skips its unscale.
+            before_optimizer_step.insert(0, lambda: unscale(optimizer))
+        # optimizer.zero_grad() is hidden from Dynamo (torch._disable_dynamo), and through the
+        # profiler costs 5 us a call on the tutorial; setting .grad to None is what it does.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        single = self.loss_name
+        no_autocast = self.precision.dtype is None
+
+        if self.compute_loss:
+
+            def forward(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+                terms = loss_terms(batch, model(batch.x))
+                return total(terms), terms
+
+        else:  # no extra terms: no dict of them to build and sum (1.5 us a tutorial step)
+
+            def forward(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+                return loss_fn(model(batch.x), batch.y), None
+
+        def step(batch: Batch, window: Window) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            for hook in before_forward:
+                batch = hook(batch=batch) or batch
+            if no_autocast:
+                loss, terms = forward(batch)
             else:
-                self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
-                self.scaler.update()
-        detached = loss.detach()
-        if len(terms) == 1:
-            return detached, {self.loss_name: detached}
-        return detached, {name: term.detach() for name, term in terms.items()}
+                with autocast():
+                    loss, terms = forward(batch)
+            if window.first:
+                for param in params:
+                    param.grad = None
+            scaled = loss if window.scale == 1 else loss * window.scale
+            if scaler is None:
+                scaled.backward()
+            else:
+                scaler.scale(scaled).backward()
+            if window.last:
+                for hook in before_optimizer_step:
+                    hook()
+                if scaler is None:
+                    optimizer_step()
+                else:
+                    scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                    scaler.update()
+            detached = loss.detach()
+            if terms is None:
+                return detached, {single: detached}
+            return detached, {name: term.detach() for name, term in terms.items()}
+
+        return step
 
     def loss_terms(self, batch: Batch, output: torch.Tensor) -> dict[str, torch.Tensor]:
         """The `[loss]` component's term plus every term `compute_loss` returns."""
         terms = {self.loss_name: self.loss_fn(output, batch.y)}
-        for hook in self._compute_loss:
+        for hook in self.compute_loss:
             extra = hook(batch=batch, output=output)
             if extra:
                 for name in extra:
@@ -200,17 +224,12 @@ class Trainer:
                 terms.update(extra)
         return terms
 
-    def accumulation_window(self) -> tuple[bool, bool, float]:
-        """Whether this batch opens and closes its gradient-accumulation window, and the loss scale.
+    def step_scheduler_after_window(self, scheduler: Any) -> Callable[..., None]:
+        def step_scheduler(window: Window, **_: Any) -> None:
+            if window.last:  # the optimizer stepped
+                scheduler.step()
 
-        A window never spans two epochs; the last one of an epoch may be shorter.
-        """
-        if self.accumulation == 1:
-            return True, True, 1
-        position = self.state.batch - 1  # the loop counts the batch before the step runs
-        start = position - position % self.accumulation
-        size = min(self.accumulation, self.batches_per_epoch - start)
-        return position == start, position == start + size - 1, 1.0 / size
+        return step_scheduler
 
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
@@ -219,12 +238,13 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for batch in self.loaders.val() or ():
-            for hook in self._before_forward:
+            for hook in self.before_forward:
                 batch = hook(batch=batch) or batch
-            output = self.model(batch.x)
-            terms = self.loss_terms(batch, output)
+            with self.precision.autocast():
+                output = self.model(batch.x)
+                terms = self.loss_terms(batch, output)
             values = {"loss": total(terms), **terms}
-            for hook in self._compute_metrics:
+            for hook in self.compute_metrics:
                 values.update(hook(batch=batch, output=output) or {})
             size = len(batch.y)
             for name, value in values.items():
@@ -241,9 +261,9 @@ class Trainer:
         error = None
         try:
             self.hooks.on_run_start(trainer=self)
-            for wrap in self.plugins.bind("wrap_step", trainer=self):
-                self.step = wrap(step=self.step) or self.step
             self.loop()
+            if self.state.losses:  # stopped early, between logging points
+                self.log()
         except BaseException as raised:
             error = self.explain(raised)
         finally:
@@ -253,31 +273,83 @@ class Trainer:
                 error = error or self.explain(raised)
         if error is not None:
             raise error
-        return Result(self.model, dict(self.state.metrics), self.run_dir, self.config, self.state)
+        return Result(self.module, dict(self.state.metrics), self.run_dir, self.config, self.state)
 
     def loop(self) -> None:
-        """The tutorial's loop: epochs of steps, then validation when due and the epoch-end hooks."""
+        """The tutorial's loop: epochs of steps, then the epoch's end."""
         state = self.state
         while state.epoch <= self.epochs and not state.stop:
             # Module.train() walks every submodule (5 µs for Linear(1, 1), a step on the tutorial);
             # only validation or a plugin turns training off, so only then is it worth the walk.
             if not self.model.training:
                 self.model.train()
-            for batch in self.loaders.train(state.epoch, start=state.batch):
+            batches = self.loaders.train(state.epoch, start=state.batch)
+            for batch, window in zip(batches, self.windows[state.batch :]):
                 state.batch += 1
                 state.step += 1
-                loss, terms = self.step(batch)
-                for hook in self._after_step:
-                    hook(loss=loss, terms=terms)
-            if self.has_validation and (state.epoch % self.val_every == 0 or state.epoch == self.epochs):
-                state.val_metrics = self.validate()
-            for hook in self._on_epoch_end:
-                hook()
-            state.epoch, state.batch = state.epoch + 1, 0
+                loss, terms = self.train_step(batch, window)
+                state.losses.append((state.epoch, state.step, loss, terms))
+                for hook in self.after_step:
+                    hook(loss=loss, terms=terms, window=window)
+            self.end_epoch()
+
+    def end_epoch(self) -> None:
+        """Validation and the logging point when due, the epoch scheduler, then on to the next epoch."""
+        state = self.state
+        epoch = state.epoch
+        last = epoch == self.epochs
+        if self.has_validation and (last or epoch % self.val_every == 0):
+            state.val_metrics = self.validate()
+        if last or epoch % self.log_every == 0:
+            self.log()
+        if self.epoch_scheduler is not None:
+            self.epoch_scheduler()
+        state.epoch, state.batch = epoch + 1, 0
+        for hook in self.epoch_end:
+            hook(epoch=epoch)
+
+    def log(self) -> None:
+        """A logging point: the step losses since the last one read back with one host-device sync,
+        checked finite (naming the term, epoch and step of the first that is not), averaged over
+        the current epoch's steps and passed to `on_log` with the last validation's metrics."""
+        state = self.state
+        rows, state.losses = state.losses, []
+        names = ("loss", *rows[0][3]) if rows else ()
+        values = [value for *_, loss, terms in rows for value in (loss, *terms.values())]
+        flat = torch.stack(values).tolist() if values else []  # host-device sync; stack promotes dtypes
+        table = [flat[i * len(names) : (i + 1) * len(names)] for i in range(len(rows))]
+        for (epoch, step, *_), row in zip(rows, table):
+            # The terms before the total ("loss"), so that the message names the term at fault.
+            for name, value in [*zip(names[1:], row[1:]), ("loss", row[0])]:
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"non-finite loss ({value}) in term {name!r} at epoch {epoch}, step {step}; training stopped",
+                        located=True,
+                    )
+        for name, value in state.val_metrics.items():
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"non-finite {name} ({value}) at epoch {state.epoch}; training stopped", located=True
+                )
+        epoch = rows[-1][0] if rows else state.epoch
+        this_epoch = [row for (row_epoch, *_), row in zip(rows, table) if row_epoch == epoch]
+        metrics: dict[str, float] = {"epoch": epoch, "step": state.step}
+        for column, name in enumerate(names):
+            if this_epoch:
+                metrics[name] = sum(row[column] for row in this_epoch) / len(this_epoch)
+        metrics.update(state.val_metrics)
+        state.metrics = metrics
+        self.hooks.on_log(state=state, metrics=metrics, trainer=self)
 
     def explain(self, error: BaseException) -> BaseException:
         """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook."""
-        where = f"epoch {self.state.epoch}, step {self.state.step}" if self.state.step else "at the start of the run"
+        state = self.state
+        if not state.step:
+            where = "at the start of the run"
+        elif state.batch:
+            where = f"epoch {state.epoch}, step {state.step}"
+        else:  # between epochs: the state already points at the next one
+            where = f"end of epoch {state.epoch - 1}, step {state.step}"
         if isinstance(error, TrainingError) and not error.located:
             return TrainingError(f"{where}: {error}", located=True)
         if not isinstance(error, Exception) or isinstance(error, EngineError):
@@ -286,7 +358,7 @@ class Trainer:
         if culprit:
             plugin, hook = culprit
             where += f": plugin {plugin!r}" + (f" failed in hook {hook}" if hook else "")
-        explained = TrainingError(f"{where}: {describe(error)}", located=True)
+        explained = TrainingError(f"{where}: {one_line(error)}", located=True)
         explained.__cause__ = error
         return explained
 
@@ -296,17 +368,17 @@ def rebuild_optimizer(
 ) -> torch.optim.Optimizer:
     """A new optimizer of the same class over the same parameter groups, with `changes` applied.
 
-    For acceleration plugins that need other constructor flags (``capturable``, ``fused``) or the
-    learning rate as a device tensor (`tensor_lr`: a scheduler then writes it in place, which a
-    compiled or captured step follows). The optimizer state is not carried over: rebuild before
-    the first step.
+    For `wrap_optimizer` implementations that need other constructor flags (``capturable``,
+    ``fused``) or the learning rate as a device tensor (`tensor_lr`: a scheduler then writes it
+    in place, which a compiled or captured step follows). The setup chain calls `wrap_optimizer`
+    before any state exists, and a resumed run's state is restored into the final optimizer.
     """
     device = optimizer.param_groups[0]["params"][0].device
     accepted = inspect.signature(type(optimizer).__init__).parameters
 
     def changed(settings: Mapping[str, Any]) -> dict[str, Any]:
         updated = {**settings, **changes}
-        if tensor_lr:
+        if tensor_lr and not isinstance(settings["lr"], torch.Tensor):
             updated["lr"] = torch.tensor(float(settings["lr"]), device=device)
         return updated
 
@@ -343,27 +415,6 @@ def run_directory(runs_dir: str, run_name: str) -> Path:
     return path
 
 
-def load_config(
-    job: Mapping[str, Any] | str | Path | Config | None = None,
-    overrides: Iterable[str] = (),
-    plugins: Iterable[Any] = (),
-    blocked: Iterable[str] = (),
-) -> tuple[Config, Plugins]:
-    """Resolve a job (a dict, a TOML path, a Config, or None for the defaults) and its plugins."""
-    if isinstance(job, Config):
-        job = job.to_dict()
-    elif isinstance(job, (str, Path)):
-        job = load_job(job)
-    merged = apply_overrides(job or {}, overrides)
-    extra = [*plugins]
-    listed = plain(merged.get("plugins", []))  # `--set plugins=[...]` gives an Override
-    if not isinstance(listed, list):
-        raise ConfigError(f"plugins: expected a list of module names, got {listed!r}")
-    extra += [name for name in listed if name not in extra]
-    found = make_plugins(extra, blocked)
-    return resolve(merged, found), found
-
-
 def setup(
     job: Mapping[str, Any] | str | Path | Config | None = None,
     *,
@@ -371,7 +422,7 @@ def setup(
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
 ) -> Trainer:
-    """A Trainer ready to `fit`, with a fresh plugin manager."""
+    """A Trainer ready to `fit`, with a fresh plugin manager: the setup chain has run, nothing is written."""
     config, found = load_config(job, overrides, plugins, blocked)
     return Trainer(config, found)
 

@@ -5,7 +5,6 @@ A fresh :class:`Plugins` is built for every run: there is no global plugin manag
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import importlib.util
@@ -21,24 +20,12 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigError
+from .errors import ConfigError, one_line, suggest
+from .schema import Setting, settings_of
 
 ENTRY_POINT_GROUP = "engine.plugins"
 # The distribution whose entry points are the engine's own built-in plugins.
 OWN_DISTRIBUTION = "torch-plugin-engine"
-# Hooks called once per batch or per epoch (on the tutorial job an epoch is one step): bound at
-# setup and called without pluggy's dispatch (about 2 us a call even with no implementation, 4 us
-# for on_epoch_end's two), so they cannot take wrappers.
-BOUND_HOOKS = (
-    "before_forward",
-    "compute_loss",
-    "before_optimizer_step",
-    "after_step",
-    "compute_metrics",
-    "on_epoch_end",
-)
-# Parameter names that receive the run's context instead of a setting, by component kind.
-CONTEXT_PARAMS = frozenset({"seed", "info", "params", "optimizer", "schedule", "device"})
 
 
 @dataclass(slots=True)
@@ -56,7 +43,7 @@ class Plugins:
     pm: pluggy.PluginManager
     sources: dict[str, str] = field(default_factory=dict)
     components: dict[str, dict[str, Component]] = field(default_factory=dict)
-    settings: dict[str, dict[str, tuple[Any, str]]] = field(default_factory=dict)
+    settings: dict[str, dict[str, Setting]] = field(default_factory=dict)
 
     @property
     def hook(self) -> Any:
@@ -69,25 +56,36 @@ class Plugins:
     def collect(self) -> None:
         """Gather settings and components from every plugin, rejecting clashes by name."""
         for impl in reversed(self.pm.hook.register_settings.get_hookimpls()):
-            declared = call_blaming(impl, "register_settings") or {}
-            for section, keys in declared.items():
+            declared = _mapping(call_blaming(impl, "register_settings"), impl, "register_settings", "section")
+            for section, settings_class in declared.items():
+                if not callable(settings_class):
+                    raise ConfigError(
+                        f"plugin {impl.plugin_name!r}: register_settings must map section {section!r} to a "
+                        f"settings class, got {type(settings_class).__name__}"
+                    )
                 table = self.settings.setdefault(section, {})
-                for key, default in keys.items():
+                for key, setting in settings_of(settings_class, impl.plugin_name).items():
                     if key in table:
                         raise ConfigError(
                             f"setting {dotted(section, key)} is declared by both plugin "
-                            f"{table[key][1]!r} and plugin {impl.plugin_name!r}"
+                            f"{table[key].owner!r} and plugin {impl.plugin_name!r}"
                         )
-                    table[key] = (default, impl.plugin_name)
+                    table[key] = setting
         for impl in reversed(self.pm.hook.register_components.get_hookimpls()):
-            provided = call_blaming(impl, "register_components") or {}
+            provided = _mapping(call_blaming(impl, "register_components"), impl, "register_components", "kind")
             for kind, named in provided.items():
+                named = _mapping(named, impl, "register_components", f"{kind} name")
                 table = self.components.setdefault(kind, {})
                 for name, factory in named.items():
                     if name in table:
                         raise ConfigError(
                             f"{kind} {name!r} is provided by both plugin {table[name].plugin!r} "
                             f"and plugin {impl.plugin_name!r}"
+                        )
+                    if not callable(factory):
+                        raise ConfigError(
+                            f"plugin {impl.plugin_name!r}: {kind} {name!r} is not a factory "
+                            f"(a callable), got {type(factory).__name__}"
                         )
                     table[name] = Component(kind, name, factory, impl.plugin_name)
 
@@ -101,7 +99,7 @@ class Plugins:
         return table[name]
 
     def bind(self, hook_name: str, **constants: Any) -> list[Callable[..., Any]]:
-        """The implementations of a per-step hook in call order, with `constants` bound.
+        """The implementations of a one-by-one hook in call order, with `constants` bound.
 
         Each returned callable takes the hook's remaining arguments by keyword and passes each
         implementation only those it declares.
@@ -162,7 +160,18 @@ def call_blaming(impl: pluggy.HookImpl, hook: str) -> Any:
     except ConfigError:
         raise
     except Exception as error:
-        raise ConfigError(f"plugin {impl.plugin_name!r} failed in hook {hook}: {describe(error)}") from error
+        raise ConfigError(f"plugin {impl.plugin_name!r} failed in hook {hook}: {one_line(error)}") from error
+
+
+def _mapping(value: Any, impl: pluggy.HookImpl, hook: str, keys: str) -> Mapping[str, Any]:
+    """`value` if it is a mapping with string keys (None: empty); else a ConfigError naming the plugin."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise ConfigError(
+            f"plugin {impl.plugin_name!r}: {hook} must return a dict keyed by {keys}, got {type(value).__name__}"
+        )
+    return value
 
 
 def make_plugins(extra: Iterable[Any] = (), blocked: Iterable[str] = ()) -> Plugins:
@@ -182,7 +191,7 @@ def make_plugins(extra: Iterable[Any] = (), blocked: Iterable[str] = ()) -> Plug
         try:
             loaded = ep.load()
         except Exception as error:
-            raise ConfigError(f"plugin {ep.name!r} (entry point {ep.value}): cannot load: {describe(error)}") from error
+            raise ConfigError(f"plugin {ep.name!r} (entry point {ep.value}): cannot load: {one_line(error)}") from error
         dist = ep.dist.name if ep.dist is not None else "?"
         origin = "built-in" if dist == OWN_DISTRIBUTION else f"entry point of package {dist}"
         register(plugins, loaded, ep.name, origin)
@@ -213,9 +222,10 @@ def check_hook_names(pm: pluggy.PluginManager) -> None:
                 raise ConfigError(
                     f"plugin {impl.plugin_name!r}: {name} is not a hook of the engine{suggest(name, declared)}"
                 )
-            if name in BOUND_HOOKS and (impl.hookwrapper or impl.wrapper):
+            if name in hookspecs.ONE_BY_ONE and (impl.hookwrapper or impl.wrapper):
+                how = "per step or epoch" if name in hookspecs.PER_STEP else "one implementation at a time"
                 raise ConfigError(
-                    f"plugin {impl.plugin_name!r}: hook {name} is called per step or epoch and takes no wrapper"
+                    f"plugin {impl.plugin_name!r}: hook {name} is called {how} by the engine and takes no wrapper"
                 )
 
 
@@ -250,12 +260,12 @@ def load_module(spec: str) -> ModuleType:
             module_spec.loader.exec_module(module)
         except Exception as error:
             del sys.modules[path.stem]
-            raise ConfigError(f"plugin file {spec!r} failed to import: {describe(error)}") from error
+            raise ConfigError(f"plugin file {spec!r} failed to import: {one_line(error)}") from error
         return module
     try:
         return importlib.import_module(spec)
     except Exception as error:
-        raise ConfigError(f"plugin module {spec!r} cannot be imported: {describe(error)}") from error
+        raise ConfigError(f"plugin module {spec!r} cannot be imported: {one_line(error)}") from error
 
 
 def import_object(reference: str, key: str) -> Any:
@@ -264,25 +274,12 @@ def import_object(reference: str, key: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
-        raise ConfigError(f"{key}: cannot import module {module_name!r}: {describe(error)}") from error
+        raise ConfigError(f"{key}: cannot import module {module_name!r}: {one_line(error)}") from error
     try:
         return getattr(module, attribute)
     except AttributeError:
         raise ConfigError(f"{key}: module {module_name!r} has no attribute {attribute!r}") from None
 
 
-def describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
 def dotted(section: str, key: str) -> str:
     return f"{section}.{key}" if section else key
-
-
-def suggest(name: str, choices: Iterable[str]) -> str:
-    choices = sorted(choices)
-    close = difflib.get_close_matches(name, choices, n=1)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    return f" (choose one of: {', '.join(choices)})" if choices else ""

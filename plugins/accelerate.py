@@ -1,130 +1,130 @@
-"""``accelerate = "eager" | "compile" | "cudagraph" | "auto"``: which acceleration wraps the train step.
+"""The ``[accelerate]`` components ``eager`` (the default: the core's step as it is) and ``auto``.
 
-"eager" (the default) leaves the step alone. "compile" and "cudagraph" are done by the plugins of
-those names (``plugins/compile.py``, ``plugins/cudagraph.py``); this one checks that the chosen
-one is loaded. "auto" measures, on the run's first steps, each candidate of ``[auto] candidates``
-that applies here, keeps the fastest and prints the choice with the per-step times:
+``auto`` builds every other candidate of ``candidates`` that applies here (``compile``, and
+``cudagraph`` on CUDA: components of the ``accelerate`` kind, from whichever plugins provide
+them), measures each on the run's first steps, keeps the fastest and prints the choice with the
+per-step times. The trial steps are real training steps of the same maths, so trying costs no work.
 
-- ``eager``: the step as configured;
-- ``fused``: the eager step with the optimizer's fused kernel (when it has one here and is not
-  already fused);
-- ``compile``: the compiled step; tried only when the run is long enough for a compile to pay
-  (its eager time, measured, above ``[auto] compile_min_s``): a compile costs seconds;
-- ``cudagraph``: the whole step captured in a CUDA graph (CUDA only).
-
-The trial steps are real training steps of the same maths, so trying costs no work. A candidate
-replaces eager only when it is faster by more than ``[auto] margin``, so that timing noise never
-leaves a run slower than eager. The choice then replaces ``trainer.step`` itself: after the trials
-the loop calls the chosen step with no wrapper in between.
+- The optimizer is the chain of every candidate's optimizer (a graph-safe one on CUDA, a tensor
+  learning rate), so that each candidate can run the same optimizer from the same state.
+- ``compile`` is tried only when the run is long enough for a compile to pay: its eager time,
+  measured, above ``compile_min_s`` (a compile costs seconds).
+- A candidate replaces eager only when it is faster by more than ``margin``, so that timing noise
+  never leaves a run slower than eager.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
-from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 import engine
 
-Step = Callable[[engine.Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-MODES = ("eager", "compile", "cudagraph", "auto")
-CANDIDATES = ("eager", "fused", "compile", "cudagraph")
+Candidate = Literal["eager", "compile", "cudagraph"]
 ROUNDS = 4  # timed rounds per candidate; the fastest round counts (as timeit does)
+# Steps a candidate other than eager runs before its timing starts: compiling, or cudagraph's
+# default warm-up and capture.
+UNTIMED = 5
+Output = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def eager() -> None:
+    """The core's train step, unchanged."""
+    return None
+
+
+def auto(
+    trainer: engine.Trainer,
+    candidates: tuple[Candidate, ...] = ("eager", "compile", "cudagraph"),
+    steps: Annotated[int, engine.Range(ge=ROUNDS)] = 20,
+    margin: Annotated[float, engine.Range(ge=0, lt=1)] = 0.02,
+    compile_min_s: Annotated[float, engine.Range(ge=0)] = 60.0,
+) -> Auto:
+    """Times the candidates on the first steps and keeps the fastest (see the module docstring)."""
+    others: dict[str, engine.Acceleration] = {}
+    skipped: list[str] = []
+    for name in dict.fromkeys(candidates):
+        if name == "eager":
+            continue
+        if name == "cudagraph" and trainer.device.type != "cuda":
+            continue  # not a candidate off CUDA: nothing to report
+        try:
+            others[name] = trainer.build("accelerate", name=name, trainer=trainer)
+        except engine.ConfigError as error:
+            skipped.append(f"{name} skipped: {error}")
+    return Auto(trainer, others, skipped, steps // ROUNDS, margin, compile_min_s)
+
+
+@dataclass(frozen=True)
+class Default:
+    name: str = "eager"
 
 
 @engine.hookimpl
 def register_settings():
-    return {
-        "": {"accelerate": "eager"},
-        "auto": {"candidates": list(CANDIDATES), "steps": 20, "margin": 0.02, "compile_min_s": 60.0},
-    }
+    return {"accelerate": Default}
 
 
-@engine.hookimpl(tryfirst=True)  # before the scheduler is built: cudagraph may rebuild the optimizer
-def on_run_start(trainer: engine.Trainer) -> None:
-    mode = trainer.config["accelerate"]
-    if mode not in MODES:
-        raise engine.ConfigError(f"accelerate: expected one of {', '.join(MODES)}, got {mode!r}")
-    if mode in ("compile", "cudagraph") and trainer.plugins.pm.get_plugin(mode) is None:
-        raise engine.ConfigError(f"accelerate = {mode!r}: plugin {mode!r} is blocked or not installed")
-    if mode == "auto":
-        settings = trainer.config["auto"]
-        unknown = [name for name in settings["candidates"] if name not in CANDIDATES]
-        if unknown or not settings["candidates"]:
-            raise engine.ConfigError(f"auto.candidates: expected some of {', '.join(CANDIDATES)}, got {unknown}")
-        if settings["steps"] < ROUNDS:
-            raise engine.ConfigError(f"auto.steps: must be at least {ROUNDS}, got {settings['steps']}")
-        if can_graph(trainer):
-            # A graph-safe optimizer must exist before the scheduler binds to it.
-            trainer.plugins.pm.get_plugin("cudagraph").prepare(trainer)
+@engine.hookimpl
+def register_components():
+    return {"accelerate": {"eager": eager, "auto": auto}}
 
 
-@engine.hookimpl(trylast=True)
-def wrap_step(step: Step, trainer: engine.Trainer) -> Step | None:
-    if trainer.config["accelerate"] != "auto":
-        return None
-    return Auto(step, trainer)
+class Trial:
+    """One way to run the step: its name, the step, and the steps to leave untimed (warm-up, compile)."""
 
-
-class Candidate:
-    """One way to run the step: how to set the optimizer up for it, and the step itself."""
-
-    def __init__(self, name: str, step: Step, untimed: int, activate: Callable[[], None]) -> None:
-        self.name, self.step, self.untimed, self.activate = name, step, untimed, activate
+    def __init__(self, name: str, step: engine.Step, untimed: int) -> None:
+        self.name, self.step, self.untimed = name, step, untimed
         self.seconds: float | None = None  # per step, the fastest round
 
 
 class Auto:
-    """The step during the trials: runs each candidate in turn, then hands the loop the fastest."""
+    """The auto acceleration: runs each candidate in turn, then the fastest for good."""
 
-    def __init__(self, step: Step, trainer: engine.Trainer) -> None:
-        self.trainer, self.settings = trainer, trainer.config["auto"]
+    def __init__(
+        self,
+        trainer: engine.Trainer,
+        others: dict[str, engine.Acceleration],
+        skipped: list[str],
+        per_round: int,
+        margin: float,
+        compile_min_s: float,
+    ) -> None:
+        self.trainer, self.others, self.skipped = trainer, others, skipped
+        self.per_round, self.margin, self.compile_min_s = per_round, margin, compile_min_s
         self.cuda = trainer.device.type == "cuda"
-        wanted = self.settings["candidates"]
-        optimizer = trainer.optimizer
-        flags = [{"fused": group.get("fused"), "foreach": group.get("foreach")} for group in optimizer.param_groups]
 
-        def configured() -> None:
-            for group, original in zip(optimizer.param_groups, flags):
-                group.update(original)
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        for acceleration in self.others.values():
+            optimizer = acceleration.optimizer(optimizer)
+        return optimizer
 
-        def fused() -> None:
-            for group in optimizer.param_groups:
-                group.update(fused=True, foreach=False)
+    def step(self, step: engine.Step) -> engine.Step:
+        self.eager = step
+        self.trials = [Trial("eager", step, 1)]
+        if "cudagraph" in self.others:
+            self.trials.append(Trial("cudagraph", self.others["cudagraph"].step(step), UNTIMED))
+        self.index, self.count, self.rounds, self.started = 0, 0, [], 0.0
+        self.chosen: engine.Step | None = None
+        return self.run
 
-        self.candidates: list[Candidate] = []
-        self.candidates.append(Candidate("eager", step, 1, configured))  # always: the baseline
-        if "fused" in wanted and can_fuse(trainer):
-            self.candidates.append(Candidate("fused", step, 1, fused))
-        self.skipped: list[str] = []
-        self.compiler = trainer.plugins.pm.get_plugin("compile") if "compile" in wanted else None
-        self.graphs: Any = None
-        if can_graph(trainer):
-            self.graphs = trainer.plugins.pm.get_plugin("cudagraph")
-            untimed = trainer.config["cudagraph"]["warmup"] + 1
-            self.candidates.append(Candidate("cudagraph", self.graphs.accelerate(step, trainer), untimed, configured))
-        self.eager, self.index, self.count, self.rounds = step, 0, 0, []
-        self.started = 0.0
-
-    def __call__(self, batch: engine.Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        candidate = self.candidates[self.index]
-        if self.count == 0:
-            candidate.activate()
-        per_round = self.settings["steps"] // ROUNDS
-        timed = self.count - candidate.untimed
-        if timed >= 0 and timed % per_round == 0:
+    def run(self, batch: engine.Batch, window: engine.Window) -> Output:
+        if self.chosen is not None:
+            return self.chosen(batch, window)
+        trial = self.trials[self.index]
+        timed = self.count - trial.untimed
+        if timed >= 0 and timed % self.per_round == 0:
             self.started = self.clock()
-        result = candidate.step(batch)
+        result = trial.step(batch, window)
         self.count += 1
         timed += 1
-        if timed > 0 and timed % per_round == 0:
-            self.rounds.append((self.clock() - self.started) / per_round)
+        if timed > 0 and timed % self.per_round == 0:
+            self.rounds.append((self.clock() - self.started) / self.per_round)
             if len(self.rounds) == ROUNDS:
-                self.finish(candidate)
+                self.finish(trial)
         return result
 
     def clock(self) -> float:
@@ -132,55 +132,28 @@ class Auto:
             torch.cuda.synchronize()  # timing a window of steps needs the device to have caught up
         return time.perf_counter()
 
-    def finish(self, candidate: Candidate) -> None:
-        """Record `candidate`'s time; go on to the next candidate, or choose."""
-        candidate.seconds = min(self.rounds)
+    def finish(self, trial: Trial) -> None:
+        """Record `trial`'s time; go on to the next trial, or choose."""
+        trial.seconds = min(self.rounds)
         self.rounds, self.count = [], 0
-        if candidate is self.candidates[0] and self.compiler is not None:
-            self.add_compile(candidate.seconds)
+        if trial is self.trials[0] and "compile" in self.others:
+            self.add_compile(trial.seconds)
         self.index += 1
-        if self.index < len(self.candidates):
+        if self.index < len(self.trials):
             return
-        eager = self.candidates[0]
-        best = min(self.candidates, key=lambda c: c.seconds if c.seconds is not None else float("inf"))
-        if best.seconds > eager.seconds * (1 - self.settings["margin"]):
+        eager = self.trials[0]
+        best = min(self.trials, key=lambda t: t.seconds if t.seconds is not None else float("inf"))
+        if best.seconds > eager.seconds * (1 - self.margin):
             best = eager
-        best.activate()
-        self.trainer.step = best.step
-        times = ", ".join(f"{c.name} {c.seconds * 1e6:.1f} us" for c in self.candidates)
+        self.chosen = best.step
+        times = ", ".join(f"{t.name} {t.seconds * 1e6:.1f} us" for t in self.trials)
         skipped = "".join(f"; {reason}" for reason in self.skipped)
         print(f"accelerate auto: {best.name} (per step: {times}{skipped})", flush=True)
 
     def add_compile(self, eager_seconds: float) -> None:
         trainer = self.trainer
-        steps = trainer.epochs * trainer.batches_per_epoch
-        estimate = eager_seconds * steps
-        if estimate < self.settings["compile_min_s"]:
+        estimate = eager_seconds * trainer.epochs * trainer.batches_per_epoch
+        if estimate < self.compile_min_s:
             self.skipped.append(f"compile skipped: the run takes about {estimate:.1f} s eager")
             return
-        step = self.compiler.accelerate(self.eager, trainer)
-        self.candidates.insert(self.index + 1, Candidate("compile", step, 2, self.candidates[0].activate))
-
-
-def can_graph(trainer: engine.Trainer) -> bool:
-    """Whether the cudagraph candidate applies: CUDA, its plugin loaded, and a GradScaler it can capture."""
-    if "cudagraph" not in trainer.config["auto"]["candidates"] or trainer.device.type != "cuda":
-        return False
-    if trainer.plugins.pm.get_plugin("cudagraph") is None:
-        return False
-    # fp16's GradScaler reads a non-fused optimizer's overflow flag on the host, which no graph can hold.
-    return trainer.config.get("precision") != "16-mixed" or bool(trainer.optimizer.defaults.get("fused"))
-
-
-def can_fuse(trainer: engine.Trainer) -> bool:
-    """Whether the optimizer has a fused kernel here that its flags can switch to in place."""
-    optimizer = trainer.optimizer
-    if optimizer.defaults.get("fused") or trainer.scaler is not None:
-        return False
-    if "fused" not in inspect.signature(type(optimizer).__init__).parameters:
-        return False
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    supported = _get_fused_kernels_supported_devices()
-    # Off the CPU, only capturable state keeps its step counter on the device, as fused needs.
-    on_device = trainer.device.type == "cpu" or optimizer.defaults.get("capturable")
-    return bool(params) and on_device and all(p.device.type in supported and p.is_floating_point() for p in params)
+        self.trials.insert(self.index + 1, Trial("compile", self.others["compile"].step(self.eager), UNTIMED))

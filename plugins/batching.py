@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -19,27 +20,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import engine
 
 
+@dataclass(frozen=True)
+class Batching:
+    """The ``[data]`` settings of batching, beside the dataset's own."""
+
+    batch_size: Annotated[int, engine.Range(ge=0)] = 0  # 0: the whole training set in one batch (the tutorial)
+    shuffle: bool = True
+    drop_last: bool = False
+    val_fraction: Annotated[float, engine.Range(ge=0, lt=1)] = 0.0
+    num_workers: Annotated[int, engine.Range(ge=0)] = 0
+    pin_memory: bool = False
+
+
 @engine.hookimpl
 def register_settings():
-    return {
-        "data": {
-            "batch_size": 0,  # 0: the whole training set in one batch (the tutorial)
-            "shuffle": True,
-            "drop_last": False,
-            "val_fraction": 0.0,
-            "num_workers": 0,
-            "pin_memory": False,
-        }
-    }
+    return {"data": Batching}
 
 
 @engine.hookimpl(trylast=True)
 def build_loaders(data: Any, config: engine.Config, seed: int, device: torch.device) -> engine.Loaders:
     settings = config["data"]
-    if settings["batch_size"] < 0:
-        raise engine.ConfigError(f"data.batch_size: must be 0 (whole set) or positive, got {settings['batch_size']}")
-    if not 0 <= settings["val_fraction"] < 1:
-        raise engine.ConfigError(f"data.val_fraction: must be in [0, 1), got {settings['val_fraction']}")
     train, val = (data["train"], data.get("val")) if isinstance(data, Mapping) else (data, None)
     if isinstance(train, Dataset):
         return DatasetLoaders(train, val, settings, seed, device)
@@ -64,7 +64,7 @@ def tensors(pair: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return x.float(), y
 
 
-def describe(x: torch.Tensor, y: torch.Tensor, n_train: int, n_val: int) -> engine.DataInfo:
+def data_info(x: torch.Tensor, y: torch.Tensor, n_train: int, n_val: int) -> engine.DataInfo:
     if y.is_floating_point():
         return engine.DataInfo(x.shape[-1] if x.dim() > 1 else 1, y.shape[-1], "regression", n_train, n_val)
     low = int(y.min())
@@ -97,7 +97,7 @@ class TensorLoaders:
             order = torch.randperm(len(x), generator=epoch_generator(seed, 0))
             n_val = max(1, int(len(x) * settings["val_fraction"]))
             val, (x, y) = (x[order[:n_val]], y[order[:n_val]]), (x[order[n_val:]], y[order[n_val:]])
-        self.info = describe(
+        self.info = data_info(
             torch.cat([x, val[0]]) if val else x,
             torch.cat([y, val[1]]) if val else y,
             len(x),
@@ -178,9 +178,10 @@ class DatasetLoaders:
         }
         self.loader = DataLoader(train, sampler=self.order, drop_last=self.drop_last, **options)
         self.val_loader = DataLoader(val, shuffle=False, **options) if val is not None else None
-        self.info = self._describe(train, len(val) if val is not None else 0)
+        self.device = device
+        self.info = self._data_info(train, len(val) if val is not None else 0)
 
-    def _describe(self, dataset: Dataset, n_val: int) -> engine.DataInfo:
+    def _data_info(self, dataset: Dataset, n_val: int) -> engine.DataInfo:
         x, y = dataset[0]
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         n_features = x.shape[-1] if x.dim() else 1
@@ -201,10 +202,13 @@ class DatasetLoaders:
         )
         self.order.indices = order[start * self.batch_size :].tolist()
         for x, y in self.loader:
-            yield engine.Batch(x, y)
+            yield self.on_device(x, y)
 
     def val(self) -> Iterator[engine.Batch] | None:
         if self.val_loader is None:
             return None
-        # DataLoader collates each batch into a list; the engine and its hooks expect a Batch.
-        return (engine.Batch(x, y) for x, y in self.val_loader)
+        return (self.on_device(x, y) for x, y in self.val_loader)
+
+    def on_device(self, x: torch.Tensor, y: torch.Tensor) -> engine.Batch:
+        """A collated batch on the run's device (non-blocking from pinned memory), as a Batch."""
+        return engine.Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))

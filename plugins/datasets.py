@@ -9,16 +9,20 @@ validation file is given; the batching plugin turns them into batches. A user's 
 from __future__ import annotations
 
 import csv as csv_module
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
 import engine
 
+Count = Annotated[int, engine.Range(ge=1)]
+NonNegative = Annotated[float, engine.Range(ge=0)]
+
 
 def linear_regression(
-    seed: int, n_samples: int = 100, weight: float = 2.0, bias: float = 3.0, noise: float = 0.1
+    seed: int, n_samples: Count = 100, weight: float = 2.0, bias: float = 3.0, noise: NonNegative = 0.1
 ) -> Any:
     """The tutorial's data: ``x ~ N(0, 1)``, ``y = weight * x + bias + noise * N(0, 1)``, shape [N, 1]."""
     rng = np.random.RandomState(seed)  # the same stream as the tutorial's np.random.seed(seed)
@@ -28,11 +32,13 @@ def linear_regression(
 
 
 def classification(
-    seed: int, n_samples: int = 1000, n_features: int = 20, n_classes: int = 4, separation: float = 0.5
+    seed: int,
+    n_samples: Count = 1000,
+    n_features: Count = 20,
+    n_classes: Annotated[int, engine.Range(ge=2)] = 4,
+    separation: NonNegative = 0.5,
 ) -> Any:
     """Gaussian blobs: one random centre per class, unit noise; integer class labels."""
-    if n_classes < 2:
-        raise engine.ConfigError(f"data.n_classes: must be at least 2, got {n_classes}")
     rng = np.random.RandomState(seed)
     centres = rng.randn(n_classes, n_features) * separation
     y = rng.randint(n_classes, size=n_samples)
@@ -56,7 +62,12 @@ def npz(path: str = "", val_path: str = "", x: str = "x", y: str = "y") -> Any:
 
 
 def csv(
-    path: str = "", val_path: str = "", target: str = "", features: tuple = (), delimiter: str = ",", task: str = "auto"
+    path: str = "",
+    val_path: str = "",
+    target: str = "",
+    features: tuple[str, ...] = (),
+    delimiter: str = ",",
+    task: Literal["auto", "regression", "classification"] = "auto",
 ) -> Any:
     """Columns of a ``.csv`` file with a header row: `features` (default: all but `target`) and `target`.
 
@@ -64,8 +75,6 @@ def csv(
     """
     if not target:
         raise engine.ConfigError("data.target: name the target column of the csv file")
-    if task not in ("auto", "regression", "classification"):
-        raise engine.ConfigError(f"data.task: expected auto, regression or classification, got {task!r}")
 
     def load(file: str, key: str) -> tuple[np.ndarray, np.ndarray]:
         with open(_existing(file, key), newline="", encoding="utf-8") as handle:
@@ -106,9 +115,14 @@ def _splits(load, path: str, val_path: str) -> Any:
     return {"train": train, "val": load(val_path, "val_path")} if val_path else train
 
 
+@dataclass(frozen=True)
+class Default:
+    name: str = "linear_regression"
+
+
 @engine.hookimpl
 def register_settings():
-    return {"data": {"name": "linear_regression"}}
+    return {"data": Default}
 
 
 @engine.hookimpl

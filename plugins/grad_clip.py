@@ -5,14 +5,23 @@ Uses torch's foreach kernel and never reads the norm back, so it adds no host-de
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated
+
 import torch
 
 import engine
 
 
+@dataclass(frozen=True)
+class GradClip:
+    max_norm: Annotated[float, engine.Range(ge=0)] = 0.0  # 0: off
+    norm_type: Annotated[float, engine.Range(gt=0)] = 2.0
+
+
 @engine.hookimpl
 def register_settings():
-    return {"grad_clip": {"max_norm": 0.0, "norm_type": 2.0}}
+    return {"grad_clip": GradClip}
 
 
 @engine.hookimpl

@@ -7,11 +7,17 @@ would silently broadcast MSE on ``[N, 1]`` against ``[N]`` into an ``[N, N]`` lo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
 import engine
+
+# "none" is not offered: the step needs one loss value to optimize.
+Reduction = Literal["mean", "sum"]
+NonNegative = Annotated[float, engine.Range(ge=0)]
 
 
 def _same_shape(name: str, loss: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
@@ -53,54 +59,68 @@ def _class_indices(name: str, loss: nn.Module, n_classes: int) -> Callable[[Tens
     return compute
 
 
-def _weights(values: tuple[float, ...], device: torch.device) -> Tensor | None:
-    return torch.tensor(values, dtype=torch.float32, device=device) if values else None
+def _weights(values: tuple[float, ...], device: torch.device, key: str, expected: int, what: str) -> Tensor | None:
+    """The weights as a tensor (None when not given); a wrong count is a config error naming `key`."""
+    if not values:
+        return None
+    if len(values) != expected:
+        raise engine.ConfigError(f"{key}: {len(values)} weights given, but the data has {expected} {what}")
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def mse(reduction: str = "mean") -> Callable[[Tensor, Tensor], Tensor]:
+def mse(reduction: Reduction = "mean") -> Callable[[Tensor, Tensor], Tensor]:
     return _same_shape("mse", nn.MSELoss(reduction=reduction))
 
 
-def l1(reduction: str = "mean") -> Callable[[Tensor, Tensor], Tensor]:
+def l1(reduction: Reduction = "mean") -> Callable[[Tensor, Tensor], Tensor]:
     return _same_shape("l1", nn.L1Loss(reduction=reduction))
 
 
-def smooth_l1(reduction: str = "mean", beta: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+def smooth_l1(reduction: Reduction = "mean", beta: NonNegative = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
     return _same_shape("smooth_l1", nn.SmoothL1Loss(reduction=reduction, beta=beta))
 
 
-def huber(reduction: str = "mean", delta: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+def huber(
+    reduction: Reduction = "mean", delta: Annotated[float, engine.Range(gt=0)] = 1.0
+) -> Callable[[Tensor, Tensor], Tensor]:
     return _same_shape("huber", nn.HuberLoss(reduction=reduction, delta=delta))
 
 
 def bce_with_logits(
-    device: torch.device, reduction: str = "mean", pos_weight: tuple = ()
+    info: engine.DataInfo, device: torch.device, reduction: Reduction = "mean", pos_weight: tuple[NonNegative, ...] = ()
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Binary cross-entropy on raw logits; `pos_weight` has one weight per output column."""
-    loss = nn.BCEWithLogitsLoss(reduction=reduction, pos_weight=_weights(pos_weight, device))
+    weights = _weights(pos_weight, device, "loss.pos_weight", info.n_outputs, "target columns")
+    loss = nn.BCEWithLogitsLoss(reduction=reduction, pos_weight=weights)
     return _same_shape("bce_with_logits", loss)
 
 
 def cross_entropy(
     info: engine.DataInfo,
     device: torch.device,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    weight: tuple = (),
+    reduction: Reduction = "mean",
+    label_smoothing: Annotated[float, engine.Range(ge=0, le=1)] = 0.0,
+    weight: tuple[NonNegative, ...] = (),
     ignore_index: int = -100,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Cross-entropy on raw logits (no softmax in the model) against class indices."""
+    weights = _weights(weight, device, "loss.weight", _classes(info), "classes")
     loss = nn.CrossEntropyLoss(
-        weight=_weights(weight, device), reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index
+        weight=weights, reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index
     )
     return _class_indices("cross_entropy", loss, _classes(info))
 
 
 def nll(
-    info: engine.DataInfo, device: torch.device, reduction: str = "mean", weight: tuple = (), ignore_index: int = -100
+    info: engine.DataInfo,
+    device: torch.device,
+    reduction: Reduction = "mean",
+    weight: tuple[NonNegative, ...] = (),
+    ignore_index: int = -100,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Negative log-likelihood: the model must end in log_softmax."""
-    loss = nn.NLLLoss(weight=_weights(weight, device), reduction=reduction, ignore_index=ignore_index)
+    weights = _weights(weight, device, "loss.weight", _classes(info), "classes")
+    loss = nn.NLLLoss(weight=weights, reduction=reduction, ignore_index=ignore_index)
     return _class_indices("nll", loss, _classes(info))
 
 
@@ -108,9 +128,14 @@ def _classes(info: engine.DataInfo) -> int:
     return info.n_outputs if info.task == "classification" else 0
 
 
+@dataclass(frozen=True)
+class Default:
+    name: str = "mse"
+
+
 @engine.hookimpl
 def register_settings():
-    return {"loss": {"name": "mse"}}
+    return {"loss": Default}
 
 
 @engine.hookimpl

@@ -6,9 +6,14 @@ factory's keyword parameters become the section's settings.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
 from torch import nn
 
 import engine
+
+Width = Annotated[int, engine.Range(ge=0)]  # 0: inferred from the data
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -18,33 +23,28 @@ ACTIVATIONS = {
     "silu": nn.SiLU,
     "leaky_relu": nn.LeakyReLU,
 }
+Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 
 
 def _sizes(info: engine.DataInfo, in_features: int, out_features: int) -> tuple[int, int]:
     return in_features or info.n_features, out_features or info.n_outputs
 
 
-def linear(info: engine.DataInfo, in_features: int = 0, out_features: int = 0, bias: bool = True) -> nn.Module:
+def linear(info: engine.DataInfo, in_features: Width = 0, out_features: Width = 0, bias: bool = True) -> nn.Module:
     """``nn.Linear``; 0 means inferred (features of the data; target width or class count)."""
     return nn.Linear(*_sizes(info, in_features, out_features), bias=bias)
 
 
 def mlp(
     info: engine.DataInfo,
-    hidden: tuple = (64, 64),
-    activation: str = "relu",
-    dropout: float = 0.0,
+    hidden: tuple[Annotated[int, engine.Range(ge=1)], ...] = (64, 64),
+    activation: Activation = "relu",
+    dropout: Annotated[float, engine.Range(ge=0, lt=1)] = 0.0,
     layer_norm: bool = False,
-    in_features: int = 0,
-    out_features: int = 0,
+    in_features: Width = 0,
+    out_features: Width = 0,
 ) -> nn.Module:
     """Linear layers of sizes `hidden`, each followed by [LayerNorm], the activation and [Dropout]."""
-    if activation not in ACTIVATIONS:
-        raise engine.ConfigError(
-            f"model.activation: unknown activation {activation!r} (one of: {', '.join(ACTIVATIONS)})"
-        )
-    if not 0 <= dropout < 1:
-        raise engine.ConfigError(f"model.dropout: must be in [0, 1), got {dropout}")
     width, out = _sizes(info, in_features, out_features)
     layers: list[nn.Module] = []
     for size in hidden:
@@ -59,9 +59,14 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+@dataclass(frozen=True)
+class Default:
+    name: str = "linear"
+
+
 @engine.hookimpl
 def register_settings():
-    return {"model": {"name": "linear"}}
+    return {"model": Default}
 
 
 @engine.hookimpl

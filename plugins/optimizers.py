@@ -9,19 +9,22 @@ The learning rate defaults to 0.01, the tutorial's, for every optimizer.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 import engine
 
-IMPLS = ("auto", "fused", "foreach", "for_loop")
+Impl = Literal["auto", "fused", "foreach", "for_loop"]
+LearningRate = Annotated[float, engine.Range(gt=0)]
+NonNegative = Annotated[float, engine.Range(ge=0)]
+Beta = Annotated[float, engine.Range(ge=0, lt=1)]
 
 
-def implementation(impl: str, params: list[torch.Tensor]) -> dict[str, bool | None]:
+def implementation(impl: Impl, params: list[torch.Tensor]) -> dict[str, bool | None]:
     """The fused/foreach keyword arguments for `impl`."""
-    if impl not in IMPLS:
-        raise engine.ConfigError(f"optimizer.impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
     if impl == "auto":
         supported = _get_fused_kernels_supported_devices()
         fusable = params and all(p.device.type in supported and p.is_floating_point() for p in params)
@@ -33,14 +36,16 @@ def implementation(impl: str, params: list[torch.Tensor]) -> dict[str, bool | No
 
 def sgd(
     params: Iterable[torch.Tensor],
-    lr: float = 0.01,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
+    lr: LearningRate = 0.01,
+    momentum: NonNegative = 0.0,
+    dampening: NonNegative = 0.0,
+    weight_decay: NonNegative = 0.0,
     nesterov: bool = False,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> torch.optim.Optimizer:
     params = list(params)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise engine.ConfigError("optimizer.nesterov: needs momentum > 0 and dampening = 0")
     return torch.optim.SGD(
         params,
         lr=lr,
@@ -54,12 +59,12 @@ def sgd(
 
 def adam(
     params: Iterable[torch.Tensor],
-    lr: float = 0.01,
-    betas: tuple = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    lr: LearningRate = 0.01,
+    betas: tuple[Beta, Beta] = (0.9, 0.999),
+    eps: Annotated[float, engine.Range(gt=0)] = 1e-8,
+    weight_decay: NonNegative = 0.0,
     amsgrad: bool = False,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> torch.optim.Optimizer:
     params = list(params)
     return torch.optim.Adam(
@@ -75,12 +80,12 @@ def adam(
 
 def adamw(
     params: Iterable[torch.Tensor],
-    lr: float = 0.01,
-    betas: tuple = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
+    lr: LearningRate = 0.01,
+    betas: tuple[Beta, Beta] = (0.9, 0.999),
+    eps: Annotated[float, engine.Range(gt=0)] = 1e-8,
+    weight_decay: NonNegative = 0.01,
     amsgrad: bool = False,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> torch.optim.Optimizer:
     params = list(params)
     return torch.optim.AdamW(
@@ -94,9 +99,14 @@ def adamw(
     )
 
 
+@dataclass(frozen=True)
+class Default:
+    name: str = "adam"
+
+
 @engine.hookimpl
 def register_settings():
-    return {"optimizer": {"name": "adam"}}
+    return {"optimizer": Default}
 
 
 @engine.hookimpl

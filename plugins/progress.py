@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import engine
+
+
+@dataclass(frozen=True)
+class Settings:
+    progress: bool = True  # a tqdm bar on a terminal
 
 
 class Progress:
@@ -16,7 +22,7 @@ class Progress:
 
     @engine.hookimpl
     def register_settings(self):
-        return {"log": {"progress": True}}
+        return {"log": Settings}
 
     @engine.hookimpl
     def on_run_start(self, trainer: engine.Trainer) -> None:

@@ -73,8 +73,8 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.modes: list[tuple[str, bool, bool]] = []  # (hook, model.training, inference mode)
-        self.lrs: list[float] = []
-        self.epoch_lrs: list[float] = []
+        self.lrs: list[float] = []  # the rate each training step ran with
+        self.epoch_lrs: list[float] = []  # at each epoch's end: the rate the next epoch starts with
 
     def _mode(self, hook: str, trainer: engine.Trainer) -> None:
         self.modes.append((hook, trainer.model.training, torch.is_inference_mode_enabled()))
@@ -87,6 +87,8 @@ class Recorder:
     def before_forward(self, batch, trainer):
         self.calls.append("before_forward")
         self._mode("before_forward", trainer)
+        if trainer.model.training:
+            self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
 
     @engine.hookimpl
     def compute_loss(self, trainer):
@@ -99,7 +101,6 @@ class Recorder:
     @engine.hookimpl
     def after_step(self, state, trainer):
         self.calls.append("after_step")
-        self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
 
     @engine.hookimpl
     def compute_metrics(self, trainer):
@@ -107,7 +108,7 @@ class Recorder:
         self._mode("compute_metrics", trainer)
 
     @engine.hookimpl
-    def on_epoch_end(self, state, trainer):
+    def on_epoch_end(self, trainer):
         self.calls.append("on_epoch_end")
         self.epoch_lrs.append(trainer.optimizer.param_groups[0]["lr"])
         self._mode("on_epoch_end", trainer)

@@ -7,6 +7,7 @@ compile on CPU, so the compiled runs are few and small; CUDA tests skip cleanly 
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from typing import Any
@@ -18,7 +19,19 @@ from torch import nn
 import engine
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo reuses a compiled step across runs of one process (its guards are on types and
+    shapes): each test starts from an empty cache, so that reports and errors are its own."""
+    torch._dynamo.reset()
+
+
 MINE = ("accelerate", "compile", "cudagraph", "precision")
+COMPILE = {"name": "compile"}
+GRAPHS = {"name": "cudagraph"}
+BF16 = {"name": "bf16-mixed"}
 
 
 class Recorder:
@@ -91,38 +104,83 @@ SMALL = {
 
 def test_compile_matches_eager_on_the_tutorial_job_without_unexpected_graph_breaks(capsys):
     eager, _ = train(TUTORIAL)
-    compiled, _ = train(TUTORIAL, accelerate="compile")
+    compiled, _ = train(TUTORIAL, accelerate=COMPILE)
     close(compiled, eager, rtol=1e-5)
     report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("compile:")]
-    # Only the breaks every compiled step has: Dynamo cannot trace backward, torch.optim splits its step.
+    # The breaks every compiled step has: Dynamo cannot trace backward, torch.optim splits its
+    # step, and the default (fused) optimizer kernel is opaque to it.
+    assert report == ["compile: 2 graphs, 5 graph breaks (backward 1, torch.optim step boundary 2, fused optimizer 2)"]
+    torch._dynamo.reset()
+    compiled, _ = train(TUTORIAL, accelerate=COMPILE, optimizer={"impl": "for_loop"})
+    close(compiled, eager, rtol=1e-5)
+    report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("compile:")]
     assert report == ["compile: 3 graphs, 3 graph breaks (backward 1, torch.optim step boundary 2)"]
 
 
 def test_compile_matches_eager_with_a_user_loss_a_regularizer_accumulation_and_a_short_batch(capsys):
     eager, _ = train(SMALL, PenalizedCrossEntropy(), L2())
-    compiled, result = train(SMALL, PenalizedCrossEntropy(), L2(), accelerate="compile")
+    compiled, result = train(SMALL, PenalizedCrossEntropy(), L2(), accelerate=COMPILE)
     assert len(eager) == 13 * 4
     close(compiled, eager, rtol=1e-5)
     assert "l2" in result.metrics
     out = capsys.readouterr().out
     assert "other" not in out  # the user's loss and the regularizer compile without a break
-    # Each accumulation position compiles once (a graph before and after backward), not once per epoch.
+    # Each accumulation window compiles once (a graph before and after backward), not once per epoch.
     more = re.search(r"compile: (\d+) more graphs", out)
     assert more is not None and int(more.group(1)) <= 4
 
 
 def test_compile_with_bf16_autocast_matches_eager_bf16():
-    eager, _ = train(TUTORIAL, precision="bf16-mixed")
-    compiled, _ = train(TUTORIAL, precision="bf16-mixed", accelerate="compile")
+    eager, _ = train(TUTORIAL, precision=BF16)
+    compiled, _ = train(TUTORIAL, precision=BF16, accelerate=COMPILE)
     close(compiled, eager, rtol=1e-2)
 
 
-def test_compile_settings_are_checked():
-    with pytest.raises(engine.ConfigError, match=r"compile\.mode"):
-        engine.run({**TUTORIAL, "accelerate": "compile", "compile": {"mode": "fastest"}})
+def test_compile_settings_are_checked_by_their_schema():
+    with pytest.raises(engine.ConfigError, match=r"accelerate\.mode: expected one of 'default', .*\(did you mean"):
+        engine.load_config({**TUTORIAL, "accelerate": {"name": "compile", "mode": "max-autotun"}})
     # Dynamo cannot trace backward, so one graph for the whole step is out of reach: said so, by name.
-    with pytest.raises(engine.ConfigError, match=r"compile\.fullgraph = true: .*backward"):
-        engine.run({**TUTORIAL, "accelerate": "compile", "compile": {"fullgraph": True}})
+    with pytest.raises(engine.ConfigError, match=r"accelerate\.fullgraph = true: .*backward"):
+        engine.run({**TUTORIAL, "accelerate": {"name": "compile", "fullgraph": True}})
+
+
+class Snapshot:
+    """Keeps the optimizer state of one step and interrupts the run there, as a kill would."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.saved = at, None
+
+    @engine.hookimpl
+    def after_step(self, state, trainer):
+        if state.step == self.at:
+            components = (trainer.module, trainer.optimizer, trainer.scheduler, trainer.state)
+            self.saved = copy.deepcopy([part.state_dict() for part in components])
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("accelerate", [{"name": "eager"}, COMPILE])
+def test_a_resumed_run_keeps_the_optimizer_state_under_every_cpu_mode(accelerate):
+    """The setup chain builds the final optimizer before anything is restored into it."""
+    job = {**SMALL, "epochs": 3, "accelerate": accelerate, "log": {"progress": False}}
+    whole, _ = train({**job, "run_name": "whole"}, PenalizedCrossEntropy())
+    snapshot = Snapshot(at=6)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run({**job, "run_name": "killed"}, plugins=[PenalizedCrossEntropy(), snapshot])
+    model_state, optimizer_state, scheduler_state, loop_state = snapshot.saved
+    assert len(optimizer_state["state"]) == 4  # Adam's moments for every parameter tensor
+
+    trainer = engine.setup({**job, "run_name": "resumed"}, plugins=[PenalizedCrossEntropy()])
+    trainer.module.load_state_dict(model_state)
+    trainer.optimizer.load_state_dict(optimizer_state)
+    trainer.scheduler.load_state_dict(scheduler_state)
+    trainer.state.load_state_dict(loop_state)
+    recorder = Recorder()
+    trainer.plugins.pm.register(recorder)
+    trainer.after_step.insert(0, lambda loss, **_: recorder.losses.append(loss))
+    trainer.fit()
+    assert len(trainer.optimizer.state_dict()["state"]) == 4
+    assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 6  # 12 batches, windows of 2
+    close(recorder.values(), whole[6:], rtol=1e-5)
 
 
 # --- precision (CPU) -------------------------------------------------------------------------
@@ -130,22 +188,29 @@ def test_compile_settings_are_checked():
 
 def test_bf16_mixed_follows_float32_within_bf16_tolerance():
     full, _ = train(TUTORIAL)
-    half, _ = train(TUTORIAL, precision="bf16-mixed")
+    half, _ = train(TUTORIAL, precision=BF16)
     close(half, full, rtol=2e-2)
 
 
 def test_fp16_mixed_scales_the_loss_and_trains():
-    trainer = engine.setup({**TUTORIAL, "precision": "16-mixed", "log": {"progress": False}})
+    trainer = engine.setup({**TUTORIAL, "precision": {"name": "16-mixed"}, "log": {"progress": False}})
     result = trainer.fit()
-    assert isinstance(trainer.scaler, torch.amp.GradScaler)
-    assert trainer.scaler.get_scale() < 65536.0  # the first steps overflowed fp16 and were skipped
+    scaler = trainer.precision.scaler
+    assert isinstance(scaler, torch.amp.GradScaler)
+    assert scaler.get_scale() < 65536.0  # the first steps overflowed fp16 and were skipped
     full, _ = train(TUTORIAL)
     assert result.metrics["loss"] == pytest.approx(full[-1], rel=0.1)
 
 
 def test_unknown_precision_is_a_config_error():
-    with pytest.raises(engine.ConfigError, match="precision: expected"):
-        engine.run({**TUTORIAL, "precision": "8"})
+    with pytest.raises(engine.ConfigError, match=r"precision.name: unknown precision '8' \(choose one of: 16-mixed"):
+        engine.load_config({**TUTORIAL, "precision": {"name": "8"}})
+
+
+def test_without_the_precision_plugin_the_run_is_full_precision():
+    trainer = engine.setup(TUTORIAL, blocked=["precision"])
+    assert trainer.config["precision"]["name"] is None
+    assert trainer.precision.dtype is None and trainer.precision.scaler is None
 
 
 # --- accelerate and auto (CPU) -----------------------------------------------------------------
@@ -153,15 +218,17 @@ def test_unknown_precision_is_a_config_error():
 
 def test_cudagraph_on_cpu_is_a_one_line_config_error():
     with pytest.raises(engine.ConfigError) as raised:
-        engine.run({**TUTORIAL, "device": "cpu", "accelerate": "cudagraph"})
-    assert str(raised.value) == "accelerate = 'cudagraph' needs a CUDA device; this run's device is cpu"
+        engine.setup({**TUTORIAL, "device": "cpu", "accelerate": GRAPHS})
+    assert str(raised.value) == "accelerate.name = 'cudagraph' needs a CUDA device; this run's device is cpu"
 
 
 def test_unknown_mode_and_blocked_mode_plugin_are_config_errors():
-    with pytest.raises(engine.ConfigError, match="accelerate: expected one of eager, compile, cudagraph, auto"):
-        engine.run({**TUTORIAL, "accelerate": "fast"})
-    with pytest.raises(engine.ConfigError, match="plugin 'compile' is blocked"):
-        engine.run({**TUTORIAL, "accelerate": "compile"}, blocked=["compile"])
+    with pytest.raises(engine.ConfigError, match=r"accelerate.name: unknown accelerate 'fast' \(choose one of: auto"):
+        engine.load_config({**TUTORIAL, "accelerate": {"name": "fast"}})
+    with pytest.raises(
+        engine.ConfigError, match=r"accelerate.name: unknown accelerate 'compile' \(choose one of: auto,"
+    ):
+        engine.load_config({**TUTORIAL, "accelerate": COMPILE}, blocked=["compile"])
 
 
 def test_the_engine_trains_as_before_with_every_acceleration_plugin_blocked():
@@ -172,19 +239,29 @@ def test_the_engine_trains_as_before_with_every_acceleration_plugin_blocked():
 
 
 def test_auto_times_the_candidates_prints_the_choice_and_trains_as_eager(capsys):
-    eager, _ = train(TUTORIAL, optimizer={"impl": "foreach"})
-    chosen, _ = train(TUTORIAL, optimizer={"impl": "foreach"}, accelerate="auto", auto={"steps": 8})
+    eager, _ = train(TUTORIAL)
+    chosen, _ = train(TUTORIAL, accelerate={"name": "auto", "steps": 8})
     close(chosen, eager, rtol=1e-5)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("accelerate auto:")]
     assert len(lines) == 1
-    assert "eager" in lines[0] and "fused" in lines[0] and " us" in lines[0]
-    assert "compile skipped" in lines[0]  # 50 tiny steps can never pay for a compile
+    assert lines[0].startswith("accelerate auto: eager (per step: eager ") and " us" in lines[0]
+    assert "compile skipped: the run takes about" in lines[0]  # 50 tiny steps never pay for a compile
 
 
-def test_auto_with_eager_alone_hands_the_loop_the_plain_step():
-    trainer = engine.setup({**TUTORIAL, "accelerate": "auto", "auto": {"steps": 4, "candidates": ["eager"]}})
-    trainer.fit()
-    assert trainer.step == trainer.train_step  # the loop calls the chosen step directly
+def test_auto_takes_its_candidates_from_the_component_table(capsys):
+    """Candidates are `accelerate` components of other plugins: blocking one removes it from the trials."""
+    train(TUTORIAL, accelerate={"name": "auto", "steps": 8, "compile_min_s": 0.0})
+    with_compile = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("accelerate auto:"))
+    assert "compile " in with_compile and "eager " in with_compile
+    recorder = Recorder()
+    engine.run(
+        {**TUTORIAL, "accelerate": {"name": "auto", "steps": 8, "compile_min_s": 0.0}, "log": {"progress": False}},
+        plugins=[recorder],
+        blocked=["compile"],
+    )
+    without = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("accelerate auto:"))
+    assert "compile" in without and "skipped" in without  # named, with the reason
+    assert len(recorder.values()) == 50
 
 
 # --- CUDA ------------------------------------------------------------------------------------
@@ -196,7 +273,7 @@ CUDA_SMALL = {**SMALL, "device": "cuda"}
 @pytest.mark.cuda
 def test_cudagraph_matches_eager_with_a_user_loss_regularizer_schedule_clipping_and_accumulation():
     eager, _ = train(CUDA_SMALL, PenalizedCrossEntropy(), L2())
-    graphed, result = train(CUDA_SMALL, PenalizedCrossEntropy(), L2(), accelerate="cudagraph")
+    graphed, result = train(CUDA_SMALL, PenalizedCrossEntropy(), L2(), accelerate=GRAPHS)
     close(graphed, eager, rtol=1e-4, atol=1e-5)
     assert "l2" in result.metrics
 
@@ -205,9 +282,9 @@ def test_cudagraph_matches_eager_with_a_user_loss_regularizer_schedule_clipping_
 @pytest.mark.cuda
 def test_cudagraph_follows_the_learning_rate_schedule():
     job = {**CUDA_SMALL, "grad_accumulation": 1, "grad_clip": {"max_norm": 0.0}}
-    constant, _ = train({**job, "scheduler": {"name": "none"}}, PenalizedCrossEntropy(), accelerate="cudagraph")
+    constant, _ = train({**job, "scheduler": {"name": "none"}}, PenalizedCrossEntropy(), accelerate=GRAPHS)
     eager, _ = train(job, PenalizedCrossEntropy())
-    graphed, _ = train(job, PenalizedCrossEntropy(), accelerate="cudagraph")
+    graphed, _ = train(job, PenalizedCrossEntropy(), accelerate=GRAPHS)
     close(graphed, eager, rtol=1e-4, atol=1e-5)
     assert graphed[-1] != pytest.approx(constant[-1], rel=1e-3)  # the schedule is not frozen into the graph
 
@@ -217,7 +294,7 @@ def test_cudagraph_follows_the_learning_rate_schedule():
 def test_cudagraph_refuses_a_scheduler_that_changes_a_non_tensor_setting():
     job = {**CUDA_SMALL, "grad_accumulation": 1, "scheduler": {"name": "onecycle"}}
     with pytest.raises(engine.TrainingError, match="'betas'"):
-        train(job, PenalizedCrossEntropy(), accelerate="cudagraph")
+        train(job, PenalizedCrossEntropy(), accelerate=GRAPHS)
 
 
 class NaNData:
@@ -240,30 +317,44 @@ class NaNData:
 def test_a_nan_loss_is_reported_at_its_step(mode):
     job = {"epochs": 3, "device": "cuda", "data": {"name": "with_nan", "batch_size": 10, "shuffle": False}}
     with pytest.raises(engine.TrainingError, match="epoch 1, step 6"):
-        train(job, NaNData(), accelerate=mode)
+        train(job, NaNData(), accelerate={"name": mode})
 
 
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_cudagraph_with_mixed_precision_matches_eager(precision):
-    job = {**CUDA_SMALL, "precision": precision}
+    job = {**CUDA_SMALL, "precision": {"name": precision}}
     eager, _ = train(job, PenalizedCrossEntropy(), L2())
-    graphed, _ = train(job, PenalizedCrossEntropy(), L2(), accelerate="cudagraph")
+    graphed, _ = train(job, PenalizedCrossEntropy(), L2(), accelerate=GRAPHS)
     close(graphed, eager, rtol=1e-2, atol=1e-3)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("accelerate", [COMPILE, GRAPHS])
+def test_a_resumed_run_keeps_the_optimizer_state_on_cuda(accelerate):
+    job = {**CUDA_SMALL, "epochs": 3, "accelerate": accelerate, "log": {"progress": False}}
+    snapshot = Snapshot(at=6)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run({**job, "run_name": "killed"}, plugins=[PenalizedCrossEntropy(), snapshot])
+    trainer = engine.setup({**job, "run_name": "resumed"}, plugins=[PenalizedCrossEntropy()])
+    trainer.optimizer.load_state_dict(snapshot.saved[1])
+    trainer.fit()
+    assert len(trainer.optimizer.state_dict()["state"]) == 4
 
 
 @cuda
 @pytest.mark.cuda
 def test_compile_on_cuda_matches_eager():
     eager, _ = train(CUDA_SMALL, PenalizedCrossEntropy(), L2())
-    compiled, _ = train(CUDA_SMALL, PenalizedCrossEntropy(), L2(), accelerate="compile")
+    compiled, _ = train(CUDA_SMALL, PenalizedCrossEntropy(), L2(), accelerate=COMPILE)
     close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 @cuda
 @pytest.mark.cuda
 def test_auto_on_cuda_tries_cudagraph(capsys):
-    train({**CUDA_SMALL, "epochs": 40}, PenalizedCrossEntropy(), accelerate="auto", auto={"steps": 8})
+    train({**CUDA_SMALL, "epochs": 40}, PenalizedCrossEntropy(), accelerate={"name": "auto", "steps": 8})
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("accelerate auto:"))
     assert "cudagraph" in line

@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 import engine
 from engine.cli import main
@@ -95,7 +96,7 @@ def test_the_default_jobs_output_in_the_readme_is_real(capsys):
 def test_the_job_file_example_is_a_valid_job(tmp_path, capsys):
     (tmp_path / "classify.toml").write_text(block_after("## A job file", "toml"))
     config, _ = engine.load_config(tmp_path / "classify.toml")
-    assert config.model.name == "mlp" and config.loss.name == "cross_entropy"
+    assert config["model"]["name"] == "mlp" and config["loss"]["name"] == "cross_entropy"
     assert main(["run", "classify.toml", "--set", "epochs=1", "--set", "data.n_samples=200"]) == 0
     assert capsys.readouterr().out.startswith("Epoch [1/1], Loss: ")
 
@@ -106,3 +107,28 @@ def test_the_python_snippet_runs(capsys):
     exec(compile(snippet, "README.md", "exec"), namespace)
     result = namespace["result"]
     assert result.metrics["epoch"] == 200 and isinstance(namespace["model"], __import__("torch").nn.Module)
+
+
+def test_the_contributing_guide_examples_make_a_working_plugin(tmp_path, monkeypatch):
+    """CONTRIBUTING's settings dataclass and its EMA plugin (`wrap_model`), run as one module."""
+    guide = (REPO / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```$", guide, re.S | re.M)
+    settings = next(block for block in blocks if "class EmaSettings" in block)
+    plugin = next(block for block in blocks if "def wrap_model" in block)
+    (tmp_path / "ema_plugin.py").write_text(settings + "\n" + plugin)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import ema_plugin
+
+    trainer = engine.setup(
+        {"epochs": 20, "run_name": "ema", "ema": {"decay": 0.5}, "data": {"val_fraction": 0.2}},
+        plugins=[ema_plugin.Ema],
+    )
+    result = trainer.fit()
+    wrapped = trainer.model
+    assert isinstance(wrapped, ema_plugin.EmaModel) and wrapped.module is trainer.module is result.model
+    averaged = dict(wrapped.average.named_parameters())
+    for name, weight in trainer.module.named_parameters():
+        assert not torch.equal(averaged[name], weight) and torch.allclose(averaged[name], weight, atol=0.2)
+    with pytest.raises(engine.ConfigError, match=r"ema.decay: must be < 1, got 1.5"):
+        engine.setup({"ema": {"decay": 1.5}}, plugins=[ema_plugin.Ema])
+    sys.modules.pop("ema_plugin", None)

@@ -78,15 +78,13 @@ def test_hook_order_of_the_built_ins_is_declared():
         impl = next(i for i in getattr(plugins.hook, hook).get_hookimpls() if i.plugin_name == plugin)
         return {"tryfirst": impl.tryfirst, "trylast": impl.trylast}
 
-    assert opts("on_epoch_end", "metrics")["trylast"]  # reduces and logs after every other epoch-end hook
     assert opts("on_run_end", "run_files")["trylast"]  # the summary after every other plugin reported
-    assert opts("before_forward", "device")["tryfirst"]  # other plugins see the batch on the device
     assert opts("build_loaders", "batching")["trylast"]  # a plugin may batch data its own way
 
 
-class LateEpochEnd:
+class LateRunEnd:
     @engine.hookimpl
-    def on_epoch_end(self):
+    def on_run_end(self):
         pass
 
 
@@ -101,12 +99,12 @@ def test_call_order_does_not_depend_on_install_order(monkeypatch):
                 order[name] = [impl.plugin_name for impl in caller.get_hookimpls()]
         return order
 
-    normal = call_order(engine.make_plugins([LateEpochEnd]))
+    normal = call_order(engine.make_plugins([LateRunEnd]))
     found = list(discovery.entry_points(group=engine.ENTRY_POINT_GROUP))
     monkeypatch.setattr(discovery, "entry_points", lambda group: list(reversed(found)))
-    assert call_order(engine.make_plugins([LateEpochEnd])) == normal
-    # A plugin's own hook runs before the trylast metrics plugin, whatever its position.
-    assert normal["on_epoch_end"][0] == "metrics"  # pluggy lists the last-called first
+    assert call_order(engine.make_plugins([LateRunEnd])) == normal
+    # A plugin's own hook runs before the trylast run_files plugin, whatever its position.
+    assert normal["on_run_end"][0] == "run_files"  # pluggy lists the last-called first
 
 
 class PerStepWrapper:

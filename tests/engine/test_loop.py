@@ -109,12 +109,12 @@ def test_hooks_run_in_the_documented_order():
     expected = [
         "on_run_start",
         *step * 2,
-        "on_epoch_end",
         "on_log",
+        "on_epoch_end",
         *step * 2,
         *validation,
-        "on_epoch_end",
         "on_log",
+        "on_epoch_end",
         "on_run_end",
     ]
     assert recorder.calls == expected
@@ -240,9 +240,9 @@ class CountingWrapper:
 
     @engine.hookimpl
     def wrap_step(self, step, trainer):
-        def wrapped(batch):
+        def wrapped(batch, window):
             self.calls += 1
-            return step(batch)
+            return step(batch, window)
 
         return wrapped
 
@@ -255,12 +255,11 @@ def test_wrap_step_wraps_the_whole_step_once():
     assert wrapped.metrics["loss"] == plain.metrics["loss"]
 
 
-def test_train_step_is_one_function_of_a_batch_returning_detached_losses():
+def test_train_step_is_one_function_of_a_batch_and_its_window_returning_detached_losses():
     trainer = engine.setup(job())
     batch = next(trainer.loaders.train(1))
-    trainer.state.batch = trainer.state.step = 1  # the loop counts a batch before its step
     before = trainer.model.weight.detach().clone()
-    loss, terms = trainer.train_step(batch)
+    loss, terms = trainer.train_step(batch, engine.Window(first=True, last=True, scale=1.0))
     assert not loss.requires_grad and loss.shape == ()
     assert set(terms) == {"mse"} and terms["mse"] is loss
     with torch.no_grad():
@@ -302,8 +301,8 @@ def test_the_same_seed_gives_the_same_model_and_another_seed_another():
 def test_a_stop_request_ends_the_run_after_the_epoch():
     class StopAtTwo:
         @engine.hookimpl
-        def on_epoch_end(self, state):
-            state.stop = state.epoch == 2
+        def on_epoch_end(self, epoch, state):
+            state.stop = epoch == 2
 
     result = engine.run(job(epochs=10), plugins=[StopAtTwo()])
     assert result.state.step == 2
@@ -324,7 +323,7 @@ def test_run_accepts_a_dict_a_toml_path_and_a_config(tmp_path):
     assert len(losses) == 1
     assert [r.run_dir.name for r in (from_dict, from_path, from_str, from_config)] == ["dict", "toml", "str", "config"]
     assert isinstance(from_config.model, nn.Linear)
-    assert from_config.config.data.batch_size == 0  # sections read as attributes too
+    assert from_config.config["data"]["batch_size"] == 0
 
 
 def test_run_takes_extra_plugin_objects_and_many_runs_share_nothing():
@@ -332,9 +331,9 @@ def test_run_takes_extra_plugin_objects_and_many_runs_share_nothing():
     results = [engine.run(job(run_name=f"r{i}"), plugins=[r]) for i, r in enumerate(recorders)]
     assert recorders[0].calls == recorders[1].calls and recorders[0].calls.count("after_step") == 3
     assert results[0].metrics == results[1].metrics
-    # A plugin class is instantiated per run: the metrics plugin starts empty each time.
-    first = engine.setup(job()).plugins.pm.get_plugin("metrics")
-    second = engine.setup(job()).plugins.pm.get_plugin("metrics")
+    # A plugin class is instantiated per run: the run_files plugin starts empty each time.
+    first = engine.setup(job()).plugins.pm.get_plugin("run_files")
+    second = engine.setup(job()).plugins.pm.get_plugin("run_files")
     assert first is not second
 
 
@@ -387,7 +386,7 @@ def exploding(hook: str, at_step: int = 2):
         ("compute_loss", "epoch 1, step 2"),
         ("before_optimizer_step", "epoch 1, step 2"),
         ("after_step", "epoch 1, step 2"),
-        ("on_epoch_end", "epoch 1, step 2"),
+        ("on_epoch_end", "end of epoch 1, step 2"),
     ],
 )
 def test_an_exception_in_a_hook_names_plugin_hook_epoch_and_step(hook, where):

@@ -8,6 +8,7 @@ import ast
 import re
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -165,22 +166,32 @@ def test_two_plugins_providing_one_component_name_is_an_error_naming_both():
     assert "'losses'" in message and "'AnotherMse'" in message
 
 
-class AnotherLogEvery:
+@dataclass(frozen=True)
+class Progress:
+    progress: bool = False
+
+
+class AnotherLogProgress:
     @engine.hookimpl
     def register_settings(self):
-        return {"log": {"every": 5}}
+        return {"log": Progress}
 
 
 def test_two_plugins_declaring_one_setting_is_an_error_naming_both():
-    with pytest.raises(engine.ConfigError, match=r"setting log.every is declared by both plugin") as raised:
-        engine.make_plugins([AnotherLogEvery])
-    assert "'metrics'" in str(raised.value) and "'AnotherLogEvery'" in str(raised.value)
+    with pytest.raises(engine.ConfigError, match=r"setting log.progress is declared by both plugin") as raised:
+        engine.make_plugins([AnotherLogProgress])
+    assert "'progress'" in str(raised.value) and "'AnotherLogProgress'" in str(raised.value)
+
+
+@dataclass(frozen=True)
+class Epochs:
+    epochs: int = 5
 
 
 class ClaimsEpochs:
     @engine.hookimpl
     def register_settings(self):
-        return {"": {"epochs": 5}}
+        return {"": Epochs}
 
 
 def test_a_plugin_cannot_declare_a_core_setting():
@@ -192,16 +203,19 @@ def test_a_plugin_name_can_only_be_taken_once(write_plugin):
     write_plugin("losses_clone", FOCAL)
 
     class Named:
-        __name__ = "metrics"
+        __name__ = "run_files"
 
-    with pytest.raises(engine.ConfigError, match="plugin name 'metrics' is taken by built-in"):
+    with pytest.raises(engine.ConfigError, match="plugin name 'run_files' is taken by built-in"):
         engine.make_plugins([Named()])
 
 
 def test_components_have_a_kind_a_name_and_an_owner():
     plugins = engine.make_plugins()
-    assert {kind: sorted(table) for kind, table in plugins.components.items() if kind != "scheduler"} == {
+    assert {kind: sorted(table) for kind, table in plugins.components.items()} == {
+        "accelerate": ["auto", "compile", "cudagraph", "eager"],
         "data": ["classification", "csv", "linear_regression", "npz"],
+        "precision": ["16-mixed", "32", "bf16-mixed"],
+        "scheduler": ["cosine", "none", "onecycle", "step", "warmup_cosine"],
         "loss": ["bce_with_logits", "cross_entropy", "huber", "l1", "mse", "nll", "smooth_l1"],
         "model": ["linear", "mlp"],
         "optimizer": ["adam", "adamw", "sgd"],
@@ -299,3 +313,22 @@ def test_plugins_import_only_the_engines_public_api():
                     assert not alias.name.startswith(("engine.", "plugins")), f"{path.name}: import {alias.name}"
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "engine":
                 assert node.attr in public, f"{path.name}: engine.{node.attr} is not in engine.__all__"
+
+
+def test_plugins_talk_only_through_hooks_and_documented_attributes():
+    """No plugin looks another up (`pm.get_plugin(`), sets Trainer attributes, or replaces an
+    optimizer's methods: what one plugin hands another goes through the setup chain."""
+    for path in (REPO / "plugins").glob("*.py"):
+        source = path.read_text()
+        assert "get_plugin(" not in source, path.name
+        for node in ast.walk(ast.parse(source)):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets:
+                if isinstance(target, ast.Attribute):
+                    owner = target.value
+                    assert not (isinstance(owner, ast.Name) and owner.id == "trainer"), (
+                        f"{path.name}: trainer.{target.attr} ="
+                    )
+                    assert target.attr not in ("step", "zero_grad", "accumulation_window"), (
+                        f"{path.name}: .{target.attr} ="
+                    )

@@ -66,10 +66,10 @@ def test_val_fraction_splits_off_a_seeded_validation_set():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"batch_size": -1}, "data.batch_size: must be 0 (whole set) or positive, got -1"),
-        ({"val_fraction": 1.0}, r"data.val_fraction: must be in [0, 1), got 1.0"),
+        ({"batch_size": -1}, "data.batch_size: must be >= 0, got -1"),
+        ({"val_fraction": 1.0}, r"data.val_fraction: must be < 1, got 1.0"),
         ({"batch_size": 200, "drop_last": True}, "data.batch_size: 200 with drop_last leaves no batch of 100 samples"),
-        ({"n_samples": 0}, "data: the dataset is empty"),
+        ({"n_samples": 0}, "data.n_samples: must be >= 1, got 0"),
     ],
 )
 def test_bad_batching_settings(data, message):

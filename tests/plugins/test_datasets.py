@@ -30,7 +30,7 @@ def test_classification_is_seeded():
 
 
 def test_classification_needs_two_classes():
-    with pytest.raises(engine.ConfigError, match=r"data.n_classes: must be at least 2, got 1"):
+    with pytest.raises(engine.ConfigError, match=r"data.n_classes: must be >= 2, got 1"):
         engine.setup(job(data={"name": "classification", "n_classes": 1}))
 
 
@@ -132,7 +132,10 @@ def test_csv_task_and_delimiter(csv_files):
         ({"path": "train.csv", "target": "nope"}, "data: column 'nope' is not in 'train.csv' (columns: a, b, noise"),
         ({"path": "bad.csv", "target": "label"}, "data.path: 'bad.csv' has a non-numeric or missing value"),
         ({"path": "train.csv", "target": "price", "task": "classification"}, "data.task: 'train.csv' target 'price'"),
-        ({"path": "train.csv", "target": "label", "task": "auto-ish"}, "data.task: expected auto, regression or"),
+        (
+            {"path": "train.csv", "target": "label", "task": "auto-ish"},
+            "data.task: expected one of 'auto', 'regression', 'classification', got 'auto-ish' (did you mean 'auto'?)",
+        ),
     ],
 )
 def test_csv_errors(csv_files, data, message):

@@ -13,6 +13,7 @@ from tests.helpers import job
 CPU = torch.device("cpu")
 CLASSES = engine.DataInfo(n_features=3, n_outputs=4, task="classification", n_train=8)
 REGRESSION = engine.DataInfo(n_features=1, n_outputs=1, task="regression", n_train=8)
+TWO_COLUMNS = engine.DataInfo(n_features=2, n_outputs=2, task="regression", n_train=8)
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def logits():
     return torch.randn(8, 4, generator=generator), torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_regression_losses_equal_torchs(regression, reduction):
     output, target = regression
     pairs = [
@@ -46,11 +47,11 @@ def test_regression_losses_equal_torchs(regression, reduction):
 def test_bce_with_logits_with_pos_weight(regression):
     output, _ = regression
     target = (output > 0.3).float()
-    loss = losses.bce_with_logits(CPU, pos_weight=(2.0, 0.5))
+    loss = losses.bce_with_logits(TWO_COLUMNS, CPU, pos_weight=(2.0, 0.5))
     expected = F.binary_cross_entropy_with_logits(output, target, pos_weight=torch.tensor([2.0, 0.5]))
     torch.testing.assert_close(loss(output, target), expected)
     torch.testing.assert_close(
-        losses.bce_with_logits(CPU)(output, target), F.binary_cross_entropy_with_logits(output, target)
+        losses.bce_with_logits(TWO_COLUMNS, CPU)(output, target), F.binary_cross_entropy_with_logits(output, target)
     )
 
 
@@ -96,7 +97,7 @@ def test_parameters_come_from_the_loss_section():
 
 @pytest.mark.parametrize("name", ["mse", "l1", "smooth_l1", "huber", "bce_with_logits"])
 def test_same_shape_losses_refuse_to_broadcast(name):
-    loss = losses.bce_with_logits(CPU) if name == "bce_with_logits" else getattr(losses, name)()
+    loss = losses.bce_with_logits(REGRESSION, CPU) if name == "bce_with_logits" else getattr(losses, name)()
     with pytest.raises(engine.TrainingError) as raised:
         loss(torch.zeros(5, 1), torch.zeros(5))
     assert str(raised.value).startswith(
@@ -127,7 +128,16 @@ def test_the_default_loss_is_mse_and_all_seven_are_registered():
     assert sorted(plugins.components["loss"]) == sorted(
         ["mse", "cross_entropy", "l1", "smooth_l1", "huber", "bce_with_logits", "nll"]
     )
-    assert plugins.settings["loss"]["name"] == ("mse", "losses")
+    assert (plugins.settings["loss"]["name"].default, plugins.settings["loss"]["name"].owner) == ("mse", "losses")
+
+
+def test_a_class_weight_per_class_or_a_config_error():
+    with pytest.raises(engine.ConfigError, match=r"loss.weight: 3 weights given, but the data has 4 classes"):
+        losses.cross_entropy(CLASSES, CPU, weight=(1.0, 1.0, 2.0))
+    with pytest.raises(
+        engine.ConfigError, match=r"loss.pos_weight: 1 weights given, but the data has 2 target columns"
+    ):
+        losses.bce_with_logits(TWO_COLUMNS, CPU, pos_weight=(2.0,))
 
 
 @pytest.mark.parametrize("name", ["l1", "smooth_l1", "huber"])

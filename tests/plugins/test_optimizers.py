@@ -78,10 +78,12 @@ def test_auto_leaves_integer_or_empty_parameter_lists_to_torch():
 
 
 def test_an_unknown_impl_is_a_config_error():
-    with pytest.raises(engine.ConfigError, match=r"optimizer.impl: expected one of auto, fused, foreach, for_loop"):
+    with pytest.raises(
+        engine.ConfigError, match=r"optimizer.impl: expected one of 'auto', 'fused', 'foreach', 'for_loop', got 'fast'"
+    ):
         engine.setup(job(optimizer={"impl": "fast"}))
 
 
 def test_the_default_learning_rate_is_the_tutorials():
     config, _ = engine.load_config()
-    assert config.optimizer.name == "adam" and config.optimizer.lr == 0.01
+    assert config["optimizer"]["name"] == "adam" and config["optimizer"]["lr"] == 0.01

@@ -72,7 +72,7 @@ def test_metrics_lines_are_flushed_as_they_are_logged():
 
     peek = Peek()
     engine.run(job(epochs=3, log={"every": 1}), plugins=[peek])
-    assert peek.seen == [0, 1, 2]  # on_epoch_end runs before the metrics plugin logs this epoch
+    assert peek.seen == [1, 2, 3]  # the epoch's logging point comes before on_epoch_end
 
 
 def test_unnamed_runs_get_distinct_timestamped_directories():

@@ -29,14 +29,15 @@ def test_no_scheduler_keeps_the_rate():
 
 def test_step_multiplies_by_gamma_every_step_size_epochs():
     recorder = lrs({"name": "step", "step_size": 2, "gamma": 0.5}, epochs=5)
-    assert recorder.epoch_lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
-    assert recorder.lrs == pytest.approx([lr for lr in recorder.epoch_lrs for _ in range(5)])
+    per_epoch = [0.1, 0.1, 0.05, 0.05, 0.025]
+    assert recorder.lrs == pytest.approx([lr for lr in per_epoch for _ in range(5)])
+    assert recorder.epoch_lrs == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025])  # stepped before on_epoch_end
 
 
 def test_cosine_decays_over_the_run_per_epoch():
     recorder = lrs({"name": "cosine", "eta_min": 0.01}, epochs=4)
     expected = [0.01 + 0.09 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
-    assert recorder.epoch_lrs == pytest.approx(expected)
+    assert recorder.lrs[::5] == pytest.approx(expected)
 
 
 def test_warmup_cosine_warms_up_linearly_then_decays_per_step():

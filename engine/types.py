@@ -1,0 +1,235 @@
+"""The types every hook uses: the batch, its accumulation window, the data description, the loop
+state, the pieces the setup chain produces, and the trainer's public surface.
+
+They live apart from the loop so that `hookspecs`, `plugins` and `loop` all import them and none
+imports another in a circle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+
+class Batch(NamedTuple):
+    """One batch: the model's input and the loss's target."""
+
+    x: Any
+    y: Any
+
+
+class Window(NamedTuple):
+    """Where a batch sits in its gradient-accumulation window, as the train step receives it.
+
+    ``first``: the step zeroes the gradients before backward; ``last``: it runs the optimizer step;
+    ``scale``: the loss is multiplied by it before backward (1 / the window's size). Hashable, so
+    compiled and captured steps key their graphs on it.
+    """
+
+    first: bool
+    last: bool
+    scale: float
+
+
+def windows(batches: int, accumulation: int) -> tuple[Window, ...]:
+    """The window of each batch position of an epoch: the one rule for gradient accumulation.
+
+    Windows of `accumulation` batches; a window never spans two epochs, so the last one of an
+    epoch may be shorter (and its loss scale larger).
+    """
+    result = []
+    for start in range(0, batches, accumulation):
+        size = min(accumulation, batches - start)
+        result += [Window(i == 0, i == size - 1, 1.0 / size) for i in range(size)]
+    return tuple(result)
+
+
+@dataclass(slots=True, frozen=True)
+class DataInfo:
+    """What the model and loss factories may infer from the data."""
+
+    n_features: int  # width of one input sample (its last dimension)
+    n_outputs: int  # target width for regression, number of classes for classification
+    task: str  # "regression" or "classification"
+    n_train: int
+    n_val: int = 0
+
+
+class Loaders(Protocol):
+    """Batch iterators over the training and validation data, built by `build_loaders`.
+
+    Batches come out on the run's device.
+    """
+
+    info: DataInfo
+
+    def train(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch` (1-based) from position `start`; the order depends only on (seed, epoch)."""
+
+    def train_batches(self) -> int:
+        """How many batches one training epoch has."""
+
+    def val(self) -> Iterable[Batch] | None:
+        """The validation batches, or None when there is no validation data."""
+
+
+class RunLength(NamedTuple):
+    """How long the run is: what a scheduler factory receives as ``length``."""
+
+    epochs: int
+    steps_per_epoch: int  # optimizer steps per epoch (accumulation windows)
+
+
+class Scheduled(NamedTuple):
+    """What a ``scheduler`` factory returns: the LR scheduler and when the core steps it."""
+
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    per_epoch: bool = False  # stepped after each epoch; else after each optimizer step
+
+
+@dataclass(slots=True)
+class Precision:
+    """What a ``precision`` factory returns: the autocast dtype around forward and loss, and a
+    gradient scaler (fp16), both used by the core's train step. The default is full precision."""
+
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None  # None: no autocast
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        # No cast cache: a CUDA graph must not capture casts of the weights cached at an earlier
+        # step (PyTorch's CUDA-graph notes), and the weights are cast once per forward anyway.
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False)
+
+
+Step = Callable[[Batch, Window], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class Acceleration(Protocol):
+    """What an ``accelerate`` factory returns: the last link of the optimizer and step chains."""
+
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer the accelerated step needs (called after every `wrap_optimizer`)."""
+
+    def step(self, step: Step) -> Step:
+        """The accelerated step (called after every `wrap_step`, so it wraps them all)."""
+
+
+@dataclass(slots=True)
+class State:
+    """Where the loop is: enough, with the components' state, to resume a run exactly."""
+
+    epoch: int = 1  # the epoch being run, 1-based; past its end, the next one
+    batch: int = 0  # batches started in the current epoch: the position in its data order
+    step: int = 0  # batches started in total; during a step and its after_step, this step's number
+    stop: bool = False  # set by a plugin to end the run after the current epoch
+    metrics: dict[str, float] = field(default_factory=dict)  # the last logged metrics
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
+    # Each step's (epoch, step, loss, terms), on the device, since the last logging point.
+    losses: list[tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop position, the unlogged losses and every RNG state (python, numpy, torch, CUDA)."""
+        rng: dict[str, Any] = {
+            "python": _python_rng(random.getstate()),
+            "numpy": _numpy_rng(np.random.get_state()),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        losses = [
+            {
+                "epoch": epoch,
+                "step": step,
+                "loss": loss.detach().cpu(),
+                "terms": {k: v.detach().cpu() for k, v in terms.items()},
+            }
+            for epoch, step, loss, terms in self.losses
+        ]
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "metrics": dict(self.metrics),
+            "val_metrics": dict(self.val_metrics),
+            "losses": losses,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, saved: Mapping[str, Any], device: torch.device | None = None) -> None:
+        self.epoch, self.batch, self.step = saved["epoch"], saved["batch"], saved["step"]
+        self.metrics = dict(saved["metrics"])
+        self.val_metrics = dict(saved.get("val_metrics", {}))
+        to = device or torch.device("cpu")
+        self.losses = [
+            (row["epoch"], row["step"], row["loss"].to(to), {k: v.to(to) for k, v in row["terms"].items()})
+            for row in saved.get("losses", ())
+        ]
+        rng = saved["rng"]
+        random.setstate(_python_rng_back(rng["python"]))
+        np.random.set_state(_numpy_rng_back(rng["numpy"]))
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# RNG states as plain lists, tensors and numbers, so that a checkpoint loads with weights_only=True.
+def _python_rng(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def _python_rng_back(saved: Any) -> tuple[Any, ...]:
+    version, internal, gauss = saved
+    return version, tuple(int(value) for value in internal.tolist()), gauss
+
+
+def _numpy_rng(state: tuple[Any, ...]) -> list[Any]:
+    kind, keys, position, has_gauss, cached = state
+    return [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+
+
+def _numpy_rng_back(saved: Any) -> tuple[Any, ...]:
+    kind, keys, position, has_gauss, cached = saved
+    return kind, keys.numpy().astype(np.uint32), position, has_gauss, cached
+
+
+class TrainerView(Protocol):
+    """The trainer's public surface: what hooks may read (and, where said, set).
+
+    Set by the setup chain, in this order: ``config``, ``device``, ``loaders``, ``info``,
+    ``module`` (the model as its factory built it: what is saved and exported), ``loss_fn``,
+    ``precision``, ``model`` (what the step calls: ``module`` after every `wrap_model`),
+    ``optimizer`` (after every `wrap_optimizer`), ``scheduler``, ``train_step`` (after every
+    `wrap_step`). ``state`` is the loop state; a plugin may set ``state.stop``.
+    """
+
+    config: Any
+    device: torch.device
+    epochs: int
+    accumulation: int
+    batches_per_epoch: int
+    loaders: Loaders
+    info: DataInfo
+    module: torch.nn.Module
+    model: torch.nn.Module
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    precision: Precision
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    train_step: Step
+    state: State
+    run_dir: Path
+    hooks: Any
+
+    def build(self, kind: str, name: str | None = None, **context: Any) -> Any:
+        """Build a component of `kind`: the config's choice, or `name` with its default settings."""

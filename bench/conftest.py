@@ -243,8 +243,6 @@ class Contenders:
             plugins=plugins,
         )
         trainer.hooks.on_run_start(trainer=trainer)
-        for wrap in trainer.plugins.bind("wrap_step", trainer=trainer):
-            trainer.step = wrap(step=trainer.step) or trainer.step
         self._teardown.append(lambda: trainer.hooks.on_run_end(trainer=trainer, error=None))
 
         def run_round() -> None:

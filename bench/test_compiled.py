@@ -4,11 +4,11 @@ Contenders, for the tutorial job, the MLP job and a wider model where fusion mat
 -> 512 -> 10 with LayerNorm and GELU, batch 256), on the CPU and on CUDA:
 
 - hand-written: the tutorial's loop with torch's default Adam (the group's baseline);
-- engine eager: ``accelerate = "eager"`` with torch's default Adam, the baseline's work;
+- engine eager: ``[accelerate] name = "eager"`` with torch's default Adam, the baseline's work;
 - engine fused: eager with the fused Adam kernel (the engine's default ``optimizer.impl``);
 - engine compile, and compile with ``mode = "reduce-overhead"`` (CUDA graphs inside Inductor);
 - engine cudagraph: the whole step captured in one CUDA graph (CUDA only);
-- engine auto: what ``accelerate = "auto"`` settles on after its trial steps (the warm-up rounds);
+- engine auto: what ``[accelerate] name = "auto"`` settles on after its trial steps (the warm-up rounds);
 - hand-written CUDA graph: the same step captured by hand, the floor for the GPU rows (CUDA only).
 
 Compiling costs seconds per contender, so under ``--benchmark-disable`` (the CI smoke run) the
@@ -54,12 +54,12 @@ COMPILED_JOBS = {**JOBS, "wide": WIDE}
 
 # contender -> the engine's overrides; "{impl}" is torch's default optimizer implementation.
 ENGINE = {
-    "engine eager": ["accelerate=eager", "optimizer.impl={impl}"],
-    "engine fused": ["accelerate=eager", "optimizer.impl=fused"],
-    "engine compile": ["accelerate=compile"],
-    "engine compile reduce-overhead": ["accelerate=compile", "compile.mode=reduce-overhead"],
-    "engine cudagraph": ["accelerate=cudagraph"],
-    "engine auto": ["accelerate=auto"],
+    "engine eager": ["accelerate.name=eager", "optimizer.impl={impl}"],
+    "engine fused": ["accelerate.name=eager", "optimizer.impl=fused"],
+    "engine compile": ["accelerate.name=compile"],
+    "engine compile reduce-overhead": ["accelerate.name=compile", "accelerate.mode=reduce-overhead"],
+    "engine cudagraph": ["accelerate.name=cudagraph"],
+    "engine auto": ["accelerate.name=auto"],
 }
 COMPILING = ("engine compile", "engine compile reduce-overhead")
 

@@ -1,11 +1,12 @@
 """A plugin-based PyTorch training engine: the tutorial's loop, with every feature a pluggy plugin."""
 
+from . import runs  # the run directory's layout and its atomic writes, for plugins that write there
 from .config import Config, Section, dump_toml, load_config
-from .errors import ConfigError, EngineError, TrainingError
+from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
 from .hookspecs import hookimpl, hookspec
-from .loop import Result, Trainer, rebuild_optimizer, run, setup, total
+from .loop import Result, Trainer, load, rebuild_optimizer, run, setup, total
 from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
-from .schema import Range
+from .schema import FilePath, Range
 from .types import (
     Acceleration,
     Batch,
@@ -29,6 +30,8 @@ __all__ = [
     "ConfigError",
     "DataInfo",
     "EngineError",
+    "FilePath",
+    "Interrupted",
     "Loaders",
     "Plugins",
     "Precision",
@@ -46,9 +49,12 @@ __all__ = [
     "dump_toml",
     "hookimpl",
     "hookspec",
+    "load",
     "load_config",
     "make_plugins",
+    "one_line",
     "rebuild_optimizer",
+    "runs",
     "run",
     "setup",
     "total",

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pluggy
 
 from .config import CORE_KINDS, dump_toml, load_config
-from .errors import EngineError
+from .errors import EngineError, Interrupted
 from .hookspecs import SETUP_CHAIN
 from .loop import setup
 from .plugins import Plugins, make_plugins
@@ -45,7 +45,13 @@ def parser() -> argparse.ArgumentParser:
     )
     top = argparse.ArgumentParser(prog="python -m engine", description="A plugin-based PyTorch training engine.")
     commands = top.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", parents=[job, common], help="train a job")
+    run = commands.add_parser("run", parents=[job, common], help="train a job")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR|auto",
+        help="continue a run from its latest checkpoint (its config.toml is the job unless one is given); "
+        "auto: continue the run named by run_name if it has a checkpoint, else start it",
+    )
     commands.add_parser("config", parents=[job, common], help="print the resolved config, every default filled in")
     commands.add_parser("plugins", parents=[common], help="list plugins, their hooks (in call order) and components")
     return top
@@ -60,7 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, _ = load_config(args.job, args.overrides, args.plugin, args.block)
             print(dump_toml(config), end="")
         else:
-            setup(args.job, overrides=args.overrides, plugins=args.plugin, blocked=args.block).fit()
+            trainer = setup(
+                args.job, overrides=args.overrides, plugins=args.plugin, blocked=args.block, resume=args.resume
+            )
+            try:
+                trainer.fit()
+            except Interrupted as interrupted:
+                print(f"{interrupted}; continue with: python -m engine run --resume {trainer.run_dir}", file=sys.stderr)
+                return interrupted.exit_code
         return 0
     except EngineError as error:
         if args.debug:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from .errors import ConfigError, suggest
-from .plugins import Plugins, dotted, make_plugins
-from .schema import MISSING, Range, Setting, convert, settings_of
+from .plugins import Plugins, dotted, is_plugin_file, make_plugins
+from .runs import valid_run_name
+from .schema import MISSING, Range, Setting, convert, is_path, settings_of
 
 # The component kinds the core builds, in the order of the setup chain, each with the names of
 # the run context its factories may ask for (a parameter of that name receives it; every other
@@ -47,8 +48,9 @@ class CoreSettings:
     plugins: tuple[str, ...] = ()  # plugin modules to load, as --plugin does
     grad_accumulation: Annotated[int, Range(ge=1)] = 1
     val_every: Annotated[int, Range(ge=1)] = 1
-    run_name: str = ""
+    run_name: str = ""  # one plain path component; empty: a timestamp
     runs_dir: str = "runs"
+    resume: Literal["", "auto"] = ""  # "auto": continue the run named run_name if it has a checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +60,17 @@ class LogSettings:
     every: Annotated[int, Range(ge=0)] = 0  # epochs between logging points; 0: a tenth of the run
 
 
-CORE_SECTIONS = {"": CoreSettings, "log": LogSettings}
+@dataclass(frozen=True, slots=True)
+class InferredSettings:
+    """``[inferred]``: what the run inferred from its data, recorded in config.toml so that the
+    model can be rebuilt without the data. Unset (0, "") in a job; set, the data must match it."""
+
+    n_features: Annotated[int, Range(ge=0)] = 0
+    n_outputs: Annotated[int, Range(ge=0)] = 0
+    task: Literal["", "regression", "classification"] = ""
+
+
+CORE_SECTIONS = {"": CoreSettings, "log": LogSettings, "inferred": InferredSettings}
 
 
 class Override:
@@ -120,6 +132,12 @@ class Config(Section):
     def to_dict(self) -> dict[str, Any]:
         return {key: dict(value) if isinstance(value, Section) else value for key, value in self.items()}
 
+    def replace(self, section: str, values: Mapping[str, Any]) -> Config:
+        """A copy with some keys of `section` set to `values`."""
+        replaced = dict(self._values)
+        replaced[section] = Section({**self[section], **values}, self[section].params)
+        return Config(replaced)
+
 
 def load_job(path: str | Path) -> dict[str, Any]:
     """Read a TOML job file."""
@@ -172,8 +190,12 @@ def declared_settings(plugins: Plugins) -> dict[str, dict[str, Setting]]:
     return settings
 
 
-def resolve(job: Mapping[str, Any], plugins: Plugins) -> Config:
-    """Validate `job` against every declared setting and component, filling in defaults."""
+def resolve(job: Mapping[str, Any], plugins: Plugins, base: Path | None = None) -> Config:
+    """Validate `job` against every declared setting and component, filling in defaults.
+
+    Relative file paths resolve against `base` (the job file's folder), or for ``--set`` values
+    and without a base, the working directory.
+    """
     settings = declared_settings(plugins)
     kinds = list(dict.fromkeys([*CORE_KINDS, *plugins.components]))
     sections = list(dict.fromkeys([*kinds, *(s for s in settings if s)]))
@@ -184,7 +206,12 @@ def resolve(job: Mapping[str, Any], plugins: Plugins) -> Config:
             raise ConfigError(f"unknown section [{key}]{suggest(key, sections)}")
         if key in sections and not isinstance(value, Mapping):
             raise ConfigError(f"{key}: is a section; set its keys ([{key}] or --set {key}.KEY=VALUE)")
-    resolved: dict[str, Any] = _resolve_keys("", top, settings[""])
+    resolved: dict[str, Any] = _resolve_keys("", top, settings[""], base)
+    if resolved["run_name"] and not valid_run_name(resolved["run_name"]):
+        raise ConfigError(
+            f"run_name: {resolved['run_name']!r} is not one plain name (letters, digits, . _ - + = @; "
+            "no path separator, not starting with a dot)"
+        )
     device = resolved["device"]
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
@@ -199,7 +226,7 @@ def resolve(job: Mapping[str, Any], plugins: Plugins) -> Config:
                 params = _component_params(section, name, declared, plugins)
             given["name"] = name
             declared["name"] = Setting("name", str | None, name, "core")
-        values = _resolve_keys(section, given, {**declared, **params})
+        values = _resolve_keys(section, given, {**declared, **params}, base)
         resolved[section] = Section(values, params)
     return Config(resolved)
 
@@ -227,7 +254,9 @@ def _component_params(kind: str, name: str, declared: Mapping[str, Setting], plu
     return params
 
 
-def _resolve_keys(section: str, given: Mapping[str, Any], declared: Mapping[str, Setting]) -> dict[str, Any]:
+def _resolve_keys(
+    section: str, given: Mapping[str, Any], declared: Mapping[str, Setting], base: Path | None
+) -> dict[str, Any]:
     for key in given:
         if key not in declared:
             where = f"[{section}]" if section else "the top level"
@@ -239,7 +268,12 @@ def _resolve_keys(section: str, given: Mapping[str, Any], declared: Mapping[str,
                 raise ConfigError(f"{dotted(section, key)}: required setting is missing")
             values[key] = setting.default
         else:
-            values[key] = convert(dotted(section, key), plain(given[key], setting.annotation), setting.annotation)
+            value = convert(dotted(section, key), plain(given[key], setting.annotation), setting.annotation)
+            if value and is_path(setting.annotation):
+                # --set values are relative to where the command runs, job-file values to the file.
+                origin = Path.cwd() if isinstance(given[key], Override) or base is None else base
+                value = str((origin / Path(value).expanduser()).absolute())
+            values[key] = value
     return values
 
 
@@ -250,16 +284,30 @@ def load_config(
     blocked: Iterable[str] = (),
 ) -> tuple[Config, Plugins]:
     """Resolve a job (a dict, a TOML path, a Config, or None for the defaults) and its plugins."""
+    base = None
     if isinstance(job, Config):
         job = job.to_dict()
     elif isinstance(job, (str, Path)):
+        base = Path(job).absolute().parent
         job = load_job(job)
     merged = apply_overrides(job or {}, overrides)
-    listed = convert("plugins", plain(merged.get("plugins", ())), tuple[str, ...])
+    listed = [recorded(name, base) for name in convert("plugins", plain(merged.get("plugins", ())), tuple[str, ...])]
     extra = [*plugins]
-    extra += [name for name in listed if name not in extra]
+    extra += [name for name in listed if name not in {recorded(item) for item in extra if isinstance(item, str)}]
     found = make_plugins(extra, blocked)
-    return resolve(merged, found), found
+    # The config records every plugin module a rerun needs: the job's and --plugin's, files by
+    # absolute path. (Plugin objects passed from Python cannot be recorded.)
+    listed += [recorded(item) for item in plugins if isinstance(item, str) and recorded(item) not in listed]
+    merged["plugins"] = listed
+    return resolve(merged, found, base), found
+
+
+def recorded(plugin: str, base: Path | None = None) -> str:
+    """A plugin module as the config records it: a module by name, a file by its absolute path
+    (relative to `base`, the job file's folder, or to the working directory)."""
+    if not is_plugin_file(plugin):
+        return plugin
+    return str(((base or Path.cwd()) / Path(plugin).expanduser()).absolute())
 
 
 def dump_toml(config: Mapping[str, Any]) -> str:

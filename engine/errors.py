@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import signal
 from collections.abc import Iterable
+from typing import Any
 
 
 class EngineError(Exception):
@@ -30,6 +32,24 @@ class TrainingError(EngineError):
     def __init__(self, message: str, *, located: bool = False) -> None:
         super().__init__(message)
         self.located = located
+
+
+class Interrupted(EngineError):
+    """The run stopped on SIGINT or SIGTERM after finishing its step, and wrote its checkpoint and
+    an "interrupted" summary. The exit code is the shell's for the signal: 130, 143."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.signal_name = signal.Signals(number).name
+        super().__init__(f"interrupted by {self.signal_name}")
+
+    @property  # type: ignore[override]
+    def exit_code(self) -> int:
+        return 128 + self.number
+
+    def where(self, state: Any) -> None:
+        """Name the position the run stopped at."""
+        self.args = (f"interrupted by {self.signal_name} at epoch {state.epoch}, step {state.step}",)
 
 
 def one_line(error: BaseException) -> str:

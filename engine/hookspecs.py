@@ -12,8 +12,10 @@
                              accelerate component's optimizer
     (the scheduler component, built on the final optimizer)
     (restore from a checkpoint, when resuming, into these final objects)
+    load_state_dict          per plugin: its own state from the checkpoint
     wrap_step                chained: then the accelerate component's step wraps them all
     -- the run (Trainer.fit) --
+    (the run directory: created, or the resumed one)
     on_run_start             once, before the first epoch
     for each epoch:
         for each batch:                  -- inside the train step, tensor work only --
@@ -31,7 +33,9 @@
             on_log                       with the epoch's metrics
         (a per-epoch scheduler steps)
         on_epoch_end                     the state already points at the next epoch
-    on_run_end               once, also when the run failed
+    state_dict               per plugin, whenever a checkpoint is taken (Trainer.checkpoint)
+    on_run_end               once, also when the run failed or was interrupted; every
+                             implementation runs even when another raised
 
 Implementations take only the arguments they use, as in pytest, so adding an argument to a hook
 breaks no plugin. The hooks in `ONE_BY_ONE` are called by the core one implementation at a time
@@ -77,7 +81,8 @@ PER_STEP = frozenset(
 )
 # Chained (each implementation receives what the previous one returned) or collected per plugin.
 CHAINED = frozenset({"wrap_model", "wrap_optimizer", "wrap_step"})
-COLLECTED = frozenset({"register_settings", "register_components"})
+# Collected per plugin (keyed by its name), or each called even when another raised.
+COLLECTED = frozenset({"register_settings", "register_components", "state_dict", "load_state_dict", "on_run_end"})
 ONE_BY_ONE = PER_STEP | CHAINED | COLLECTED
 
 
@@ -153,6 +158,15 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, trainer: TrainerView) -> to
     order; return an optimizer or None to keep it. ``engine.rebuild_optimizer`` makes a new one of
     the same class and parameters with changed flags. The accelerate component's optimizer comes
     last.
+    """
+
+
+@hookspec
+def load_state_dict(state: Mapping[str, Any], trainer: TrainerView) -> None:
+    """Restore this plugin's state from a checkpoint: what its `state_dict` returned.
+
+    Called in the setup chain when a run is resumed, after the model, optimizer, scheduler and loop
+    state are restored, and only for a plugin the checkpoint holds state for. Its return is ignored.
     """
 
 
@@ -261,9 +275,21 @@ def on_epoch_end(epoch: int, state: State, trainer: TrainerView) -> None:
 
 
 @hookspec
-def on_run_end(trainer: TrainerView, error: BaseException | None) -> None:
-    """Called once when the run ends: after the last epoch, or after a failure (``error``).
+def state_dict(trainer: TrainerView) -> Mapping[str, Any] | None:
+    """Return this plugin's own state for a checkpoint, or None if it has none to save.
 
-    Write summaries and close files here; what was logged before a failure must stay valid.
-    Its return is ignored.
+    Called whenever a checkpoint is taken (`Trainer.checkpoint`), at a step boundary or an epoch's
+    end. The value is stored under the plugin's name and must hold only tensors, numbers, strings,
+    lists, tuples and dicts of them: checkpoints load with ``torch.load(weights_only=True)``.
+    """
+
+
+@hookspec
+def on_run_end(trainer: TrainerView, error: BaseException | None) -> None:
+    """Called once when the run ends: after the last epoch, after a failure, or after an
+    interruption (``error`` is then an ``engine.Interrupted``).
+
+    Write summaries and close files here; what was logged before a failure must stay valid. Each
+    implementation is called even when an earlier one raised; that exception becomes the run's
+    ``error`` for the ones after it. Its return is ignored.
     """

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import os
 import random
-import time
-from collections.abc import Callable, Iterable, Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from . import runs
 from .config import CORE_KINDS, Config, load_config
-from .errors import ConfigError, EngineError, TrainingError, one_line
+from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
 from .plugins import Plugins
 from .schema import MISSING, settings_of
 from .types import Batch, DataInfo, Loaders, Precision, RunLength, Scheduled, State, Step, Window, windows
@@ -44,17 +48,22 @@ def total(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
 class Trainer:
     """One run: its config, plugins, components and state. Built by `setup`, run by `fit`.
 
-    The constructor is the setup chain (engine/hookspecs.py): it builds every component and lets
-    the chained hooks wrap them, but writes nothing; `fit` runs the loop.
+    The constructor is the setup chain (engine/hookspecs.py): it builds every component, lets the
+    chained hooks wrap them and restores `checkpoint` into the result, but writes nothing; `fit`
+    creates the run directory (or continues `run_dir`) and runs the loop.
     """
 
-    def __init__(self, config: Config, plugins: Plugins) -> None:
+    def __init__(
+        self, config: Config, plugins: Plugins, *, run_dir: Path | None = None, checkpoint: Path | None = None
+    ) -> None:
         self.config, self.plugins, self.hooks = config, plugins, plugins.hook
         self.epochs: int = config["epochs"]
         self.accumulation: int = config["grad_accumulation"]
         self.val_every: int = config["val_every"]
         self.device = resolve_device(config["device"])
-        self.run_dir = run_directory(config["runs_dir"], config["run_name"])
+        self.run_dir: Path | None = run_dir  # created when the run starts, unless it continues one
+        self.resumed_from = checkpoint
+        self.interrupted = 0  # the number of the signal that asked the run to stop
         self.state = State()
         seed = config["seed"]
         seed_everything(seed)
@@ -65,17 +74,12 @@ class Trainer:
             raise ConfigError("no plugin implements build_loaders: nothing can batch the data")
         self.loaders: Loaders = loaders
         self.info: DataInfo = loaders.info
+        self.config = record_inferred(config, self.info)
         self.batches_per_epoch: int = loaders.train_batches()
         self.windows = windows(self.batches_per_epoch, self.accumulation)
         self.has_validation = loaders.val() is not None
         torch.manual_seed(seed)  # model init must not depend on what the data consumed
-        self.module: torch.nn.Module = self.build("model", info=self.info, device=self.device)
-        if not isinstance(self.module, torch.nn.Module):
-            raise ConfigError(
-                f"model {config['model']['name']!r}: the factory returned a "
-                f"{type(self.module).__name__}, not a torch.nn.Module"
-            )
-        self.module.to(self.device)
+        self.module: torch.nn.Module = self.build("model", info=self.info, device=self.device).to(self.device)
         self.loss_name: str = config["loss"]["name"].rpartition(":")[2]
         self.loss_fn: Callable[[Any, Any], torch.Tensor] = self.build("loss", info=self.info, device=self.device)
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -96,6 +100,8 @@ class Trainer:
         self.scheduler = scheduled.scheduler if scheduled is not None else None
         if self.scheduler is not None:
             self.optimizer._opt_called = True  # type: ignore[attr-defined]  # the warning's flag: see above
+        if checkpoint is not None:
+            self.restore(runs.load(checkpoint, runs.CHECKPOINT_FORMAT), checkpoint)
 
         # What runs per step and per epoch, resolved once: bound hooks (engine.plugins.Plugins.bind),
         # and the core's own parts only where the run has them.
@@ -120,34 +126,58 @@ class Trainer:
     def build(self, kind: str, name: str | None = None, **context: Any) -> Any:
         """Build the component of `kind` the config names (or `name`, with its default settings),
         passing the context it asks for. An optional kind with no component chosen builds None."""
-        section = self.config[kind]
-        chosen = name or section["name"]
-        if chosen is None:
-            return None
-        component = self.plugins.component(kind, chosen)
-        if chosen == section["name"]:
-            arguments = section.component_settings()
-        else:
-            settings = settings_of(component.factory, f"{kind} {chosen!r}", CORE_KINDS.get(kind, ()))
-            arguments = {key: s.default for key, s in settings.items() if s.default is not MISSING}
-        try:
-            wanted = inspect.signature(component.factory).parameters
-        except (TypeError, ValueError):
-            wanted = {}
-        arguments.update({key: value for key, value in context.items() if key in wanted})
-        try:
-            return component.factory(**arguments)
-        except EngineError:
-            raise
-        except Exception as error:
-            source = f" (plugin {component.plugin!r})" if component.plugin else ""
-            raise ConfigError(f"{kind} {chosen!r}{source} cannot be built: {one_line(error)}") from error
+        return build_component(self.config, self.plugins, kind, name, **context)
 
     def chain(self, hook: str, argument: str, value: Any) -> Any:
         """`value` passed through every implementation of a chained setup hook, in hook order."""
         for wrap in self.plugins.bind(hook, trainer=self):
             value = wrap(**{argument: value}) or value
         return value
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain values (it loads with weights_only=True):
+        the model, optimizer, scheduler, gradient scaler, the loop state with every RNG, the
+        gradients accumulated so far when taken inside an accumulation window, and the state each
+        plugin returns from `state_dict`, keyed by plugin name."""
+        scaler, state = self.precision.scaler, self.state
+        inside_window = state.batch > 0 and not self.windows[state.batch - 1].last
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        plugins = {}
+        for plugin, state_dict in self.plugins.bind_by_plugin("state_dict", trainer=self):
+            saved = state_dict()
+            if saved is not None:
+                plugins[plugin] = saved
+        return {
+            "format": runs.CHECKPOINT_FORMAT,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "state": state.state_dict(),
+            "grads": [p.grad for p in params] if inside_window else None,
+            "plugins": plugins,
+        }
+
+    def restore(self, saved: Mapping[str, Any], source: Path) -> None:
+        """Load a checkpoint into the final objects of the setup chain (a ConfigError naming the
+        file if it does not fit them)."""
+        try:
+            self.module.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if self.scheduler is not None and saved["scheduler"] is not None:
+                self.scheduler.load_state_dict(saved["scheduler"])
+            if self.precision.scaler is not None and saved["scaler"] is not None:
+                self.precision.scaler.load_state_dict(saved["scaler"])
+            self.state.load_state_dict(saved["state"], self.device)
+            if saved["grads"] is not None:
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                for param, grad in zip(params, saved["grads"], strict=True):
+                    param.grad = None if grad is None else grad.to(param.device)
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise ConfigError(f"checkpoint '{source}' does not fit this run: {one_line(error)}") from None
+        for plugin, load_state_dict in self.plugins.bind_by_plugin("load_state_dict", trainer=self):
+            if plugin in saved["plugins"]:
+                load_state_dict(state=saved["plugins"][plugin])
 
     def build_step(self) -> Step:
         """The train step: before_forward, forward, loss terms, zero grad, backward, optimizer step.
@@ -257,23 +287,56 @@ class Trainer:
         return {f"val_{name}": mean for name, mean in zip(sums, means)}
 
     def fit(self) -> Result:
-        """Run the loop; `on_run_end` is called whether it finishes or fails."""
+        """Create the run directory (or continue the resumed one) and run the loop. `on_run_end`
+        is called whether the run finishes, fails or is interrupted; each of its implementations
+        runs even when another failed. SIGINT and SIGTERM end the current step, then the run."""
         error = None
-        try:
-            self.hooks.on_run_start(trainer=self)
-            self.loop()
-            if self.state.losses:  # stopped early, between logging points
-                self.log()
-        except BaseException as raised:
-            error = self.explain(raised)
-        finally:
+        with self.signals():
             try:
-                self.hooks.on_run_end(trainer=self, error=error)
-            except Exception as raised:
-                error = error or self.explain(raised)
+                self.start()
+                self.loop()
+                if self.state.losses:  # stopped early, between logging points
+                    self.log()
+            except BaseException as raised:
+                error = self.explain(raised)
+            for on_run_end in self.plugins.bind("on_run_end", trainer=self):
+                try:
+                    on_run_end(error=error)
+                except Exception as raised:
+                    failure = self.explain(raised)
+                    error = error or failure
+            self.loaders.close()
         if error is not None:
             raise error
+        self.module.eval()
         return Result(self.module, dict(self.state.metrics), self.run_dir, self.config, self.state)
+
+    def start(self) -> None:
+        """Create the run directory exclusively (or continue the resumed one), then `on_run_start`."""
+        if self.run_dir is None:
+            self.run_dir = runs.create(self.config["runs_dir"], self.config["run_name"])
+        self.hooks.on_run_start(trainer=self)
+
+    @contextlib.contextmanager
+    def signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM ask the run to stop after the current step (`Interrupted`); a second
+        one exits at once, removing the temporary files being written, so every file stays valid."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set in the main thread
+            return
+
+        def handle(number: int, frame: Any) -> None:
+            if self.interrupted:
+                runs.remove_in_flight()
+                os._exit(128 + number)
+            self.interrupted = number
+
+        previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     def loop(self) -> None:
         """The tutorial's loop: epochs of steps, then the epoch's end."""
@@ -291,6 +354,8 @@ class Trainer:
                 state.losses.append((state.epoch, state.step, loss, terms))
                 for hook in self.after_step:
                     hook(loss=loss, terms=terms, window=window)
+                if self.interrupted:
+                    raise Interrupted(self.interrupted)
             self.end_epoch()
 
     def end_epoch(self) -> None:
@@ -299,7 +364,7 @@ class Trainer:
         epoch = state.epoch
         last = epoch == self.epochs
         if self.has_validation and (last or epoch % self.val_every == 0):
-            state.val_metrics = self.validate()
+            state.val_metrics, state.val_epoch = self.validate(), epoch
         if last or epoch % self.log_every == 0:
             self.log()
         if self.epoch_scheduler is not None:
@@ -344,6 +409,9 @@ class Trainer:
     def explain(self, error: BaseException) -> BaseException:
         """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook."""
         state = self.state
+        if isinstance(error, Interrupted):
+            error.where(state)
+            return error
         if not state.step:
             where = "at the start of the run"
         elif state.batch:
@@ -403,16 +471,58 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def run_directory(runs_dir: str, run_name: str) -> Path:
-    """``runs_dir/run_name``; an unnamed run gets a fresh timestamped name."""
-    if run_name:
-        return Path(runs_dir) / run_name
-    stem = time.strftime("%Y%m%d-%H%M%S")
-    path, suffix = Path(runs_dir) / stem, 1
-    while path.exists():
-        suffix += 1
-        path = Path(runs_dir) / f"{stem}-{suffix}"
-    return path
+def build_component(config: Config, plugins: Plugins, kind: str, name: str | None = None, **context: Any) -> Any:
+    """The component of `kind` the config names (or `name`, with its default settings), built with
+    the context its factory asks for; None for an optional kind with no component chosen."""
+    section = config[kind]
+    chosen = name or section["name"]
+    if chosen is None:
+        return None
+    component = plugins.component(kind, chosen)
+    if chosen == section["name"]:
+        arguments = section.component_settings()
+    else:
+        settings = settings_of(component.factory, f"{kind} {chosen!r}", CORE_KINDS.get(kind, ()))
+        arguments = {key: s.default for key, s in settings.items() if s.default is not MISSING}
+    try:
+        wanted = inspect.signature(component.factory).parameters
+    except (TypeError, ValueError):
+        wanted = {}
+    arguments.update({key: value for key, value in context.items() if key in wanted})
+    source = f" (plugin {component.plugin!r})" if component.plugin else ""
+    try:
+        built = component.factory(**arguments)
+    except EngineError:
+        raise
+    except Exception as error:
+        raise ConfigError(f"{kind} {chosen!r}{source} cannot be built: {one_line(error)}") from error
+    expected = BUILT_TYPES.get(kind)
+    if expected is not None and not isinstance(built, expected) and not (built is None and kind in OPTIONAL):
+        raise ConfigError(
+            f"{kind} {chosen!r}{source}: the factory returned a {type(built).__name__}, not a {expected.__name__}"
+        )
+    return built
+
+
+# What the factories of the core's kinds must return (data, loss and accelerate: checked where used).
+BUILT_TYPES: dict[str, type] = {
+    "model": torch.nn.Module,
+    "optimizer": torch.optim.Optimizer,
+    "precision": Precision,
+    "scheduler": Scheduled,
+}
+OPTIONAL = frozenset({"scheduler", "precision", "accelerate"})
+
+
+def record_inferred(config: Config, info: DataInfo) -> Config:
+    """The config with `[inferred]` filled from the data (so that config.toml rebuilds the model
+    without the data); a value the config already sets must match the data."""
+    inferred = {"n_features": info.n_features, "n_outputs": info.n_outputs, "task": info.task}
+    for key, value in inferred.items():
+        given = config["inferred"][key]
+        if given not in (0, "") and given != value:
+            raise ConfigError(f"inferred.{key}: the job was written for {given!r}, but the data has {value!r}")
+    return config.replace("inferred", inferred)
 
 
 def setup(
@@ -421,10 +531,30 @@ def setup(
     overrides: Iterable[str] = (),
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
+    resume: str | Path | None = None,
 ) -> Trainer:
-    """A Trainer ready to `fit`, with a fresh plugin manager: the setup chain has run, nothing is written."""
+    """A Trainer ready to `fit`, with a fresh plugin manager: the setup chain has run, nothing is written.
+
+    `resume` continues a run: a run directory continues from its latest checkpoint (its
+    config.toml is the job unless one is given); "auto", like the config's ``resume = "auto"``,
+    continues the run named by ``run_name`` when it has a checkpoint and starts it otherwise.
+    """
+    run_dir = None
+    if resume not in (None, "", "auto"):
+        run_dir = Path(resume)
+        if not (run_dir / runs.CONFIG).is_file():
+            raise ConfigError(f"--resume: '{run_dir}' is not a run directory (it has no {runs.CONFIG})")
+        job = run_dir / runs.CONFIG if job is None else job
     config, found = load_config(job, overrides, plugins, blocked)
-    return Trainer(config, found)
+    if run_dir is None and (resume == "auto" or config["resume"] == "auto"):
+        if not config["run_name"]:
+            raise ConfigError("resume = 'auto': name the run to continue with run_name")
+        existing = Path(config["runs_dir"]) / config["run_name"]
+        run_dir = existing if existing.is_dir() else None
+    checkpoint = runs.latest_checkpoint(run_dir) if run_dir is not None else None
+    if checkpoint is None and resume not in (None, "", "auto"):
+        raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from")
+    return Trainer(config, found, run_dir=run_dir, checkpoint=checkpoint)
 
 
 def run(
@@ -433,10 +563,31 @@ def run(
     overrides: Iterable[str] = (),
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
+    resume: str | Path | None = None,
 ) -> Result:
-    """Train the job and return the model and final metrics.
+    """Train the job and return the model (in eval mode) and final metrics.
 
     `job` is a dict shaped like the TOML file, a path to one, a Config, or None for the default
-    job. `plugins` are extra plugin objects or module names; `blocked` names plugins to skip.
+    job. `plugins` are extra plugin objects or module names; `blocked` names plugins to skip;
+    `resume` is as for `setup`.
     """
-    return setup(job, overrides=overrides, plugins=plugins, blocked=blocked).fit()
+    return setup(job, overrides=overrides, plugins=plugins, blocked=blocked, resume=resume).fit()
+
+
+def load(run_dir: str | Path, which: Literal["final", "best", "last"] = "final") -> torch.nn.Module:
+    """The model a run trained, on the CPU in eval mode, rebuilt from the run's config.toml (which
+    records what was inferred from the data) and its weights: ``final`` (model.pt, a completed or
+    interrupted run), ``best`` (by the checkpoints' monitored metric) or ``last`` (the latest
+    checkpoint). Nothing in the files is executed."""
+    run_dir = Path(run_dir)
+    if not (run_dir / runs.CONFIG).is_file():
+        raise ConfigError(f"'{run_dir}' is not a run directory (it has no {runs.CONFIG})")
+    config, plugins = load_config(run_dir / runs.CONFIG)
+    inferred = config["inferred"]
+    if not inferred["task"]:
+        raise ConfigError(f"'{run_dir / runs.CONFIG}' records no [inferred] sizes: the run never started")
+    info = DataInfo(inferred["n_features"], inferred["n_outputs"], inferred["task"], n_train=0)
+    module = build_component(config, plugins, "model", info=info, device=torch.device("cpu"))
+    path, expected = runs.model_file(run_dir, which)
+    module.load_state_dict(runs.load(path, expected)["model"])
+    return module.eval()

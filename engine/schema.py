@@ -49,6 +49,15 @@ class Range:
         return f"must be {' and '.join(broken)}" if broken else None
 
 
+class IsPath:
+    """Marks a string setting as a file path: `FilePath`."""
+
+
+# A file path setting: relative paths resolve against the job file's folder (a --set value or a
+# dict job's: the working directory), so a recorded config.toml holds absolute ones.
+FilePath = Annotated[str, IsPath()]
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     """One setting: its key, schema (an annotation), default, and who declared it."""
@@ -135,6 +144,12 @@ def _sequence(key: str, value: Any, kind: type, args: tuple[Any, ...]) -> Any:
         item_type = args[0] if args else Any
         items = [convert(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
     return kind(items)
+
+
+def is_path(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is Annotated and any(
+        isinstance(rule, IsPath) for rule in typing.get_args(annotation)[1:]
+    )
 
 
 def type_words(annotation: Any) -> str:

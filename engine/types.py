@@ -79,6 +79,9 @@ class Loaders(Protocol):
     def val(self) -> Iterable[Batch] | None:
         """The validation batches, or None when there is no validation data."""
 
+    def close(self) -> None:
+        """Release what the loaders hold (worker processes); called once when the run ends."""
+
 
 class RunLength(NamedTuple):
     """How long the run is: what a scheduler factory receives as ``length``."""
@@ -134,6 +137,7 @@ class State:
     stop: bool = False  # set by a plugin to end the run after the current epoch
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged metrics
     val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
+    val_epoch: int = 0  # the epoch the last validation ran at (0: none yet)
     # Each step's (epoch, step, loss, terms), on the device, since the last logging point.
     losses: list[tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=list)
 
@@ -161,6 +165,7 @@ class State:
             "step": self.step,
             "metrics": dict(self.metrics),
             "val_metrics": dict(self.val_metrics),
+            "val_epoch": self.val_epoch,
             "losses": losses,
             "rng": rng,
         }
@@ -169,6 +174,7 @@ class State:
         self.epoch, self.batch, self.step = saved["epoch"], saved["batch"], saved["step"]
         self.metrics = dict(saved["metrics"])
         self.val_metrics = dict(saved.get("val_metrics", {}))
+        self.val_epoch = saved.get("val_epoch", 0)
         to = device or torch.device("cpu")
         self.losses = [
             (row["epoch"], row["step"], row["loss"].to(to), {k: v.to(to) for k, v in row["terms"].items()})

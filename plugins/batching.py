@@ -134,6 +134,9 @@ class TensorLoaders:
         for index in range(start, self.train_batches()):
             yield engine.Batch(x[index * size : (index + 1) * size], y[index * size : (index + 1) * size])
 
+    def close(self) -> None:
+        pass  # nothing held but tensors
+
     def val(self) -> list[engine.Batch] | None:
         if self.val_data is None:
             return None
@@ -176,8 +179,14 @@ class DatasetLoaders:
             "pin_memory": settings["pin_memory"] and device.type == "cuda",
             "persistent_workers": settings["num_workers"] > 0,
         }
-        self.loader = DataLoader(train, sampler=self.order, drop_last=self.drop_last, **options)
-        self.val_loader = DataLoader(val, shuffle=False, **options) if val is not None else None
+        # Each DataLoader draws its workers' base seed at `iter()`: from a generator of its own,
+        # not the global torch RNG, so that a run resumed at another epoch draws the same dropout.
+        self.loader = DataLoader(
+            train, sampler=self.order, drop_last=self.drop_last, generator=epoch_generator(seed, -1), **options
+        )
+        self.val_loader = (
+            DataLoader(val, shuffle=False, generator=epoch_generator(seed, -2), **options) if val is not None else None
+        )
         self.device = device
         self.info = self._data_info(train, len(val) if val is not None else 0)
 
@@ -208,6 +217,16 @@ class DatasetLoaders:
         if self.val_loader is None:
             return None
         return (self.on_device(x, y) for x, y in self.val_loader)
+
+    def close(self) -> None:
+        """Stop the persistent worker processes now, not when the loaders are garbage collected
+        (a Trainer's bound hooks form a reference cycle: that can be at interpreter exit, which
+        then waits for them). torch has no public call for it; the iterator's own is used."""
+        for loader in (self.loader, self.val_loader):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+                loader._iterator = None
 
     def on_device(self, x: torch.Tensor, y: torch.Tensor) -> engine.Batch:
         """A collated batch on the run's device (non-blocking from pinned memory), as a Batch."""

@@ -10,17 +10,20 @@ naming torch's reason; any other break is reported.
 
 After the first compiled step one line reports the graphs, the graph breaks and their causes
 (``explain = true`` prints every reason). The step is a function of the batch and its
-accumulation window, so each window position compiles once. A batch of another size than the
-first one (the last partial batch of an epoch) runs the eager step, so it never costs a
-recompile. The optimizer (the last link of the optimizer chain) gets its learning rate as a
-tensor, so a scheduler's new rate needs no recompile. It keeps its implementation: a fused
-kernel is opaque to Dynamo (two more graph breaks, reported as such) but measured faster here
-than Inductor's code for the traced loop on the MLP job (490 vs 539 us a step; on the tutorial
-job 169 vs 140); ``[optimizer] impl = "for_loop"`` gives the breakless step. On the CPU a
-foreach implementation becomes the loop (torch refuses a tensor rate with foreach unless
-capturable); on CUDA the optimizer is made capturable instead. Modes that replay CUDA graphs
-(``reduce-overhead``, ``max-autotune`` on CUDA) overwrite a step's outputs at the next replay:
-those outputs are copied.
+accumulation window, and ``dynamic = false`` (the default here) compiles each batch shape and
+window position once, as its own static graph: the last partial batch of an epoch costs one more
+compile per run, and which graph runs a step depends on the data only, never on where a process
+started, so a resumed run repeats the uninterrupted one bit for bit. (With ``dynamic`` unset,
+torch recompiles for symbolic shapes after the second size it sees.)
+
+The optimizer (the last link of the optimizer chain) gets its learning rate as a tensor, so a
+scheduler's new rate needs no recompile. It keeps its implementation: a fused kernel is opaque to
+Dynamo (two more graph breaks, reported as such) but measured faster here than Inductor's code
+for the traced loop on the MLP job (490 vs 539 us a step; on the tutorial job 169 vs 140);
+``[optimizer] impl = "for_loop"`` gives the breakless step. On the CPU a foreach implementation
+becomes the loop (torch refuses a tensor rate with foreach unless capturable); on CUDA the
+optimizer is made capturable instead. Modes that replay CUDA graphs (``reduce-overhead``,
+``max-autotune`` on CUDA) overwrite a step's outputs at the next replay: those outputs are copied.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from collections import Counter
 from typing import Any, Literal
 
 import torch
-from torch._dynamo.utils import counters
 
 import engine
 
@@ -59,7 +61,7 @@ class Compile:
         trainer: engine.Trainer,
         mode: Mode = "default",
         fullgraph: bool = False,
-        dynamic: bool | None = None,
+        dynamic: bool | None = False,
         explain: bool = False,
     ) -> Compiled:
         """The train step under torch.compile (see the module docstring)."""
@@ -71,7 +73,7 @@ class Compile:
     def on_run_end(self) -> None:
         for built in self.built:
             if built.graphs >= 0:
-                more = counters["stats"]["unique_graphs"] - built.graphs
+                more = dynamo_counters()["stats"]["unique_graphs"] - built.graphs
                 if more:
                     print(f"compile: {more} more graphs compiled after the first step (recompiles)", flush=True)
 
@@ -101,9 +103,9 @@ class Compiled:
         compiled = torch.compile(step, mode=mode, fullgraph=self.fullgraph, dynamic=self.dynamic)
         if self.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune"):
             compiled = graph_outputs_kept(compiled)
-        size = 0  # the size of the first batch: the run's full batch
 
         def first(batch: engine.Batch, window: engine.Window) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            counters = dynamo_counters()
             breaks, graphs = Counter(counters["graph_break"]), counters["stats"]["unique_graphs"]
             try:
                 result = compiled(batch, window)
@@ -125,15 +127,19 @@ class Compiled:
             return result
 
         def compiled_step(batch: engine.Batch, window: engine.Window) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            nonlocal size
             if self.graphs < 0:
-                size = len(batch.y)
                 return first(batch, window)
-            if len(batch.y) != size:
-                return step(batch, window)  # the last partial batch: eager, so no recompile each epoch
             return compiled(batch, window)
 
         return compiled_step
+
+
+def dynamo_counters() -> Any:
+    """Dynamo's graph and graph-break counters, imported only when a run compiles (the import
+    costs 0.9 s, half the start-up of a run that does not)."""
+    from torch._dynamo.utils import counters
+
+    return counters
 
 
 def graph_outputs_kept(compiled: engine.Step) -> engine.Step:

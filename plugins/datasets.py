@@ -46,7 +46,7 @@ def classification(
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def npz(path: str = "", val_path: str = "", x: str = "x", y: str = "y") -> Any:
+def npz(path: engine.FilePath = "", val_path: engine.FilePath = "", x: str = "x", y: str = "y") -> Any:
     """Arrays `x` and `y` from a ``.npz`` file (and from `val_path` for validation)."""
 
     def load(file: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -62,8 +62,8 @@ def npz(path: str = "", val_path: str = "", x: str = "x", y: str = "y") -> Any:
 
 
 def csv(
-    path: str = "",
-    val_path: str = "",
+    path: engine.FilePath = "",
+    val_path: engine.FilePath = "",
     target: str = "",
     features: tuple[str, ...] = (),
     delimiter: str = ",",

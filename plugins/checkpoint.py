@@ -1,0 +1,218 @@
+"""``[checkpoint]``: when the run takes checkpoints, how many it keeps, its best ones, and the
+final model file.
+
+A checkpoint is `Trainer.checkpoint()` (the model, optimizer, scheduler, gradient scaler, the
+loop state with every RNG and the unlogged losses, and every plugin's `state_dict`) written
+atomically to ``checkpoints/step-<step>.pt``. The triggers are independent; any one that is set
+fires, at a step boundary or an epoch's end:
+
+- ``every_steps``: every N steps; ``every_epochs``: at the end of every N-th epoch;
+- ``every_seconds`` (default 60): once that long has passed since the last checkpoint, checked
+  after each step and at each epoch's end;
+- the end of the run, and an interruption (SIGINT, SIGTERM), always; a failed run keeps the
+  checkpoints it had (its last state may be what failed).
+
+The training thread takes the checkpoint (a copy of every tensor, on the CPU: a few hundred
+microseconds for the MLP job) and one background thread writes it, so the loop does not wait for
+the disk; a checkpoint waits for the previous one to be written, and the run's end waits for the
+last (an error writing one ends the run there).
+
+``keep_last`` step checkpoints are kept. With ``keep_best`` > 0, an epoch whose ``monitor`` (a
+validation metric like ``val_loss``, or a logged one like ``loss``) beats the kept ones by
+``mode`` is also linked as ``checkpoints/best-<step>.pt``, ranked in ``checkpoints/best.json``.
+A completed or interrupted run leaves its final weights in ``model.pt``. A run that continues
+a directory (resumed, or restarted by ``resume = "auto"``) removes what its killed predecessor
+wrote after the checkpoint it starts from (later checkpoints, a half-written one): they belong to
+a future that is run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+
+import engine
+
+runs = engine.runs
+
+
+@dataclass(frozen=True)
+class Settings:
+    every_steps: Annotated[int, engine.Range(ge=0)] = 0  # 0: off
+    every_epochs: Annotated[int, engine.Range(ge=0)] = 0  # 0: off
+    every_seconds: Annotated[float, engine.Range(ge=0)] = 60.0  # 0: off
+    keep_last: Annotated[int, engine.Range(ge=1)] = 2
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    keep_best: Annotated[int, engine.Range(ge=0)] = 1  # 0: no best tracking
+
+
+class Checkpoints:
+    def __init__(self) -> None:
+        self.settings: Any = None
+        # The settings read per step, kept as attributes (a Section lookup costs 0.2 us).
+        self.every_steps = self.every_epochs = self.keep_best = 0
+        self.monitor = ""
+        self.due = math.inf  # the monotonic time the time trigger fires at
+        self.saved: tuple[int, int, int] | None = None  # the (epoch, batch, step) last saved
+        self.best: list[dict[str, Any]] = []  # the kept best checkpoints, best first: step, value, file
+        self.writer: ThreadPoolExecutor | None = None
+        self.writing: Future[None] | None = None
+
+    @engine.hookimpl
+    def register_settings(self):
+        return {"checkpoint": Settings}
+
+    @engine.hookimpl
+    def on_run_start(self, trainer: engine.Trainer) -> None:
+        self.settings = trainer.config["checkpoint"]
+        self.every_steps, self.every_epochs = self.settings["every_steps"], self.settings["every_epochs"]
+        self.keep_best, self.monitor = self.settings["keep_best"], self.settings["monitor"]
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self.rearm()
+        self.forget_after(trainer, trainer.state.step)  # a directory reused by a resumed or restarted run
+
+    @engine.hookimpl
+    def after_step(self, state: engine.State, trainer: engine.Trainer) -> None:
+        if (self.every_steps and state.step % self.every_steps == 0) or time.monotonic() >= self.due:
+            self.save(trainer)
+
+    @engine.hookimpl
+    def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
+        measured = self.keep_best and (state.val_epoch == epoch or state.metrics.get("epoch") == epoch)
+        improved = self.improved(epoch, state) if measured else None
+        if (
+            improved is not None
+            or (self.every_epochs and epoch % self.every_epochs == 0)
+            or time.monotonic() >= self.due
+        ):
+            self.save(trainer, best=improved)
+
+    @engine.hookimpl(tryfirst=True)  # the weights first: other plugins' failures at the end must not cost them
+    def on_run_end(self, trainer: engine.Trainer, error: BaseException | None) -> None:
+        if self.writer is None:
+            return  # the run never started
+        try:
+            if error is None or isinstance(error, engine.Interrupted):
+                state = trainer.state
+                if self.saved != (state.epoch, state.batch, state.step):
+                    self.save(trainer)
+                model = {"format": runs.MODEL_FORMAT, "model": trainer.module.state_dict(), "step": state.step}
+                runs.save(model, trainer.run_dir / runs.MODEL)
+            self.wait()
+        finally:
+            self.writer.shutdown(wait=True)
+
+    @engine.hookimpl
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": [dict(entry) for entry in self.best]}
+
+    @engine.hookimpl
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = [dict(entry) for entry in state["best"]]
+
+    def improved(self, epoch: int, state: engine.State) -> float | None:
+        """The monitored value of this epoch if it ranks among the best kept, else None."""
+        keep, monitor = self.keep_best, self.monitor
+        if state.val_epoch == epoch and monitor in state.val_metrics:
+            value = state.val_metrics[monitor]
+        elif state.metrics.get("epoch") == epoch and monitor in state.metrics:
+            value = state.metrics[monitor]
+        else:
+            return None
+        if len(self.best) < keep:
+            return value
+        worst = self.best[-1]["value"]
+        return value if (value < worst if self.settings["mode"] == "min" else value > worst) else None
+
+    def save(self, trainer: engine.Trainer, best: float | None = None) -> None:
+        """Take a checkpoint now; write it (and rank it, and prune the old ones) in the background."""
+        state, run_dir = trainer.state, trainer.run_dir
+        path = runs.checkpoint_path(run_dir, "step", state.step)
+        ranking = None
+        if best is not None:  # ranked before the checkpoint is taken: its own state includes the rank
+            name = runs.checkpoint_path(run_dir, "best", state.step).name
+            self.best.append({"step": state.step, "value": best, "file": name})
+            self.best.sort(key=lambda entry: entry["value"], reverse=self.settings["mode"] == "max")
+            self.best, dropped = self.best[: self.settings["keep_best"]], self.best[self.settings["keep_best"] :]
+            ranking = ([dict(entry) for entry in self.best], [entry["file"] for entry in dropped], name)
+        taken = snapshot(trainer.checkpoint())
+        self.saved = (state.epoch, state.batch, state.step)
+        self.wait()
+        self.writing = self.writer.submit(self.write, taken, run_dir, path, ranking)
+        self.rearm()
+
+    def write(self, taken: dict[str, Any], run_dir: Path, path: Path, ranking: Any) -> None:
+        runs.save(taken, path)
+        if ranking is not None:
+            kept, dropped, name = ranking
+            link(path, run_dir / runs.CHECKPOINTS / name)
+            self.write_ranking(run_dir, kept)
+            for name in dropped:
+                with contextlib.suppress(FileNotFoundError):
+                    (run_dir / runs.CHECKPOINTS / name).unlink()
+        for _, old in runs.numbered(run_dir, "step")[: -self.settings["keep_last"]]:
+            old.unlink()
+
+    def wait(self) -> None:
+        """Until the checkpoint being written is on disk; its error, if writing it failed."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            try:
+                writing.result()
+            except OSError as error:
+                raise engine.TrainingError(f"cannot write a checkpoint: {engine.one_line(error)}") from None
+
+    def write_ranking(self, run_dir: Path, ranking: list[dict[str, Any]]) -> None:
+        index = {"monitor": self.settings["monitor"], "mode": self.settings["mode"], "ranking": ranking}
+        runs.write_text(run_dir / runs.CHECKPOINTS / runs.BEST_INDEX, json.dumps(index, indent=2) + "\n")
+
+    def forget_after(self, trainer: engine.Trainer, step: int) -> None:
+        """Remove what a killed run left after `step` (its later checkpoints, a half-written one)
+        and rank only the best checkpoints that exist."""
+        for stray in trainer.run_dir.rglob(".*.tmp"):
+            stray.unlink()
+        if not (trainer.run_dir / runs.CHECKPOINTS).is_dir():
+            return  # a new run
+        for kind in ("step", "best"):
+            for saved_step, path in runs.numbered(trainer.run_dir, kind):
+                if saved_step > step:
+                    path.unlink()
+        self.best = [entry for entry in self.best if (trainer.run_dir / runs.CHECKPOINTS / entry["file"]).is_file()]
+        if self.settings["keep_best"]:
+            self.write_ranking(trainer.run_dir, self.best)
+
+    def rearm(self) -> None:
+        seconds = self.settings["every_seconds"]
+        self.due = time.monotonic() + seconds if seconds else math.inf
+
+
+def snapshot(value: Any) -> Any:
+    """`value` with every tensor copied to the CPU now, so that training can go on while it is written."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: snapshot(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(item) for item in value)
+    return value
+
+
+def link(source: os.PathLike[str], target: os.PathLike[str]) -> None:
+    """`target` becomes the file `source` is (a hard link; a copy where links are not possible)."""
+    with runs.replacing(target) as temporary:
+        temporary.unlink()
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)

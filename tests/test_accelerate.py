@@ -72,7 +72,7 @@ class L2:
 
 def train(job: dict[str, Any], *extra: Any, **overrides: Any) -> tuple[list[float], engine.Result]:
     recorder = Recorder()
-    job = {"log": {"progress": False, "every": 10}, **job, **overrides}
+    job = {"log": {"progress": False, "every": 10}, **job, **overrides, "run_name": ""}  # a fresh directory each
     result = engine.run(job, plugins=[recorder, *extra])
     return recorder.values(), result
 

@@ -61,7 +61,7 @@ def test_the_custom_loss_example_runs_verbatim(tmp_path):
 
     config = tomllib.loads((run_dir / "config.toml").read_text())
     assert config["loss"]["name"] == "focal" and "gamma" in config["loss"]
-    assert config["plugins"] == [] and config["data"]["name"] == "classification"
+    assert config["plugins"] == ["my_losses"] and config["data"]["name"] == "classification"  # reruns as is
     logged = read_jsonl(run_dir / "metrics.jsonl")
     assert len(logged) == len(loss_lines)
     assert all("focal" in line and line["focal"] == line["loss"] for line in logged)

@@ -64,7 +64,14 @@ def test_python_m_engine_run_trains_the_tutorial(tmp_path):
     assert len(lines) == 12
     assert lines[11].startswith("Run files: runs/")
     run_dir = tmp_path / lines[11].removeprefix("Run files: ")
-    assert {p.name for p in run_dir.iterdir()} == {"config.toml", "metrics.jsonl", "summary.json"}
+    assert {p.name for p in run_dir.iterdir()} == {
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.pt",
+        "checkpoints",
+    }
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000001000.pt"]
     weight, bias = (float(part.split(" = ")[1]) for part in lines[10].removeprefix("Learned parameters: ").split(", "))
     assert abs(weight - 2) < 0.05 and abs(bias - 3) < 0.05
     assert done.stderr == ""
@@ -156,7 +163,7 @@ def test_plugins_lists_origin_hooks_components_and_call_order(capsys, write_plug
     ]
     assert "  progress  [built-in]" not in lines
     order = lines[lines.index("hook call order:") + 1 :]
-    assert "  on_epoch_end: listed_plugin (tryfirst)" in order
+    assert "  on_epoch_end: listed_plugin (tryfirst) -> checkpoint" in order
     assert any(line.startswith("  on_run_end: ") and line.endswith("run_files (trylast)") for line in order)
     chain = lines[
         lines.index(next(line for line in lines if line.startswith("setup chain"))) + 1 : lines.index(
@@ -323,3 +330,32 @@ def test_an_interrupted_run_exits_130_and_keeps_its_files(capsys, write_plugin):
     assert [line["epoch"] for line in read_jsonl(Path("runs/stopped/metrics.jsonl"))] == [1, 2]
     summary = read_json(Path("runs/stopped/summary.json"))
     assert summary["status"] == "failed" and summary["error"] == "KeyboardInterrupt" and summary["steps"] == 3
+
+
+# --- resume ----------------------------------------------------------------------------------------
+
+
+def test_resume_errors_are_one_line_exit_2(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--resume", "runs/nothing")
+    assert code == 2
+    assert_one_line_error(err, "--resume: 'runs/nothing' is not a run directory (it has no config.toml)")
+    engine.run({"epochs": 2, "run_name": "bare", "checkpoint": {"every_seconds": 0.0}})
+    for path in (tmp_path / "runs" / "bare" / "checkpoints").iterdir():
+        path.unlink()  # as if it were killed before its first checkpoint
+    code, _, err = run_cli(capsys, "run", "--resume", "runs/bare")
+    assert code == 2
+    assert_one_line_error(err, "--resume: run 'runs/bare' has no checkpoint to continue from")
+    code, _, err = run_cli(capsys, "run", "--resume", "auto")
+    assert code == 2
+    assert_one_line_error(err, "resume = 'auto': name the run to continue with run_name")
+
+
+def test_resume_continues_with_more_epochs_in_the_same_directory(capsys, tmp_path):
+    engine.run({"epochs": 20, "run_name": "grow", "log": {"every": 10}})
+    capsys.readouterr()
+    code, out, _ = run_cli(capsys, "run", "--resume", "runs/grow", "--set", "epochs=30")
+    assert code == 0
+    assert out.splitlines()[0].startswith("Epoch [30/30], Loss: ")  # epochs 21 to 30 only
+    logged = read_jsonl(tmp_path / "runs" / "grow" / "metrics.jsonl")
+    assert [line["epoch"] for line in logged] == [10, 20, 30]
+    assert tomllib.loads((tmp_path / "runs" / "grow" / "config.toml").read_text())["epochs"] == 30

@@ -284,7 +284,10 @@ def core_words() -> set[str]:
 def test_the_core_names_no_particular_loss_optimizer_model_dataset_or_logger():
     plugins = engine.make_plugins()
     named = {name for kind in ("loss", "optimizer", "model", "data") for name in plugins.components[kind]}
-    named |= {"console", "tqdm", "progress", "run_files", "jsonl", "crossentropy", "mseloss", "adamw"}
+    named |= {"console", "tqdm", "progress", "run_files", "crossentropy", "mseloss", "adamw"}
+    # "classification" and "regression" are tasks (DataInfo.task), the core's words; the dataset
+    # plugin happens to name a component after one.
+    named -= {"classification"}
     assert named & core_words() == set()
 
 

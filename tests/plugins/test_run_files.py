@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -23,7 +24,13 @@ def test_a_run_writes_its_resolved_config_metrics_and_summary(tmp_path):
     )
     run_dir = tmp_path / "runs" / "quick"
     assert result.run_dir.resolve() == run_dir
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.toml", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoints",
+        "config.toml",
+        "metrics.jsonl",
+        "model.pt",
+        "summary.json",
+    ]
 
     config = tomllib.loads((run_dir / "config.toml").read_text())
     again, _ = engine.load_config(config)
@@ -94,3 +101,146 @@ def test_a_run_that_fails_before_starting_writes_nothing():
     with pytest.raises(engine.ConfigError):
         engine.run(job(loss={"name": "nope"}))
     assert not Path("runs").exists()
+
+
+# --- the run directory's lifecycle -------------------------------------------------------------
+
+
+def test_a_named_run_that_exists_is_exit_2_and_its_files_stay_as_they_were(capsys):
+    from engine.cli import main
+
+    first = engine.run(job(epochs=2, run_name="mine"))
+    before = {path.name: path.read_bytes() for path in first.run_dir.iterdir() if path.is_file()}
+    assert main(["run", "--set", "run_name=mine", "--set", "epochs=3"]) == 2
+    assert capsys.readouterr().err == "error: run 'mine' exists: use --resume runs/mine or another run_name\n"
+    assert {path.name: path.read_bytes() for path in first.run_dir.iterdir() if path.is_file()} == before
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../outside", "/tmp/abs", "a/b", ".hidden", "-dash", "x" * 201])
+def test_run_name_must_be_one_plain_name(name, tmp_path):
+    with pytest.raises(engine.ConfigError, match=r"run_name: .* is not one plain name"):
+        engine.setup(job(run_name=name))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_unnamed_runs_never_share_a_directory(monkeypatch, tmp_path):
+    import threading
+
+    monkeypatch.setattr(engine.runs.time, "strftime", lambda _: "20260101-000000")  # all in one second
+    made: list[Path] = []
+    barrier = threading.Barrier(8)
+
+    def start() -> None:
+        barrier.wait()
+        made.append(engine.runs.create(tmp_path / "runs", ""))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == 8
+    assert sorted(path.name for path in made)[:2] == ["20260101-000000", "20260101-000000-2"]
+
+
+def test_the_summary_says_running_from_the_start():
+    class Look:
+        @engine.hookimpl
+        def after_step(self, trainer):
+            self.summary = read_json(trainer.run_dir / "summary.json")
+
+    look = Look()
+    engine.run(job(epochs=2), plugins=[look])
+    assert look.summary["status"] == "running"
+    assert set(look.summary) == {"status", "run_name", "pid", "host", "started"}
+    assert look.summary["pid"] == __import__("os").getpid()
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+
+def test_a_plugin_failing_in_on_run_end_does_not_prevent_the_summary():
+    class BrokenLogger:
+        @engine.hookimpl
+        def on_run_end(self):
+            raise OSError("tensorboard writer closed")
+
+    with pytest.raises(engine.TrainingError, match=r"plugin 'BrokenLogger' failed in hook on_run_end: OSError"):
+        engine.run(job(), plugins=[BrokenLogger])
+    summary = read_json(Path("runs/quick/summary.json"))
+    assert summary["status"] == "failed" and "BrokenLogger" in summary["error"]
+    assert (Path("runs/quick") / "model.pt").is_file()  # the checkpoint plugin ran before it
+
+
+def test_a_metrics_write_that_fails_is_cut_back_to_whole_lines_and_the_summary_says_so(tmp_path):
+    """A full disk, as `ulimit -f` makes one: metrics.jsonl may not grow past 2 kB."""
+    import resource
+    import subprocess
+    import sys
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    overrides = ["log.every=1", "epochs=200", "run_name=full", "checkpoint.every_seconds=0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "run", *(f"--set={item}" for item in overrides)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+    )
+    assert done.returncode == 1
+    assert "cannot write" in done.stderr and "metrics.jsonl: OSError: [Errno 27] File too large" in done.stderr
+    run_dir = tmp_path / "runs" / "full"
+    text = (run_dir / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and len(text) <= 2048
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["epoch"] for line in lines] == list(range(1, len(lines) + 1))
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "failed" and "File too large" in summary["error"]
+    assert summary["epochs_completed"] == len(lines)
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_summary_json_is_strict_and_names_what_was_not_finite(tmp_path):
+    from plugins.run_files import write_json
+
+    write_json(tmp_path / "s.json", {"train_loss": float("nan"), "val_loss": float("inf"), "steps": 3})
+    text = (tmp_path / "s.json").read_text()
+    assert json.loads(text) == {
+        "train_loss": None,
+        "val_loss": None,
+        "steps": 3,
+        "non_finite": ["train_loss", "val_loss"],
+    }
+    assert "NaN" not in text and "Infinity" not in text
+
+
+# --- config.toml reruns from anywhere ----------------------------------------------------------
+
+
+def test_config_toml_reruns_from_another_directory_with_its_plugins_data_and_sizes(tmp_path, monkeypatch):
+    import numpy as np
+
+    job_dir, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (job_dir / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 3)).astype("float32")
+    np.savez(job_dir / "data" / "train.npz", x=x, y=(x.sum(axis=1, keepdims=True)).astype("float32"))
+    (job_dir / "extra_loss.py").write_text(
+        "import engine\n\n\n@engine.hookimpl\ndef compute_loss(output):\n"
+        "    return {'tiny': 1e-3 * output.abs().mean()}\n"
+    )
+    (job_dir / "job.toml").write_text(
+        'epochs = 3\nrun_name = "first"\nplugins = ["extra_loss.py"]\n[data]\nname = "npz"\npath = "data/train.npz"\n'
+    )
+    first = engine.run(job_dir / "job.toml")  # run from tmp_path: the job's paths are the job file's
+    config_file = first.run_dir.absolute() / "config.toml"
+    recorded = tomllib.loads((first.run_dir / "config.toml").read_text())
+    assert recorded["data"]["path"] == str(job_dir / "data" / "train.npz")
+    assert recorded["plugins"] == [str(job_dir / "extra_loss.py")]
+    assert recorded["inferred"] == {"n_features": 3, "n_outputs": 1, "task": "regression"}
+    monkeypatch.chdir(elsewhere)
+    again = engine.run(config_file, overrides=["run_name=again"])
+    assert again.metrics == first.metrics and "tiny" in again.metrics

@@ -1,0 +1,189 @@
+"""plugins/checkpoint.py: the triggers, what is kept, the best checkpoints, the final model and
+`engine.load`; what a checkpoint holds and that it loads without running code."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+from tests.helpers import job, read_json
+
+runs = engine.runs
+
+
+def steps(run_dir) -> list[int]:
+    return [step for step, _ in runs.numbered(run_dir, "step")]
+
+
+def test_by_default_the_run_keeps_its_final_checkpoint_and_model():
+    result = engine.run(job(epochs=5))
+    assert steps(result.run_dir) == [5]
+    saved = runs.load(result.run_dir / "model.pt", runs.MODEL_FORMAT)
+    for name, weight in result.model.state_dict().items():
+        assert torch.equal(saved["model"][name], weight)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"every_steps": 4, "keep_last": 10}, [4, 8, 12, 16, 20, 24]),  # 24 steps in all: the end is step 24
+        ({"every_epochs": 2, "keep_last": 10}, [8, 16, 24]),
+        ({"every_steps": 5, "keep_last": 2}, [20, 24]),
+        ({"every_steps": 5, "every_epochs": 3, "keep_last": 10}, [5, 10, 12, 15, 20, 24]),
+    ],
+)
+def test_each_trigger_fires_on_its_own_and_keep_last_prunes(settings, expected):
+    # 6 epochs of 4 batches (100 samples in batches of 25); no validation, so no best checkpoints.
+    result = engine.run(job(epochs=6, data={"batch_size": 25}, checkpoint={"every_seconds": 0.0, **settings}))
+    assert steps(result.run_dir) == expected
+
+
+def test_the_time_trigger_fires_at_step_boundaries():
+    class Slow:
+        @engine.hookimpl
+        def after_step(self):
+            time.sleep(0.03)
+
+    result = engine.run(
+        job(epochs=2, data={"batch_size": 10}, checkpoint={"every_seconds": 0.1, "keep_last": 50}), plugins=[Slow]
+    )
+    saved = steps(result.run_dir)
+    assert 4 <= len(saved) <= 8 and saved[-1] == 20  # about every fourth of 20 steps, and the end
+
+
+def test_a_checkpoint_holds_everything_a_resumed_run_needs_and_loads_without_pickled_code():
+    result = engine.run(
+        job(
+            epochs=3,
+            data={"name": "classification", "n_samples": 64, "batch_size": 16},
+            model={"name": "mlp", "hidden": [8]},
+            loss={"name": "cross_entropy"},
+            scheduler={"name": "warmup_cosine", "warmup_steps": 3},
+            precision={"name": "16-mixed"},
+        )
+    )
+    path = runs.latest_checkpoint(result.run_dir)
+    saved = torch.load(path, weights_only=True)  # raises on anything but tensors and plain values
+    assert saved["format"] == runs.CHECKPOINT_FORMAT
+    assert set(saved) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "grads", "plugins"}
+    assert saved["scheduler"]["last_epoch"] == 12 and saved["scaler"]["scale"] > 0
+    assert saved["state"]["epoch"] == 4 and saved["state"]["step"] == 12
+    assert set(saved["state"]["rng"]) >= {"python", "numpy", "torch"}
+    assert set(saved["plugins"]) == {"run_files", "checkpoint"}
+    assert saved["grads"] is None  # taken at a window's end: no gradients pending
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_file_that_would_run_code_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as handle:
+        pickle.dump({"format": runs.CHECKPOINT_FORMAT, "x": Payload()}, handle)
+    with pytest.raises(engine.ConfigError, match=r"evil.pt' is not a readable engine.checkpoint/1 file"):
+        runs.load(bad, runs.CHECKPOINT_FORMAT)
+
+
+BEST_JOB = job(
+    epochs=8,
+    data={"name": "classification", "n_samples": 120, "batch_size": 20, "val_fraction": 0.25},
+    model={"name": "mlp", "hidden": [16]},
+    loss={"name": "cross_entropy"},
+    optimizer={"lr": 0.05},
+)
+
+
+class ValLosses:
+    def __init__(self) -> None:
+        self.by_step: dict[int, float] = {}
+
+    @engine.hookimpl
+    def on_epoch_end(self, state):
+        self.by_step[state.step] = state.val_metrics["val_loss"]
+
+
+@pytest.mark.parametrize(("mode", "keep"), [("min", 1), ("min", 3), ("max", 2)])
+def test_the_best_checkpoints_are_ranked_by_the_monitored_metric(mode, keep):
+    seen = ValLosses()
+    result = engine.run(
+        {**BEST_JOB, "checkpoint": {"every_seconds": 0.0, "monitor": "val_loss", "mode": mode, "keep_best": keep}},
+        plugins=[seen],
+    )
+    ranked = sorted(seen.by_step.items(), key=lambda item: item[1], reverse=mode == "max")[:keep]
+    index = read_json(result.run_dir / "checkpoints" / "best.json")
+    assert [(entry["step"], entry["value"]) for entry in index["ranking"]] == ranked
+    assert [step for step, _ in runs.numbered(result.run_dir, "best")] == sorted(step for step, _ in ranked)
+    best = engine.load(result.run_dir, which="best")
+    saved = torch.load(result.run_dir / "checkpoints" / f"best-{ranked[0][0]:09d}.pt", weights_only=True)
+    for name, weight in best.state_dict().items():
+        assert torch.equal(weight, saved["model"][name])
+
+
+def test_engine_load_rebuilds_the_model_without_the_data(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    np.savez(tmp_path / "train.npz", x=x, y=(x @ rng.normal(size=(5, 2))).astype("float32"))
+    result = engine.run(
+        job(epochs=4, data={"name": "npz", "path": "train.npz"}, model={"name": "mlp", "hidden": [6]}, run_name="npz")
+    )
+    (tmp_path / "train.npz").unlink()  # the config records the sizes; the data is not needed
+    final = engine.load("runs/npz")
+    assert not final.training and not result.model.training  # both in eval mode
+    for (name, mine), (_, theirs) in zip(final.state_dict().items(), result.model.state_dict().items()):
+        assert torch.equal(mine, theirs), name
+    last = engine.load("runs/npz", which="last")
+    assert torch.equal(last[0].weight, final[0].weight)
+    config = (result.run_dir / "config.toml").read_text()
+    assert '[inferred]\nn_features = 5\nn_outputs = 2\ntask = "regression"' in config
+
+
+@pytest.mark.parametrize(
+    ("setup", "which", "message"),
+    [
+        (lambda: None, "final", "'nowhere' is not a run directory (it has no config.toml)"),
+        (lambda: engine.run(job(epochs=2, run_name="plain")), "best", "has no best checkpoint"),
+        (lambda: engine.run(job(epochs=2, run_name="plain")), "latest", "which: expected 'final', 'best' or 'last'"),
+    ],
+)
+def test_engine_load_names_what_is_missing(setup, which, message):
+    setup()
+    with pytest.raises(engine.ConfigError, match=re.escape(message)):
+        engine.load("runs/plain" if which != "final" else "nowhere", which=which)
+
+
+def test_a_failed_run_keeps_its_checkpoints_but_writes_no_model():
+    class FailAtNine:
+        @engine.hookimpl
+        def after_step(self, state):
+            if state.step == 9:
+                raise RuntimeError("disk on fire")
+
+    with pytest.raises(engine.TrainingError, match="disk on fire"):
+        engine.run(job(epochs=20, checkpoint={"every_steps": 4, "every_seconds": 0.0}), plugins=[FailAtNine])
+    assert steps(Path("runs/quick")) == [4, 8]
+    assert not (Path("runs/quick") / "model.pt").exists()
+    assert read_json(Path("runs/quick/summary.json"))["status"] == "failed"
+
+
+def test_checkpoint_settings_are_checked():
+    with pytest.raises(engine.ConfigError, match=r"checkpoint.mode: expected one of 'min', 'max', got 'minimum'"):
+        engine.load_config(job(checkpoint={"mode": "minimum"}))
+    with pytest.raises(engine.ConfigError, match=r"checkpoint.keep_last: must be >= 1, got 0"):
+        engine.load_config(job(checkpoint={"keep_last": 0}))
+
+
+def test_the_best_index_is_json_a_reader_can_use():
+    result = engine.run({**BEST_JOB, "checkpoint": {"keep_best": 2}})
+    index = json.loads((result.run_dir / "checkpoints" / "best.json").read_text())
+    assert index["monitor"] == "val_loss" and index["mode"] == "min" and len(index["ranking"]) == 2

@@ -38,6 +38,7 @@ GROUPS = {
     "optimizer": "the optimizer step alone: torch's default, foreach and fused",
     "compiled": "the train step eager, under torch.compile and as a CUDA graph",
     "inference": "the forward pass eager and exported (torch.export, TensorRT)",
+    "checkpoint": "an epoch with a checkpoint at its end beside one without; saving and loading one",
 }
 
 
@@ -242,7 +243,7 @@ class Contenders:
             ],
             plugins=plugins,
         )
-        trainer.hooks.on_run_start(trainer=trainer)
+        trainer.start()
         self._teardown.append(lambda: trainer.hooks.on_run_end(trainer=trainer, error=None))
 
         def run_round() -> None:
@@ -382,6 +383,12 @@ def optimizer_group(bench_group: Callable[[str], Group]) -> Group:
 def compiled(bench_group: Callable[[str], Group]) -> Group:
     """For bench/test_compiled.py: eager vs torch.compile vs CUDA graphs (baseline: eager, by hand)."""
     return bench_group("compiled")
+
+
+@pytest.fixture
+def checkpoint_group(bench_group: Callable[[str], Group]) -> Group:
+    """For bench/test_checkpoint.py: what checkpoints cost (baseline: the epoch without one)."""
+    return bench_group("checkpoint")
 
 
 @pytest.fixture

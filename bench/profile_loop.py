@@ -22,7 +22,7 @@ runs = tempfile.mkdtemp()
 t = engine.setup(
     {"seed": 42, "runs_dir": runs}, overrides=["device=cpu", f"epochs={EPOCHS}", "log.every=100"], blocked=["console"]
 )
-t.hooks.on_run_start(trainer=t)
+t.start()
 t.loop()
 t.state.epoch, t.state.batch, t.state.stop = 1, 0, False  # warm
 profile = cProfile.Profile()

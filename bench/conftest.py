@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from engine_plugins import datasets
 from ratios import Record, format_table, rows
 from torch import nn
 
 import engine
-from plugins import datasets
 
 # One intra-op thread by default, as in the CPU targets: with more, the small tutorial
 # ops pay thread-pool wake-ups and the figures swing with whatever else the machine runs.

@@ -21,9 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import JOBS, Contenders, Group, Job, torch_default_impl
+from engine_plugins import datasets
 from torch import nn
-
-from plugins import datasets
 
 
 def _wide() -> nn.Module:

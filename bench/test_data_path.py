@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch
 from conftest import Contenders, Group
+from engine_plugins import datasets
 from torch.utils.data import DataLoader, TensorDataset
 
 import engine
-from plugins import datasets
 
 pytestmark = pytest.mark.parametrize("job", ["mlp"], indirect=True)
 

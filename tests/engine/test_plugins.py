@@ -293,7 +293,7 @@ def test_the_core_names_no_particular_loss_optimizer_model_dataset_or_logger():
 
 def test_the_core_never_imports_the_plugins_package():
     for path in (REPO / "engine").glob("*.py"):
-        assert not re.search(r"^\s*(from|import)\s+plugins\b", path.read_text(), re.M), path.name
+        assert not re.search(r"^\s*(from|import)\s+(engine_)?plugins\b", path.read_text(), re.M), path.name
 
 
 def test_the_core_runs_with_the_loss_plugin_blocked(tmp_path):
@@ -308,12 +308,14 @@ def test_plugins_import_only_the_engines_public_api():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
-                assert not node.module.startswith(("engine.", "plugins")), f"{path.name}: from {node.module}"
+                assert not node.module.startswith(("engine.", "plugins", "engine_plugins")), (
+                    f"{path.name}: {node.module}"
+                )
                 if node.module == "engine":
                     assert {alias.name for alias in node.names} <= public, path.name
             elif isinstance(node, ast.Import):
                 for alias in node.names:
-                    assert not alias.name.startswith(("engine.", "plugins")), f"{path.name}: import {alias.name}"
+                    assert not alias.name.startswith(("engine.", "plugins", "engine_plugins")), path.name
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "engine":
                 assert node.attr in public, f"{path.name}: engine.{node.attr} is not in engine.__all__"
 
@@ -335,3 +337,18 @@ def test_plugins_talk_only_through_hooks_and_documented_attributes():
                     assert target.attr not in ("step", "zero_grad", "accumulation_window"), (
                         f"{path.name}: .{target.attr} ="
                     )
+
+
+def test_a_users_plugins_folder_does_not_shadow_the_built_ins(tmp_path):
+    """The built-ins install as `engine_plugins`: a folder named `plugins` where the user works is theirs."""
+    import subprocess
+    import sys
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "__init__.py").write_text("raise ImportError('the user folder was imported')\n")
+    (tmp_path / "plugins" / "accelerate.py").write_text("raise ImportError('the user module was imported')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "run", "--set", "epochs=2"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Epoch [2/2]" in done.stdout

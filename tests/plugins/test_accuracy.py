@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_plugins import accuracy
 
 import engine
-from plugins import accuracy
 from tests.helpers import job
 
 

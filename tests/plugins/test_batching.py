@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_plugins.batching import DatasetLoaders, TensorLoaders
 from torch.utils.data import DataLoader
 
 import engine
-from plugins.batching import DatasetLoaders, TensorLoaders
 from tests.helpers import epoch_order, job
 
 

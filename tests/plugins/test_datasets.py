@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_plugins import datasets
 
 import engine
-from plugins import datasets
 from tests.helpers import classification_data, job, tutorial_data
 
 

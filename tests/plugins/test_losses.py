@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_plugins import losses
 from torch.nn import functional as F
 
 import engine
-from plugins import losses
 from tests.helpers import job
 
 CPU = torch.device("cpu")

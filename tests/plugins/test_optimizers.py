@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_plugins import optimizers
 from torch import nn
 
 import engine
-from plugins import optimizers
 from tests.helpers import job, tutorial_data
 
 

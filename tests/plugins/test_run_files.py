@@ -203,7 +203,7 @@ def test_a_metrics_write_that_fails_is_cut_back_to_whole_lines_and_the_summary_s
 
 
 def test_summary_json_is_strict_and_names_what_was_not_finite(tmp_path):
-    from plugins.run_files import write_json
+    from engine_plugins.run_files import write_json
 
     write_json(tmp_path / "s.json", {"train_loss": float("nan"), "val_loss": float("inf"), "steps": 3})
     text = (tmp_path / "s.json").read_text()

@@ -58,6 +58,7 @@ class LogSettings:
     """``[log]``: the logging points, where the step losses are read back and checked."""
 
     every: Annotated[int, Range(ge=0)] = 0  # epochs between logging points; 0: a tenth of the run
+    train_metrics: bool = True  # compute_metrics inside each train step too, logged as train_<name>
 
 
 @dataclass(frozen=True, slots=True)

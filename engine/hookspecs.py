@@ -13,6 +13,7 @@
     (the scheduler component, built on the final optimizer)
     (restore from a checkpoint, when resuming, into these final objects)
     load_state_dict          per plugin: its own state from the checkpoint
+    skip_per_step            per plugin: True leaves its per-step and per-epoch hooks unbound
     wrap_step                chained: then the accelerate component's step wraps them all
     -- the run (Trainer.fit) --
     (the run directory: created, or the resumed one)
@@ -22,6 +23,7 @@
             before_forward               chained: may replace the batch
             (forward and the [loss] component's term, under precision's autocast)
             compute_loss                 extra loss terms, summed with the main one
+            compute_metrics              per-batch training metrics (log.train_metrics), no grad
             (zero grads on a window's first batch; backward of loss x window scale)
             before_optimizer_step        only on a window's last batch, after unscaling
             (optimizer step)             through the precision's gradient scaler, if any
@@ -29,7 +31,8 @@
             (a per-step scheduler steps after a window's last batch)
             after_step
         validation, when due: before_forward, compute_loss and compute_metrics per batch
-        (a logging point, when due: the losses read back once, checked finite)
+            after_validation             whole-set metrics, per plugin
+        (a logging point, when due: the losses read back once, checked finite, with the lr)
             on_log                       with the epoch's metrics
         (a per-epoch scheduler steps)
         on_epoch_end                     the state already points at the next epoch
@@ -82,7 +85,17 @@ PER_STEP = frozenset(
 # Chained (each implementation receives what the previous one returned) or collected per plugin.
 CHAINED = frozenset({"wrap_model", "wrap_optimizer", "wrap_step"})
 # Collected per plugin (keyed by its name), or each called even when another raised.
-COLLECTED = frozenset({"register_settings", "register_components", "state_dict", "load_state_dict", "on_run_end"})
+COLLECTED = frozenset(
+    {
+        "register_settings",
+        "register_components",
+        "skip_per_step",
+        "after_validation",
+        "state_dict",
+        "load_state_dict",
+        "on_run_end",
+    }
+)
 ONE_BY_ONE = PER_STEP | CHAINED | COLLECTED
 
 
@@ -171,6 +184,18 @@ def load_state_dict(state: Mapping[str, Any], trainer: TrainerView) -> None:
 
 
 @hookspec
+def skip_per_step(trainer: TrainerView) -> bool | None:
+    """Return True when this plugin has nothing to do per step or per epoch in this run (its
+    feature is off: gradient clipping at ``max_norm = 0``, accuracy on a regression task, a
+    progress bar without a terminal), so the engine does not bind its implementations of the
+    per-step hooks (`PER_STEP`): a feature that is off costs nothing per step.
+
+    Called once in the setup chain, after the components are built and a checkpoint restored,
+    before the step is assembled. Its other hooks are called as usual.
+    """
+
+
+@hookspec
 def wrap_step(step: Step, trainer: TrainerView) -> Step | None:
     """Wrap or replace the train step; called once, last in the setup chain.
 
@@ -220,6 +245,19 @@ def compute_loss(batch: Batch, output: torch.Tensor, trainer: TrainerView) -> Ma
 
 
 @hookspec
+def compute_metrics(batch: Batch, output: torch.Tensor, trainer: TrainerView) -> Mapping[str, torch.Tensor] | None:
+    """Called for each validation batch under ``torch.inference_mode()``, and (with
+    ``log.train_metrics``, the default) inside each train step under ``torch.no_grad()``, where it
+    is tensor work only; ``trainer.model.training`` says which.
+
+    Return ``{name: scalar tensor}`` of per-batch means (accuracy): the engine averages them over
+    the validation set, weighted by batch size, as ``val_<name>``, and over an epoch's steps as
+    ``train_<name>``. A metric that is not a mean of batch means (F1, AUROC) accumulates here and
+    is reported by `after_validation`.
+    """
+
+
+@hookspec
 def before_optimizer_step(trainer: TrainerView) -> None:
     """Called inside the train step after backward and before the optimizer step.
 
@@ -246,11 +284,13 @@ def after_step(
 
 
 @hookspec
-def compute_metrics(batch: Batch, output: torch.Tensor, trainer: TrainerView) -> Mapping[str, torch.Tensor] | None:
-    """Called for each validation batch under ``torch.inference_mode()``.
+def after_validation(trainer: TrainerView) -> Mapping[str, float | torch.Tensor] | None:
+    """Called once after each validation's batches, before its logging point.
 
-    Return ``{name: scalar tensor}`` of per-batch means (accuracy); the engine averages them over
-    the validation set, weighted by batch size, and reports them as ``val_<name>``.
+    Return whole-set metrics ``{name: number or scalar tensor}`` computed from what this plugin
+    accumulated in `compute_metrics` (precision, F1, AUROC); they are reported as ``val_<name>``
+    beside the batch-size-weighted means. A name may be reported once. Its return is read back to
+    the host once per validation.
     """
 
 

@@ -104,13 +104,15 @@ class Trainer:
             self.restore(runs.load(checkpoint, runs.CHECKPOINT_FORMAT), checkpoint)
 
         # What runs per step and per epoch, resolved once: bound hooks (engine.plugins.Plugins.bind),
-        # and the core's own parts only where the run has them.
-        self.before_forward = self.plugins.bind("before_forward", trainer=self)
-        self.compute_loss = self.plugins.bind("compute_loss", trainer=self)
-        self.before_optimizer_step = self.plugins.bind("before_optimizer_step", trainer=self)
-        self.after_step = self.plugins.bind("after_step", trainer=self, state=self.state)
-        self.compute_metrics = self.plugins.bind("compute_metrics", trainer=self)
-        self.epoch_end = self.plugins.bind("on_epoch_end", trainer=self, state=self.state)
+        # without the plugins whose feature is off in this run, and the core's own parts only
+        # where the run has them.
+        off = {plugin for plugin, skip in self.plugins.bind_by_plugin("skip_per_step", trainer=self) if skip()}
+        self.before_forward = self.plugins.bind("before_forward", trainer=self, without=off)
+        self.compute_loss = self.plugins.bind("compute_loss", trainer=self, without=off)
+        self.before_optimizer_step = self.plugins.bind("before_optimizer_step", trainer=self, without=off)
+        self.after_step = self.plugins.bind("after_step", trainer=self, state=self.state, without=off)
+        self.compute_metrics = self.plugins.bind("compute_metrics", trainer=self, without=off)
+        self.epoch_end = self.plugins.bind("on_epoch_end", trainer=self, state=self.state, without=off)
         self.train_step: Step = self.chain("wrap_step", "step", self.build_step())
         if acceleration is not None:
             self.train_step = acceleration.step(self.train_step)
@@ -199,14 +201,21 @@ class Trainer:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         single = self.loss_name
         no_autocast = self.precision.dtype is None
+        batch_metrics = self.batch_metrics
+        train_metrics = self.config["log"]["train_metrics"] and bool(self.compute_metrics)
 
-        if self.compute_loss:
+        if self.compute_loss or train_metrics:
 
             def forward(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-                terms = loss_terms(batch, model(batch.x))
-                return total(terms), terms
+                output = model(batch.x)
+                terms = loss_terms(batch, output)
+                loss = total(terms)
+                if train_metrics:
+                    with torch.no_grad():
+                        terms.update({f"train_{name}": value for name, value in batch_metrics(batch, output).items()})
+                return loss, terms
 
-        else:  # no extra terms: no dict of them to build and sum (1.5 us a tutorial step)
+        else:  # no extra terms or metrics: no dict of them to build and sum (1.5 us a tutorial step)
 
             def forward(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
                 return loss_fn(model(batch.x), batch.y), None
@@ -254,6 +263,13 @@ class Trainer:
                 terms.update(extra)
         return terms
 
+    def batch_metrics(self, batch: Batch, output: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What `compute_metrics` returns for one batch (in a train step or in validation)."""
+        values: dict[str, torch.Tensor] = {}
+        for hook in self.compute_metrics:
+            values.update(hook(batch=batch, output=output) or {})
+        return values
+
     def step_scheduler_after_window(self, scheduler: Any) -> Callable[..., None]:
         def step_scheduler(window: Window, **_: Any) -> None:
             if window.last:  # the optimizer stepped
@@ -273,9 +289,7 @@ class Trainer:
             with self.precision.autocast():
                 output = self.model(batch.x)
                 terms = self.loss_terms(batch, output)
-            values = {"loss": total(terms), **terms}
-            for hook in self.compute_metrics:
-                values.update(hook(batch=batch, output=output) or {})
+            values = {"loss": total(terms), **terms, **self.batch_metrics(batch, output)}
             size = len(batch.y)
             for name, value in values.items():
                 sums[name] = sums.get(name, 0) + value.detach().float() * size
@@ -284,7 +298,13 @@ class Trainer:
         if not sums:
             return {}
         means = (torch.stack(list(sums.values())) / count).tolist()  # host-device sync
-        return {f"val_{name}": mean for name, mean in zip(sums, means)}
+        whole: dict[str, Any] = {}
+        for plugin, after_validation in self.plugins.bind_by_plugin("after_validation", trainer=self):
+            for name, value in (after_validation() or {}).items():
+                if name in sums or name in whole:
+                    raise TrainingError(f"plugin {plugin!r}: after_validation: a second metric named {name!r}")
+                whole[name] = float(value)  # a tensor is read back: once per validation
+        return {f"val_{name}": value for name, value in [*zip(sums, means), *whole.items()]}
 
     def fit(self) -> Result:
         """Create the run directory (or continue the resumed one) and run the loop. `on_run_end`
@@ -387,9 +407,10 @@ class Trainer:
             # The terms before the total ("loss"), so that the message names the term at fault.
             for name, value in [*zip(names[1:], row[1:]), ("loss", row[0])]:
                 if not math.isfinite(value):
+                    what = name if name.startswith("train_") else f"loss ({value}) in term {name!r}"
+                    what = f"{what} ({value})" if name.startswith("train_") else what
                     raise TrainingError(
-                        f"non-finite loss ({value}) in term {name!r} at epoch {epoch}, step {step}; training stopped",
-                        located=True,
+                        f"non-finite {what} at epoch {epoch}, step {step}; training stopped", located=True
                     )
         for name, value in state.val_metrics.items():
             if not math.isfinite(value):
@@ -402,6 +423,7 @@ class Trainer:
         for column, name in enumerate(names):
             if this_epoch:
                 metrics[name] = sum(row[column] for row in this_epoch) / len(this_epoch)
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])  # the first group's (a tensor: read back)
         metrics.update(state.val_metrics)
         state.metrics = metrics
         self.hooks.on_log(state=state, metrics=metrics, trainer=self)

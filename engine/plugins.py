@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -98,15 +98,20 @@ class Plugins:
             raise ConfigError(f"{kind}.name: unknown {kind} {name!r}{suggest(name, table)}")
         return table[name]
 
-    def bind(self, hook_name: str, **constants: Any) -> list[Callable[..., Any]]:
-        """The implementations of a one-by-one hook in call order, with `constants` bound.
+    def bind(self, hook_name: str, *, without: Collection[str] = (), **constants: Any) -> list[Callable[..., Any]]:
+        """The implementations of a one-by-one hook in call order, with `constants` bound, except
+        those of the plugins named in `without`.
 
         Each returned callable takes the hook's remaining arguments by keyword and passes each
         implementation only those it declares.
         """
         caller = getattr(self.pm.hook, hook_name)
         passed = {name for name in caller.spec.argnames if name not in constants}  # what each call gives
-        return [_bound(impl.function, impl.argnames, constants, passed) for impl in reversed(caller.get_hookimpls())]
+        return [
+            _bound(impl.function, impl.argnames, constants, passed)
+            for impl in reversed(caller.get_hookimpls())
+            if impl.plugin_name not in without
+        ]
 
     def bind_by_plugin(self, hook_name: str, **constants: Any) -> list[tuple[str, Callable[..., Any]]]:
         """Like `bind`, with the name of the plugin of each implementation."""

@@ -8,7 +8,15 @@ import engine
 
 # A model with at most this many weights gets them printed at the end (the tutorial's w and b).
 PRINT_PARAMETERS_UP_TO = 16
-LABELS = {"val_loss": "Val Loss", "val_accuracy": "Val Acc"}
+# The metrics the line shows, beside the loss and its terms: the rest are in metrics.jsonl.
+LABELS = {
+    "train_accuracy": "Acc",
+    "val_loss": "Val Loss",
+    "val_accuracy": "Val Acc",
+    "val_f1": "Val F1",
+    "val_r2": "Val R2",
+}
+NOT_TERMS = ("epoch", "step", "loss", "lr")
 
 
 @engine.hookimpl
@@ -16,11 +24,12 @@ def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
     line = f"Epoch [{metrics['epoch']}/{trainer.epochs}]"
     if "loss" in metrics:
         line += f", Loss: {metrics['loss']:.4f}"
-    terms = [name for name in metrics if name not in ("epoch", "step", "loss") and not name.startswith("val_")]
+    terms = [name for name in metrics if name not in NOT_TERMS and not name.startswith(("val_", "train_"))]
     if len(terms) > 1:
         line += "".join(f", {name}: {metrics[name]:.4f}" for name in terms)
     for name, value in metrics.items():
-        if name.startswith("val_") and (name in LABELS or len(terms) > 1 or name[4:] not in terms):
+        validated_term = name.startswith("val_") and name[4:] in terms and len(terms) > 1
+        if name in LABELS or validated_term:
             line += f", {LABELS.get(name, name)}: {value:.4f}"
     print(line, flush=True)
 

@@ -25,9 +25,13 @@ def register_settings():
 
 
 @engine.hookimpl
+def skip_per_step(trainer: engine.Trainer) -> bool:
+    return trainer.config["grad_clip"]["max_norm"] == 0
+
+
+@engine.hookimpl
 def before_optimizer_step(trainer: engine.Trainer) -> None:
     settings = trainer.config["grad_clip"]
-    if settings["max_norm"] > 0:
-        torch.nn.utils.clip_grad_norm_(
-            trainer.model.parameters(), settings["max_norm"], norm_type=settings["norm_type"], foreach=True
-        )
+    torch.nn.utils.clip_grad_norm_(
+        trainer.model.parameters(), settings["max_norm"], norm_type=settings["norm_type"], foreach=True
+    )

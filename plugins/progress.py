@@ -1,12 +1,17 @@
-"""A tqdm progress bar over the run's batches, shown only on a terminal and only once the run has
-lasted two seconds, so that short jobs and logs stay clean."""
+"""A tqdm progress bar over the run's batches, on a terminal only, once the run has lasted two
+seconds, so that short jobs and logs stay clean.
+
+While the bar is shown, the run's standard output goes through `tqdm.write`, so an epoch line
+never glues to the bar; the plugin restores ``sys.stdout`` when the run ends.
+"""
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import engine
 
@@ -19,25 +24,31 @@ class Settings:
 class Progress:
     def __init__(self) -> None:
         self.bar: Any = None
+        self.stdout: TextIO | None = None
 
     @engine.hookimpl
     def register_settings(self):
         return {"log": Settings}
 
     @engine.hookimpl
-    def on_run_start(self, trainer: engine.Trainer) -> None:
-        if trainer.config["log"]["progress"] and sys.stderr.isatty():
-            from tqdm import tqdm
+    def skip_per_step(self, trainer: engine.Trainer) -> bool:
+        return not (trainer.config["log"]["progress"] and sys.stderr.isatty())
 
-            total = trainer.epochs * trainer.batches_per_epoch
-            self.bar = tqdm(
-                total=total, initial=trainer.state.step, unit="step", delay=2.0, leave=False, dynamic_ncols=True
-            )
+    @engine.hookimpl
+    def on_run_start(self, trainer: engine.Trainer) -> None:
+        if not (trainer.config["log"]["progress"] and sys.stderr.isatty()):
+            return
+        from tqdm import tqdm
+
+        total = trainer.epochs * trainer.batches_per_epoch
+        self.bar = tqdm(
+            total=total, initial=trainer.state.step, unit="step", delay=2.0, leave=False, dynamic_ncols=True
+        )
+        self.stdout, sys.stdout = sys.stdout, AboveTheBar(self.bar, sys.stdout)
 
     @engine.hookimpl
     def after_step(self) -> None:
-        if self.bar is not None:
-            self.bar.update()
+        self.bar.update()
 
     @engine.hookimpl
     def on_log(self, metrics: Mapping[str, float]) -> None:
@@ -47,4 +58,26 @@ class Progress:
     @engine.hookimpl
     def on_run_end(self) -> None:
         if self.bar is not None:
+            sys.stdout.flush()
+            sys.stdout = self.stdout
             self.bar.close()
+
+
+class AboveTheBar(io.TextIOBase):
+    """A text stream whose whole lines are written above the bar (tqdm clears and redraws it)."""
+
+    def __init__(self, bar: Any, stream: TextIO) -> None:
+        self.bar, self.stream, self.pending = bar, stream, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.bar.write(line, file=self.stream)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.bar.write(self.pending, file=self.stream, end="")
+            self.pending = ""
+        self.stream.flush()

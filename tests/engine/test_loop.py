@@ -103,7 +103,7 @@ def test_hooks_run_in_the_documented_order():
         ),
         plugins=[recorder],
     )
-    step = ["before_forward", "compute_loss", "before_optimizer_step", "after_step"]
+    step = ["before_forward", "compute_loss", "compute_metrics", "before_optimizer_step", "after_step"]
     validation = ["before_forward", "compute_loss", "compute_metrics"]
     # 30 training samples in batches of 16: 2 steps; 10 validation samples: one batch, epoch 2 only.
     expected = [
@@ -131,10 +131,10 @@ def test_validation_runs_in_eval_and_inference_mode_then_training_resumes():
         plugins=[recorder],
     )
     training = [(training, inference) for hook, training, inference in recorder.modes if hook == "before_forward"]
-    validating = [(training, inference) for hook, training, inference in recorder.modes if hook == "compute_metrics"]
+    metrics = [(training, inference) for hook, training, inference in recorder.modes if hook == "compute_metrics"]
     # Per epoch: two training batches (train mode, autograd on), then one validation batch.
     assert training == [(True, False), (True, False), (False, True)] * 2
-    assert validating == [(False, True)] * 2
+    assert metrics == [(True, False), (True, False), (False, True)] * 2  # train metrics in the step, then validation
     assert [mode for hook, *mode in recorder.modes if hook == "on_epoch_end"] == [[True, False]] * 2
 
 
@@ -351,7 +351,7 @@ def test_without_the_loss_plugin_a_loss_name_is_required():
 def test_result_holds_the_final_metrics_and_run_dir(tmp_path):
     result = engine.run(QUICK)
     assert result.run_dir.resolve() == tmp_path / "runs" / "quick"
-    assert set(result.metrics) == {"epoch", "step", "loss", "mse"}
+    assert set(result.metrics) == {"epoch", "step", "loss", "mse", "lr"}
     assert result.state.epoch == 4 and result.state.step == 3
 
 
@@ -445,8 +445,9 @@ def test_validation_runs_every_val_every_epochs_and_at_the_end():
     recorder = Recorder()
     engine.run(job(epochs=5, val_every=2, data={"val_fraction": 0.2}), plugins=[recorder])
     epochs, validated = 1, []
+    modes = iter(mode for mode in recorder.modes if mode[0] == "compute_metrics")
     for call in recorder.calls:
-        if call == "compute_metrics":
+        if call == "compute_metrics" and not next(modes)[1]:  # in eval mode: validation
             validated.append(epochs)
         elif call == "on_epoch_end":
             epochs += 1

@@ -45,6 +45,8 @@ def test_a_run_writes_its_resolved_config_metrics_and_summary(tmp_path):
         "step",
         "loss",
         "cross_entropy",
+        "train_accuracy",
+        "lr",
         "val_loss",
         "val_cross_entropy",
         "val_accuracy",

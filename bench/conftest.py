@@ -39,6 +39,7 @@ GROUPS = {
     "compiled": "the train step eager, under torch.compile and as a CUDA graph",
     "inference": "the forward pass eager and exported (torch.export, TensorRT)",
     "checkpoint": "an epoch with a checkpoint at its end beside one without; saving and loading one",
+    "logging": "an epoch logging to TensorBoard at its end beside one logging to the run files only",
 }
 
 
@@ -389,6 +390,12 @@ def compiled(bench_group: Callable[[str], Group]) -> Group:
 def checkpoint_group(bench_group: Callable[[str], Group]) -> Group:
     """For bench/test_checkpoint.py: what checkpoints cost (baseline: the epoch without one)."""
     return bench_group("checkpoint")
+
+
+@pytest.fixture
+def logging_group(bench_group: Callable[[str], Group]) -> Group:
+    """For bench/test_logging.py: what a logger costs (baseline: the epoch without it)."""
+    return bench_group("logging")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_li
 from .hookspecs import hookimpl, hookspec
 from .loop import Result, Trainer, load, rebuild_optimizer, run, setup, total
 from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
+from .report import plot, runs_table
 from .schema import FilePath, Range
 from .types import (
     Acceleration,
@@ -53,8 +54,10 @@ __all__ = [
     "load_config",
     "make_plugins",
     "one_line",
+    "plot",
     "rebuild_optimizer",
     "runs",
+    "runs_table",
     "run",
     "setup",
     "total",

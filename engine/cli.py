@@ -1,11 +1,17 @@
-"""``python -m engine``: run a job, print its resolved config, list the plugins."""
+"""``python -m engine`` (or ``engine``): run a job, print its resolved config, list the plugins,
+table and plot runs."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import TextIO
 
 import pluggy
 
@@ -13,7 +19,8 @@ from .config import CORE_KINDS, dump_toml, load_config
 from .errors import EngineError, Interrupted
 from .hookspecs import SETUP_CHAIN
 from .loop import setup
-from .plugins import Plugins, make_plugins
+from .plugins import OWN_DISTRIBUTION, Plugins, make_plugins
+from .report import COLUMNS, plot, runs_table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
         help="override a setting; the value is read as TOML (5, 0.1, true, [64, 64], adam)",
     )
     top = argparse.ArgumentParser(prog="python -m engine", description="A plugin-based PyTorch training engine.")
+    top.add_argument("--version", action="version", version=f"%(prog)s {own_version()}")
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[job, common], help="train a job")
     run.add_argument(
@@ -52,16 +60,42 @@ def parser() -> argparse.ArgumentParser:
         help="continue a run from its latest checkpoint (its config.toml is the job unless one is given); "
         "auto: continue the run named by run_name if it has a checkpoint, else start it",
     )
+    run.add_argument("--quiet", action="store_true", help="print nothing but errors (no epoch lines, no progress bar)")
     commands.add_parser("config", parents=[job, common], help="print the resolved config, every default filled in")
     commands.add_parser("plugins", parents=[common], help="list plugins, their hooks (in call order) and components")
+    table = commands.add_parser("runs", parents=[common], help="a table of the runs in a runs directory")
+    table.add_argument("runs_dir", nargs="?", default="runs", help="the runs directory (default: runs)")
+    table.add_argument("--sort", default="started", choices=COLUMNS, help="the column to sort by (default: started)")
+    table.add_argument("--reverse", action="store_true", help="sort in descending order")
+    curves = commands.add_parser(
+        "plot", parents=[common], help="the loss and metric curves of runs, overlaid, as a PNG"
+    )
+    curves.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to plot")
+    curves.add_argument("--out", default="curves.png", help="the PNG file to write (default: curves.png)")
     return top
+
+
+def own_version() -> str:
+    try:
+        return version(OWN_DISTRIBUTION)
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    with quiet_on_closed_pipe():
+        return command(args)
+
+
+def command(args: argparse.Namespace) -> int:
     try:
         if args.command == "plugins":
             print(describe_plugins(make_plugins(args.plugin, args.block)))
+        elif args.command == "runs":
+            print(runs_table(args.runs_dir, args.sort, descending=args.reverse))
+        elif args.command == "plot":
+            print(f"Curves: {plot(args.run_dirs, args.out)}")
         elif args.command == "config":
             config, _ = load_config(args.job, args.overrides, args.plugin, args.block)
             print(dump_toml(config), end="")
@@ -70,7 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.job, overrides=args.overrides, plugins=args.plugin, blocked=args.block, resume=args.resume
             )
             try:
-                trainer.fit()
+                with contextlib.ExitStack() as stack:
+                    if args.quiet:  # no terminal for the run: no lines, and no progress bar either
+                        devnull = stack.enter_context(open(os.devnull, "w"))
+                        stack.enter_context(contextlib.redirect_stdout(devnull))
+                        stack.enter_context(contextlib.redirect_stderr(devnull))
+                    trainer.fit()
             except Interrupted as interrupted:
                 print(f"{interrupted}; continue with: python -m engine run --resume {trainer.run_dir}", file=sys.stderr)
                 return interrupted.exit_code
@@ -83,6 +122,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def quiet_on_closed_pipe() -> Iterator[None]:
+    """Standard output into a pipe that closes (``| head``) goes quietly to /dev/null from then on,
+    instead of a BrokenPipeError in whatever was printing; the command goes on to its end."""
+    original = sys.stdout
+    sys.stdout = ClosedPipeQuiet(original)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
+        sys.stdout = original
+
+
+class ClosedPipeQuiet(io.TextIOBase):
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.to_devnull()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def to_devnull(self) -> None:
+        # What Python's docs advise for SIGPIPE: point the descriptor at /dev/null, so that the
+        # interpreter's own flush at exit does not fail either.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        self.stream = open(os.devnull, "w")  # lives as long as the process
 
 
 def describe_plugins(plugins: Plugins) -> str:

@@ -9,6 +9,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .errors import ConfigError, one_line, suggest
 from .schema import Setting, settings_of
 
 ENTRY_POINT_GROUP = "engine.plugins"
+BLOCK_VARIABLE = "ENGINE_BLOCK"
 # The distribution whose entry points are the engine's own built-in plugins.
 OWN_DISTRIBUTION = "torch-plugin-engine"
 
@@ -200,7 +202,9 @@ def make_plugins(extra: Iterable[Any] = (), blocked: Iterable[str] = ()) -> Plug
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     plugins = Plugins(pm)
-    for name in blocked:
+    # ENGINE_BLOCK="progress,curves" blocks plugins for every run of an environment (a CI machine).
+    from_environment = [name.strip() for name in os.environ.get(BLOCK_VARIABLE, "").split(",") if name.strip()]
+    for name in [*blocked, *from_environment]:
         pm.set_blocked(name)
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
         if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:

@@ -10,8 +10,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test runs in its own directory, so `runs/` (the default runs_dir) is written there."""
+    """Every test runs in its own directory, so `runs/` (the default runs_dir) is written there.
+
+    The curves plugin is blocked (ENGINE_BLOCK) but where a test asks for it: drawing a PNG at the
+    end of each of the suite's hundreds of runs would cost a minute.
+    """
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ENGINE_BLOCK", "curves")
     return tmp_path
 
 

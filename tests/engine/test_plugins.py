@@ -44,7 +44,8 @@ def built_in_entry_points() -> dict[str, str]:
     return project["project"]["entry-points"][engine.ENTRY_POINT_GROUP]
 
 
-def test_every_built_in_is_registered_through_the_entry_point_group():
+def test_every_built_in_is_registered_through_the_entry_point_group(monkeypatch):
+    monkeypatch.delenv("ENGINE_BLOCK")
     declared = built_in_entry_points()
     plugins = engine.make_plugins()
     assert set(plugins.names()) == set(declared)
@@ -54,7 +55,8 @@ def test_every_built_in_is_registered_through_the_entry_point_group():
     }
 
 
-def test_plugins_are_listed_in_registration_order():
+def test_plugins_are_listed_in_registration_order(monkeypatch):
+    monkeypatch.delenv("ENGINE_BLOCK")
     plugins = engine.make_plugins([LossOnly], blocked=["losses"])
     assert plugins.names() == [*sorted(set(built_in_entry_points()) - {"losses"}), "LossOnly"]
     assert plugins.sources["LossOnly"] == "passed to engine.run"

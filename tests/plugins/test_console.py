@@ -37,7 +37,7 @@ def test_validation_columns(capsys):
     m = result.metrics
     assert lines(capsys)[1] == (
         f"Epoch [2/2], Loss: {m['loss']:.4f}, Acc: {m['train_accuracy']:.4f}, Val Loss: {m['val_loss']:.4f}, "
-        f"Val Acc: {m['val_accuracy']:.4f}"
+        f"Val Acc: {m['val_accuracy']:.4f}, Val F1: {m['val_f1']:.4f}"
     )
 
 

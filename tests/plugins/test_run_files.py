@@ -27,6 +27,7 @@ def test_a_run_writes_its_resolved_config_metrics_and_summary(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "checkpoints",
         "config.toml",
+        "confusion_matrix.json",
         "metrics.jsonl",
         "model.pt",
         "summary.json",
@@ -50,6 +51,10 @@ def test_a_run_writes_its_resolved_config_metrics_and_summary(tmp_path):
         "val_loss",
         "val_cross_entropy",
         "val_accuracy",
+        "val_precision",
+        "val_recall",
+        "val_f1",
+        "val_auroc",
         "time",
     }
     assert logged[-1]["loss"] == result.metrics["loss"]

@@ -1,0 +1,67 @@
+"""``[tensorboard] enabled = true``: the run's metrics, config and final model in TensorBoard event
+files (``torch.utils.tensorboard``; the optional extra ``tensorboard``).
+
+Every logged metric is a scalar at its step; the config is a text entry; at the end of a
+completed or interrupted run the model's summary is a text entry and each weight tensor a
+histogram. The files go to ``dir`` (default: ``tensorboard/`` in the run directory); view them
+with ``tensorboard --logdir runs``. Writing happens at logging points only (in TensorBoard's own
+background thread), never per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import engine
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool = False
+    dir: engine.FilePath = ""  # default: <run directory>/tensorboard
+
+
+class TensorBoard:
+    def __init__(self) -> None:
+        self.writer: Any = None
+
+    @engine.hookimpl
+    def register_settings(self):
+        return {"tensorboard": Settings}
+
+    @engine.hookimpl
+    def on_run_start(self, trainer: engine.Trainer) -> None:
+        settings = trainer.config["tensorboard"]
+        if not settings["enabled"]:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise engine.ConfigError(
+                "tensorboard.enabled: the tensorboard package is not installed "
+                "(pip install 'torch-plugin-engine[tensorboard]')"
+            ) from None
+        self.writer = SummaryWriter(settings["dir"] or str(trainer.run_dir / "tensorboard"))
+        self.writer.add_text("config", "```toml\n" + engine.dump_toml(trainer.config) + "```", global_step=0)
+
+    @engine.hookimpl
+    def on_log(self, metrics: Mapping[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, value in metrics.items():
+            if name not in ("epoch", "step"):
+                self.writer.add_scalar(name, value, global_step=metrics["step"])
+
+    @engine.hookimpl
+    def on_run_end(self, trainer: engine.Trainer, error: BaseException | None) -> None:
+        if self.writer is None:
+            return
+        if error is None or isinstance(error, engine.Interrupted):
+            step = trainer.state.step
+            self.writer.add_text("model", "```\n" + str(trainer.module) + "\n```", global_step=step)
+            for name, weight in trainer.module.state_dict().items():
+                if weight.is_floating_point():
+                    self.writer.add_histogram(f"weights/{name}", weight.detach().float().cpu(), global_step=step)
+        self.writer.close()

@@ -4,6 +4,7 @@ from . import runs  # the run directory's layout and its atomic writes, for plug
 from .config import Config, Section, dump_toml, load_config
 from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
 from .hookspecs import hookimpl, hookspec
+from .inference import Backend, Exported, evaluate, export, export_program, load_backend, predict
 from .loop import Result, Trainer, load, rebuild_optimizer, run, setup, total
 from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
 from .schema import FilePath, Range
@@ -11,9 +12,11 @@ from .types import (
     Acceleration,
     Batch,
     DataInfo,
+    ExportFormat,
     Loaders,
     Precision,
     RunLength,
+    Runner,
     Scheduled,
     State,
     Step,
@@ -25,11 +28,14 @@ from .types import (
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Acceleration",
+    "Backend",
     "Batch",
     "Config",
     "ConfigError",
     "DataInfo",
     "EngineError",
+    "ExportFormat",
+    "Exported",
     "FilePath",
     "Interrupted",
     "Loaders",
@@ -38,6 +44,7 @@ __all__ = [
     "Range",
     "Result",
     "RunLength",
+    "Runner",
     "Scheduled",
     "Section",
     "State",
@@ -47,12 +54,17 @@ __all__ = [
     "TrainingError",
     "Window",
     "dump_toml",
+    "evaluate",
+    "export",
+    "export_program",
     "hookimpl",
     "hookspec",
     "load",
+    "load_backend",
     "load_config",
     "make_plugins",
     "one_line",
+    "predict",
     "rebuild_optimizer",
     "runs",
     "run",

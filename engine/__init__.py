@@ -4,7 +4,7 @@ from . import runs  # the run directory's layout and its atomic writes, for plug
 from .config import Config, Section, dump_toml, load_config
 from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
 from .hookspecs import hookimpl, hookspec
-from .inference import Backend, Exported, evaluate, export, export_program, load_backend, predict
+from .inference import Backend, ExportReport, evaluate, export, export_program, load_backend, predict
 from .loop import Result, Trainer, load, rebuild_optimizer, run, setup, total
 from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
 from .schema import FilePath, Range
@@ -35,7 +35,7 @@ __all__ = [
     "DataInfo",
     "EngineError",
     "ExportFormat",
-    "Exported",
+    "ExportReport",
     "FilePath",
     "Interrupted",
     "Loaders",

@@ -123,7 +123,9 @@ def add_after_training(commands: Any, common: argparse.ArgumentParser) -> None:
         help="a setting of the file reader ([data]), the writer ([predictions]) or the format ([export])",
     )
     served = argparse.ArgumentParser(add_help=False)
-    served.add_argument("--data", required=True, metavar="FILE", help="a data file (.npz, .csv, ...)")
+    served.add_argument(
+        "--data", required=True, metavar="FILE", help="a data file; its suffix names the data component that reads it"
+    )
     served.add_argument(
         "--backend",
         default="auto",
@@ -133,10 +135,17 @@ def add_after_training(commands: Any, common: argparse.ArgumentParser) -> None:
     parents = [run, served, common]
     commands.add_parser("evaluate", parents=parents, help="the loss and metrics of a run's model on labelled data")
     predict = commands.add_parser("predict", parents=parents, help="a run's predictions for the inputs of a file")
-    predict.add_argument("--out", required=True, metavar="FILE", help="where to write them (.npz, .csv, ...)")
+    predict.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="where to write them; its suffix names the predictions component that writes it",
+    )
     predict.add_argument("--batch-size", type=int, default=1024, metavar="N", help="samples per forward pass")
     exporter = commands.add_parser("export", parents=[run, common], help="export a run's model, checked against eager")
-    exporter.add_argument("--format", required=True, metavar="FORMAT", help="an export format (aoti, onnx, ...)")
+    exporter.add_argument(
+        "--format", required=True, metavar="FORMAT", help="an export component (`python -m engine plugins` lists them)"
+    )
     exporter.add_argument("--out", metavar="PATH", help="default: RUN_DIR/exports/<which>-<format><suffix>")
 
 
@@ -169,7 +178,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    exported = export(
+    report = export(
         args.run_dir,
         args.format,
         out=args.out,
@@ -178,7 +187,7 @@ def export_command(args: argparse.Namespace) -> int:
         plugins=args.plugin,
         blocked=args.block,
     )
-    print(exported.describe())
+    print(report.describe())
     return 0
 
 

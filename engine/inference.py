@@ -173,7 +173,7 @@ def export_format(run: Run, name: str, overrides: Sequence[str] = ()) -> ExportF
 
 
 @dataclass(slots=True)
-class Exported:
+class ExportReport:
     """What `export` wrote: the file, and how it was checked against the eager model."""
 
     format: str
@@ -185,7 +185,7 @@ class Exported:
         check = self.verified
         batches = ", ".join(str(size) for size in check["batch_sizes"])
         return (
-            f"exported {self.format}: {self.path} (checked against eager at batch {batches}: "
+            f"{self.format} written to {self.path} (checked against eager at batch {batches}: "
             f"max |diff| {check['max_abs_diff']:.3g}, tolerance {check['tolerance']:g}; {self.seconds:.1f} s)"
         )
 
@@ -199,7 +199,7 @@ def export(
     overrides: Sequence[str] = (),
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
-) -> Exported:
+) -> ExportReport:
     """Export a run's model to `format` (an ``export`` component), check it against the eager model
     and write it to `out` (default: ``runs/<name>/exports/<which>-<format><suffix>``) with its
     record beside it (``<file>.json``). Nothing is written at `out` unless the check passes."""
@@ -211,7 +211,7 @@ def export(
     return _export(run, format, chosen, path)
 
 
-def _export(run: Run, name: str, chosen: ExportFormat, path: Path) -> Exported:
+def _export(run: Run, name: str, chosen: ExportFormat, path: Path) -> ExportReport:
     missing = chosen.missing()
     if missing:
         raise ConfigError(f"export {name}: {missing}")
@@ -246,7 +246,7 @@ def _export(run: Run, name: str, chosen: ExportFormat, path: Path) -> Exported:
         "torch": torch.__version__,
     }
     runs.write_text(_record_path(path), json.dumps(record, indent=2) + "\n")
-    return Exported(name, path, verified, time.perf_counter() - started)
+    return ExportReport(name, path, verified, time.perf_counter() - started)
 
 
 def _model_name(run: Run, module: torch.nn.Module) -> str:
@@ -272,14 +272,14 @@ def verify(module: torch.nn.Module, runner: Runner, chosen: ExportFormat, name: 
         got = runner(x).detach()
         if got.shape != expected.shape:
             raise TrainingError(
-                f"export {name}: the exported model returns shape {tuple(got.shape)} at batch {size}, "
+                f"export {name}: the file's model returns shape {tuple(got.shape)} at batch {size}, "
                 f"eager {tuple(expected.shape)}; nothing written"
             )
         difference = (got.float() - expected).abs()
         worst = max(worst, float(difference.max()))
         if bool((difference > tolerance + tolerance * expected.abs()).any()):
             raise TrainingError(
-                f"export {name}: the exported model differs from eager by {float(difference.max()):.3g} at "
+                f"export {name}: the file's model differs from eager by {float(difference.max()):.3g} at "
                 f"batch {size} (tolerance {tolerance:g}); nothing written"
             )
     return {"batch_sizes": sizes, "max_abs_diff": worst, "tolerance": tolerance}
@@ -329,7 +329,7 @@ def _load_backend(run: Run, backend: str) -> Backend:
     if backend == EAGER:
         return _eager(run, "eager (asked for)")
     if backend != "auto":
-        return _exported_backend(run, backend, export_format(run, backend))
+        return _export_backend(run, backend, export_format(run, backend))
     skipped = []
     ranked = []
     for name in run.plugins.components.get("export", {}):
@@ -342,7 +342,7 @@ def _load_backend(run: Run, backend: str) -> Backend:
             skipped.append(f"{name}: {missing}")
             continue
         try:
-            return _exported_backend(run, name, chosen, auto=True)
+            return _export_backend(run, name, chosen, auto=True)
         except (ConfigError, TrainingError, OSError) as error:
             skipped.append(f"{name}: {error}")
     return _eager(run, "eager (auto; " + ("; ".join(skipped) or "no export format can serve") + ")")
@@ -358,7 +358,7 @@ def _eager(run: Run, description: str) -> Backend:
     return Backend(EAGER, eager, run.info, description)
 
 
-def _exported_backend(run: Run, name: str, chosen: ExportFormat, auto: bool = False) -> Backend:
+def _export_backend(run: Run, name: str, chosen: ExportFormat, auto: bool = False) -> Backend:
     path = run.default_export_path(name, chosen.suffix)
     how = "auto" if auto else "asked for"
     if _verified(path, run):
@@ -366,8 +366,8 @@ def _exported_backend(run: Run, name: str, chosen: ExportFormat, auto: bool = Fa
     missing = chosen.missing()
     if missing:
         raise ConfigError(f"--backend {name}: {missing}")
-    exported = _export(run, name, chosen, path)
-    return Backend(name, chosen.load(path), run.info, f"{name} ({how}; {exported.describe()})")
+    report = _export(run, name, chosen, path)
+    return Backend(name, chosen.load(path), run.info, f"{name} ({how}; {report.describe()})")
 
 
 def _verified(path: Path, run: Run) -> bool:
@@ -448,7 +448,9 @@ def write_predictions(run: Run, columns: Mapping[str, torch.Tensor], out: str | 
 
 def _suffix(path: Path, option: str) -> str:
     if not path.suffix:
-        raise ConfigError(f"{option} '{path}': the file name needs a suffix that says its format (.csv, .npz, ...)")
+        raise ConfigError(
+            f"{option} '{path}': the file name needs a suffix: it names the component that handles the file"
+        )
     return path.suffix.lstrip(".").lower()
 
 

@@ -190,7 +190,7 @@ def test_export_checks_the_file_against_eager_and_records_it(trained, capsys):
     run = trained["default"]
     code, out, err = run_cli(capsys, "export", run, "--format", "exported", "--out", "linear.pt2")
     assert code == 0, err
-    assert out.startswith("exported exported: linear.pt2 (checked against eager at batch 1, 7, 256: max |diff| 0,")
+    assert out.startswith("exported written to linear.pt2 (checked against eager at batch 1, 7, 256: max |diff| 0,")
     record = read_json(Path("linear.pt2.json"))
     assert record["format"] == "exported" and record["which"] == "final"
     assert record["verified"] == {"batch_sizes": [1, 7, 256], "max_abs_diff": 0.0, "tolerance": 1e-5}
@@ -242,12 +242,12 @@ def test_a_third_party_format_is_a_plugin_and_a_file_that_fails_its_check_is_not
     plugin = ["--plugin", "shifted_format.py"]
     code, out, err = run_cli(capsys, "export", run, "--format", "shifted", "--out", "ok.shifted", *plugin)
     assert code == 0, err
-    assert Path("ok.shifted").is_file() and out.startswith("exported shifted: ok.shifted")
+    assert Path("ok.shifted").is_file() and out.startswith("shifted written to ok.shifted")
     code, out, err = run_cli(
         capsys, "export", run, "--format", "shifted", "--out", "bad.shifted", "--set", "export.shift=0.1", *plugin
     )
     assert code == 1
-    assert err.startswith("error: export shifted: the exported model differs from eager by 0.1 at batch 1")
+    assert err.startswith("error: export shifted: the file's model differs from eager by 0.1 at batch 1")
     assert err.endswith("(tolerance 1e-05); nothing written\n")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ok.shifted", "ok.shifted.json", "shifted_format.py"]
 

@@ -283,9 +283,10 @@ def core_words() -> set[str]:
     return words
 
 
-def test_the_core_names_no_particular_loss_optimizer_model_dataset_or_logger():
+def test_the_core_names_no_particular_loss_optimizer_model_dataset_logger_or_export_format():
     plugins = engine.make_plugins()
-    named = {name for kind in ("loss", "optimizer", "model", "data") for name in plugins.components[kind]}
+    kinds = ("loss", "optimizer", "model", "data", "export", "predictions")
+    named = {name for kind in kinds for name in plugins.components[kind]}
     named |= {"console", "tqdm", "progress", "run_files", "crossentropy", "mseloss", "adamw"}
     # "classification" and "regression" are tasks (DataInfo.task), the core's words; the dataset
     # plugin happens to name a component after one.

@@ -6,9 +6,10 @@ The package loads without the engine (``torch._inductor.aoti_load_package(path)`
 takes seconds (about 5 s for the MLP of bench/ on one core, plus 6 s once per process to probe the
 CPU's vector instructions).
 
-Calling the loaded package through its Python wrapper (`AOTICompiledModel.__call__`) parses the
-input and output tree specs from JSON and flattens the arguments on every call: 23 µs of a 30 µs
-MLP forward at batch 1. The backend calls the compiled runner with the one input tensor instead.
+Calling the loaded package through its Python wrapper (`AOTICompiledModel.__call__`) fetches the
+call spec and flattens the arguments with torch's pytree on every call: on the bench MLP at batch
+1, one thread, 15.3 µs a call against 8.3 for the compiled runner alone (the flattening is 5 µs of
+the difference). The backend calls the runner with the one input tensor instead.
 """
 
 from __future__ import annotations

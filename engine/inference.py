@@ -139,7 +139,9 @@ class Run:
         weights, _ = runs.model_file(run_dir, which)
         return cls(run_dir, config, found, info, which, weights, plugins, blocked)
 
-    def load_config(self, job: Any = None, overrides: Sequence[str] = (), plugins: Iterable[Any] = ()):
+    def load_config(
+        self, job: Any = None, overrides: Sequence[str] = (), plugins: Iterable[Any] = ()
+    ) -> tuple[Config, Plugins]:
         """A config built from the run's (or `job`), with this run's plugins and `overrides`."""
         job = self.run_dir / runs.CONFIG if job is None else job
         return load_config(job, overrides, [*self.extra, *plugins], self.blocked)
@@ -359,13 +361,13 @@ def _eager(run: Run, description: str) -> Backend:
 
 
 def _export_backend(run: Run, name: str, chosen: ExportFormat, auto: bool = False) -> Backend:
+    missing = chosen.missing()
+    if missing:
+        raise ConfigError(f"--backend {name}: {missing}")
     path = run.default_export_path(name, chosen.suffix)
     how = "auto" if auto else "asked for"
     if _verified(path, run):
         return Backend(name, chosen.load(path), run.info, f"{name} ({how}; verified export {path})")
-    missing = chosen.missing()
-    if missing:
-        raise ConfigError(f"--backend {name}: {missing}")
     report = _export(run, name, chosen, path)
     return Backend(name, chosen.load(path), run.info, f"{name} ({how}; {report.describe()})")
 

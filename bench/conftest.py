@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from engine_plugins import datasets
-from ratios import Record, format_table, rows
+from ratios import Record, format_table, latency_table, rows
 from torch import nn
 
 import engine
@@ -37,7 +37,7 @@ GROUPS = {
     "data-path": "one epoch of the MLP job fed by DataLoader or by in-memory tensor batching",
     "optimizer": "the optimizer step alone: torch's default, foreach and fused",
     "compiled": "the train step eager, under torch.compile and as a CUDA graph",
-    "inference": "the forward pass eager and exported (torch.export, TensorRT)",
+    "inference": "one forward pass eager, compiled and exported (AOTInductor, ONNX Runtime, TensorRT)",
     "checkpoint": "an epoch with a checkpoint at its end beside one without; saving and loading one",
     "logging": "an epoch logging to TensorBoard at its end beside one logging to the run files only",
 }
@@ -290,13 +290,16 @@ class Group:
         steps_per_round: int | None = None,
         hook_calls_per_step: int = 0,
         rounds: int | None = None,
+        samples_per_step: int = 0,
     ) -> None:
         """Time `run_round` over the job's rounds, after its warm-up rounds (excluded).
 
         `steps_per_round` defaults to the job's optimizer steps in `epochs_per_round` epochs.
         `baseline` marks the contender the group's ratios are taken to (the hand-written loop);
         `reference` names a second contender to compare with, and `hook_calls_per_step` the extra
-        hook calls per step over it, for a dispatch cost per call.
+        hook calls per step over it, for a dispatch cost per call. `samples_per_step` (a forward
+        pass's batch size, in the inference group) adds the 99th percentile of a round and the
+        samples per second to the record, for the latency table.
         """
         steps = steps_per_round or self.job.epochs_per_round * batches_per_epoch(self.job)
         group = f"{self.name}:{self.job.name}:{self.device}"
@@ -329,6 +332,11 @@ class Group:
             median = self.benchmark.stats.stats.median
             info["us_per_step"] = round(median / steps * 1e6, 3)
             info["steps_per_second"] = round(steps / median, 1)
+            if samples_per_step:
+                times = self.benchmark.stats.stats.sorted_data
+                info["samples_per_step"] = samples_per_step
+                info["p99_us_per_step"] = round(times[min(len(times) - 1, int(0.99 * len(times)))] / steps * 1e6, 3)
+                info["samples_per_second"] = round(samples_per_step * steps / median, 1)
             RECORDS.append(Record.from_benchmark(group, median, info))
 
 
@@ -400,7 +408,7 @@ def logging_group(bench_group: Callable[[str], Group]) -> Group:
 
 @pytest.fixture
 def inference(bench_group: Callable[[str], Group]) -> Group:
-    """For bench/test_inference.py: eager vs exported / TensorRT forward (baseline: eager)."""
+    """For bench/test_inference.py: eager vs compiled and exported forward passes (baseline: eager)."""
     return bench_group("inference")
 
 
@@ -416,3 +424,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"(torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_model()})"
     )
     terminalreporter.write_line(format_table(rows(RECORDS)))
+    latency = latency_table(RECORDS)
+    if latency:
+        terminalreporter.section("inference latency")
+        terminalreporter.write_line("per forward pass (a batch); speed-up: the group's eager median / this median")
+        terminalreporter.write_line(latency)

@@ -24,9 +24,12 @@ class Record:
     baseline: bool  # the contender the whole group is compared with (the hand-written loop)
     reference: str | None  # a second contender to compare with (the same optimizer, say)
     hook_calls_per_step: int  # extra hook calls per step over `reference` (the no-op plugins)
+    samples_per_step: int = 0  # the inference group: the batch size of a forward pass
+    p99_seconds_per_step: float | None = None
 
     @classmethod
     def from_benchmark(cls, group: str, median: float, extra_info: Mapping[str, Any]) -> Record:
+        p99 = extra_info.get("p99_us_per_step")
         return cls(
             group=group,
             contender=extra_info["contender"],
@@ -34,6 +37,8 @@ class Record:
             baseline=bool(extra_info.get("baseline")),
             reference=extra_info.get("reference"),
             hook_calls_per_step=int(extra_info.get("hook_calls_per_step", 0)),
+            samples_per_step=int(extra_info.get("samples_per_step", 0)),
+            p99_seconds_per_step=p99 / 1e6 if p99 is not None else None,
         )
 
 
@@ -105,4 +110,33 @@ def format_table(table: list[Row]) -> str:
         group = row.group if row.group != previous else ""
         previous = row.group
         lines.append(f"| {group} | {row.contender} | {row.us_per_step:.1f} | {ratio} | {against} |")
+    return "\n".join(lines)
+
+
+def latency_table(records: Iterable[Record]) -> str:
+    """The inference records (those with a batch size) as latency per batch, median and p99,
+    samples per second and the speed-up over the group's baseline (eager); empty if none."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        if record.samples_per_step:
+            groups.setdefault(record.group, []).append(record)
+    timed = [record for members in groups.values() for record in members]  # grouped, in first-seen order
+    if not timed:
+        return ""
+    baselines = {record.group: record for record in timed if record.baseline}
+    lines = [
+        "| group | contender | median µs | p99 µs | samples/s | speed-up vs eager |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    previous = None
+    for record in timed:
+        baseline = baselines.get(record.group)
+        speed_up = f"{baseline.seconds_per_step / record.seconds_per_step:.2f}x" if baseline else "n/a"
+        p99 = f"{record.p99_seconds_per_step * 1e6:.1f}" if record.p99_seconds_per_step is not None else "n/a"
+        group = record.group if record.group != previous else ""
+        previous = record.group
+        lines.append(
+            f"| {group} | {record.contender} | {record.seconds_per_step * 1e6:.1f} | {p99} | "
+            f"{record.samples_per_step / record.seconds_per_step:,.0f} | {speed_up} |"
+        )
     return "\n".join(lines)

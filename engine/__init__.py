@@ -4,6 +4,7 @@ from . import runs  # the run directory's layout and its atomic writes, for plug
 from .config import Config, Section, dump_toml, load_config
 from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
 from .hookspecs import hookimpl, hookspec
+from .inference import Backend, ExportReport, evaluate, export, export_program, load_backend, predict
 from .loop import Result, Trainer, load, rebuild_optimizer, run, setup, total
 from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
 from .report import plot, runs_table
@@ -12,9 +13,11 @@ from .types import (
     Acceleration,
     Batch,
     DataInfo,
+    ExportFormat,
     Loaders,
     Precision,
     RunLength,
+    Runner,
     Scheduled,
     State,
     Step,
@@ -26,11 +29,14 @@ from .types import (
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Acceleration",
+    "Backend",
     "Batch",
     "Config",
     "ConfigError",
     "DataInfo",
     "EngineError",
+    "ExportFormat",
+    "ExportReport",
     "FilePath",
     "Interrupted",
     "Loaders",
@@ -39,6 +45,7 @@ __all__ = [
     "Range",
     "Result",
     "RunLength",
+    "Runner",
     "Scheduled",
     "Section",
     "State",
@@ -48,13 +55,18 @@ __all__ = [
     "TrainingError",
     "Window",
     "dump_toml",
+    "evaluate",
+    "export",
+    "export_program",
     "hookimpl",
     "hookspec",
     "load",
+    "load_backend",
     "load_config",
     "make_plugins",
     "one_line",
     "plot",
+    "predict",
     "rebuild_optimizer",
     "runs",
     "runs_table",

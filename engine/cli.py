@@ -1,23 +1,34 @@
 """``python -m engine`` (or ``engine``): run a job, print its resolved config, list the plugins,
-table and plot runs."""
+table and plot runs; after training, evaluate, predict with and export a run's model."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import json
 import os
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TextIO
+from typing import Any, TextIO
 
 import pluggy
 
 from .config import CORE_KINDS, dump_toml, load_config
 from .errors import EngineError, Interrupted
 from .hookspecs import SETUP_CHAIN
+from .inference import (
+    Run,
+    evaluate,
+    export,
+    load_backend,
+    predictions,
+    read_inputs,
+    write_evaluation,
+    write_predictions,
+)
 from .loop import setup
 from .plugins import OWN_DISTRIBUTION, Plugins, make_plugins
 from .report import COLUMNS, plot, runs_table
@@ -72,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     )
     curves.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to plot")
     curves.add_argument("--out", default="curves.png", help="the PNG file to write (default: curves.png)")
+    add_after_training(commands, common)
     return top
 
 
@@ -90,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def command(args: argparse.Namespace) -> int:
     try:
+        if args.command in AFTER_TRAINING:
+            return AFTER_TRAINING[args.command](args)
         if args.command == "plugins":
             print(describe_plugins(make_plugins(args.plugin, args.block)))
         elif args.command == "runs":
@@ -167,6 +181,103 @@ class ClosedPipeQuiet(io.TextIOBase):
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
         self.stream = open(os.devnull, "w")  # lives as long as the process
+
+
+# --- after training: evaluate, predict, export ---------------------------------------------------
+
+
+def add_after_training(commands: Any, common: argparse.ArgumentParser) -> None:
+    """The subcommands that work from a run directory alone."""
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (runs/<name>)")
+    run.add_argument(
+        "--which",
+        choices=("final", "best", "last"),
+        default="final",
+        help="model.pt, the best or the latest checkpoint",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="SECTION.KEY=VALUE",
+        help="a setting of the file reader ([data]), the writer ([predictions]) or the format ([export])",
+    )
+    served = argparse.ArgumentParser(add_help=False)
+    served.add_argument(
+        "--data", required=True, metavar="FILE", help="a data file; its suffix names the data component that reads it"
+    )
+    served.add_argument(
+        "--backend",
+        default="auto",
+        metavar="NAME",
+        help="auto (the fastest verified one this machine can run), eager, or an export format",
+    )
+    parents = [run, served, common]
+    commands.add_parser("evaluate", parents=parents, help="the loss and metrics of a run's model on labelled data")
+    predict = commands.add_parser("predict", parents=parents, help="a run's predictions for the inputs of a file")
+    predict.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="where to write them; its suffix names the predictions component that writes it",
+    )
+    predict.add_argument("--batch-size", type=int, default=1024, metavar="N", help="samples per forward pass")
+    exporter = commands.add_parser("export", parents=[run, common], help="export a run's model, checked against eager")
+    exporter.add_argument(
+        "--format", required=True, metavar="FORMAT", help="an export component (`python -m engine plugins` lists them)"
+    )
+    exporter.add_argument("--out", metavar="PATH", help="default: RUN_DIR/exports/<which>-<format><suffix>")
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    backend = load_backend(args.run_dir, args.which, args.backend, plugins=args.plugin, blocked=args.block)
+    print(f"backend: {backend.description}", file=sys.stderr)
+    result = evaluate(
+        args.run_dir,
+        args.data,
+        which=args.which,
+        backend=backend,
+        overrides=args.overrides,
+        plugins=args.plugin,
+        blocked=args.block,
+    )
+    write_evaluation(result)
+    print(json.dumps(result))
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    run = Run.open(args.run_dir, args.which, args.plugin, args.block)
+    x = read_inputs(run, args.data, args.overrides)
+    backend = load_backend(args.run_dir, args.which, args.backend, plugins=args.plugin, blocked=args.block)
+    print(f"backend: {backend.description}", file=sys.stderr)
+    columns = predictions(backend, x, args.batch_size)
+    write_predictions(run, columns, args.out, args.overrides)
+    print(f"{len(x)} predictions ({', '.join(columns)}): {args.out}")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    report = export(
+        args.run_dir,
+        args.format,
+        out=args.out,
+        which=args.which,
+        overrides=args.overrides,
+        plugins=args.plugin,
+        blocked=args.block,
+    )
+    print(report.describe())
+    return 0
+
+
+AFTER_TRAINING: dict[str, Callable[[argparse.Namespace], int]] = {
+    "evaluate": evaluate_command,
+    "predict": predict_command,
+    "export": export_command,
+}
 
 
 def describe_plugins(plugins: Plugins) -> str:

@@ -23,9 +23,10 @@ from .schema import MISSING, Range, Setting, convert, is_path, settings_of
 
 # The component kinds the core builds, in the order of the setup chain, each with the names of
 # the run context its factories may ask for (a parameter of that name receives it; every other
-# parameter is a setting). Plugins may add kinds of their own; those receive no context.
+# parameter is a setting). Plugins may add kinds of their own; those receive no context. A data
+# component receives ``labelled=False`` when `predict` reads unlabelled inputs with it.
 CORE_KINDS: dict[str, tuple[str, ...]] = {
-    "data": ("seed", "device"),
+    "data": ("seed", "device", "labelled"),
     "model": ("info", "device"),
     "loss": ("info", "device"),
     "optimizer": ("params",),
@@ -34,7 +35,8 @@ CORE_KINDS: dict[str, tuple[str, ...]] = {
     "scheduler": ("optimizer", "length"),
 }
 # Kinds a run may go without: when no plugin provides one, none is built (full precision, the
-# eager step, a constant learning rate).
+# eager step, a constant learning rate). So may every kind a plugin adds (``export``, used after
+# training only): its section names none unless the job or a plugin's default does.
 OPTIONAL_KINDS = frozenset({"precision", "accelerate", "scheduler"})
 
 
@@ -238,7 +240,7 @@ def _component_name(
     """The component the `[kind]` section names, else the default a plugin declared."""
     default = declared["name"].default if "name" in declared else None
     name = plain(given.get("name", default), str)
-    if name is None and kind not in OPTIONAL_KINDS:
+    if name is None and kind in CORE_KINDS and kind not in OPTIONAL_KINDS:
         choices = ", ".join(sorted(plugins.components.get(kind, {})))
         raise ConfigError(f"{kind}.name: required, no plugin sets a default (choose one of: {choices})")
     if name is not None and not isinstance(name, str):

@@ -127,6 +127,33 @@ class Acceleration(Protocol):
         """The accelerated step (called after every `wrap_step`, so it wraps them all)."""
 
 
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ExportFormat(Protocol):
+    """What an ``export`` factory returns: one format a trained model is exported to, that can also
+    serve `predict` and `evaluate` as a backend.
+
+    The core checks what `write` produced against the eager model (`load`, then outputs within
+    `tolerance` on random inputs of several batch sizes) before it reports the file as written.
+    """
+
+    suffix: str  # how the file's name ends: ".onnx", ".pt2"
+    tolerance: float  # the largest difference from eager accepted, absolute and relative
+    # The order `--backend auto` tries formats in, highest first; None: auto never picks this one.
+    auto_rank: int | None
+
+    def missing(self) -> str | None:
+        """What this machine lacks to write or run the format (one line saying what to install), or None."""
+
+    def write(self, module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+        """Export `module` (in eval mode, on the CPU; ``engine.export_program`` traces it with a
+        dynamic batch dimension) to the file `path`; `example` is an input batch."""
+
+    def load(self, path: Path) -> Runner:
+        """The file as a function from a float32 CPU batch to the model's float32 CPU output."""
+
+
 @dataclass(slots=True)
 class State:
     """Where the loop is: enough, with the components' state, to resume a run exactly."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,15 +9,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The curves plugin is blocked for the whole session (ENGINE_BLOCK, inherited by subprocesses)
+# but where a test asks for it: drawing a PNG at the end of each of the suite's hundreds of runs
+# would cost a minute.
+os.environ["ENGINE_BLOCK"] = "curves"
+
+
 @pytest.fixture(autouse=True)
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test runs in its own directory, so `runs/` (the default runs_dir) is written there.
-
-    The curves plugin is blocked (ENGINE_BLOCK) but where a test asks for it: drawing a PNG at the
-    end of each of the suite's hundreds of runs would cost a minute.
-    """
+    """Every test runs in its own directory, so `runs/` (the default runs_dir) is written there."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("ENGINE_BLOCK", "curves")
     return tmp_path
 
 

@@ -132,3 +132,16 @@ def test_the_contributing_guide_examples_make_a_working_plugin(tmp_path, monkeyp
     with pytest.raises(engine.ConfigError, match=r"ema.decay: must be < 1, got 1.5"):
         engine.setup({"ema": {"decay": 1.5}}, plugins=[ema_plugin.Ema])
     sys.modules.pop("ema_plugin", None)
+
+
+def test_the_after_training_commands_are_valid_commands():
+    """Every command of "After training" parses as written (the commands run in tests/engine/test_inference.py)."""
+    import shlex
+
+    from engine.cli import parser
+
+    lines = [line.split("#")[0].strip() for line in block_after("## After training", "bash").splitlines()]
+    commands = [shlex.split(line)[3:] for line in lines if line.startswith("python -m engine ")]
+    assert [command[0] for command in commands] == ["run", "evaluate", "predict", "export", "export"]
+    for command in commands:
+        parser().parse_args(command)  # exits 2 on an unknown option

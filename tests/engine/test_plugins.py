@@ -216,6 +216,8 @@ def test_components_have_a_kind_a_name_and_an_owner():
     assert {kind: sorted(table) for kind, table in plugins.components.items()} == {
         "accelerate": ["auto", "compile", "cudagraph", "eager"],
         "data": ["classification", "csv", "linear_regression", "npz"],
+        "export": ["aoti", "exported", "onnx", "tensorrt"],
+        "predictions": ["csv", "npz"],
         "precision": ["16-mixed", "32", "bf16-mixed"],
         "scheduler": ["cosine", "none", "onecycle", "step", "warmup_cosine"],
         "loss": ["bce_with_logits", "cross_entropy", "huber", "l1", "mse", "nll", "smooth_l1"],
@@ -283,9 +285,10 @@ def core_words() -> set[str]:
     return words
 
 
-def test_the_core_names_no_particular_loss_optimizer_model_dataset_or_logger():
+def test_the_core_names_no_particular_loss_optimizer_model_dataset_logger_or_export_format():
     plugins = engine.make_plugins()
-    named = {name for kind in ("loss", "optimizer", "model", "data") for name in plugins.components[kind]}
+    kinds = ("loss", "optimizer", "model", "data", "export", "predictions")
+    named = {name for kind in kinds for name in plugins.components[kind]}
     named |= {"console", "tqdm", "progress", "run_files", "crossentropy", "mseloss", "adamw"}
     # "classification" and "regression" are tasks (DataInfo.task), the core's words; the dataset
     # plugin happens to name a component after one.

@@ -1,0 +1,330 @@
+"""engine/inference.py and its commands: `evaluate`, `predict` and `export` from a run directory.
+
+The oracle is the run's own model (`engine.load`) called by hand, and the run's own validation
+figures (summary.json). Runs are trained once per module; each test works in its own directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import engine
+from engine.cli import main
+from tests.helpers import classification_data, epoch_order, read_json, tutorial_data
+
+CLASSIFY = {
+    "epochs": 3,
+    "seed": 7,
+    "data": {"name": "classification", "n_samples": 400, "n_features": 8, "n_classes": 3, "batch_size": 32},
+    "model": {"name": "mlp", "hidden": [16], "dropout": 0.1},
+    "loss": {"name": "cross_entropy"},
+}
+VAL_FRACTION = 0.25
+
+
+class Branchy(nn.Module):
+    """A user model whose control flow depends on the data: torch.export cannot trace it."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.linear(x)
+        return -self.linear(x)
+
+
+def branchy_model(info: engine.DataInfo) -> nn.Module:
+    return Branchy(info.n_features, info.n_outputs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """The default job (shortened) and a classification job with validation, trained once."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    common = {"runs_dir": str(runs_dir)}
+    default = engine.run({**common, "epochs": 100, "run_name": "default"})
+    classify = engine.run(
+        {**common, **CLASSIFY, "run_name": "classify", "data": {**CLASSIFY["data"], "val_fraction": VAL_FRACTION}}
+    )
+    return {"default": default.run_dir, "classify": classify.run_dir}
+
+
+def validation_split(tmp_path: Path) -> Path:
+    """The classification run's validation samples, in its order, as an npz file."""
+    data = CLASSIFY["data"]
+    x, y = classification_data(7, data["n_samples"], data["n_features"], data["n_classes"], 0.5)
+    n_val = int(len(x) * VAL_FRACTION)
+    val = epoch_order(7, 0, len(x))[:n_val]
+    path = tmp_path / "val.npz"
+    np.savez(path, x=x[val].numpy(), y=y[val].numpy())
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def test_evaluate_on_the_runs_validation_data_reproduces_its_final_validation_figures(trained, tmp_path, capsys):
+    run = trained["classify"]
+    summary = read_json(run / "summary.json")
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", validation_split(tmp_path), "--backend", "eager")
+    assert code == 0, err
+    assert err == "backend: eager (asked for)\n"
+    result = json.loads(out)  # one JSON object on stdout
+    assert result["samples"] == 100 and result["backend"] == "eager" and result["which"] == "final"
+    for name in ("loss", "cross_entropy", "accuracy"):
+        assert result[name] == summary[f"val_{name}"], name  # the run's own validation, bit for bit
+    assert read_json(run / "evaluations" / "val-final.json") == result
+
+
+def test_evaluate_on_an_exported_backend_agrees_with_the_run(trained, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    run = trained["classify"]
+    summary = read_json(run / "summary.json")
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", validation_split(tmp_path))
+    assert code == 0, err
+    assert err.startswith("backend: onnx (auto; ")
+    result = json.loads(out)
+    assert result["backend"] == "onnx"
+    assert result["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert result["accuracy"] == pytest.approx(summary["val_accuracy"], abs=1 / 100)
+
+
+def test_evaluate_a_regression_run_on_a_csv_file_matches_the_loss_by_hand(trained, tmp_path):
+    x, y = tutorial_data(seed=3, n=50)
+    with open(tmp_path / "held_out.csv", "w", newline="") as handle:
+        rows = csv.writer(handle)
+        rows.writerow(["x", "y"])
+        rows.writerows(zip(x[:, 0].tolist(), y[:, 0].tolist()))
+    result = engine.evaluate(
+        trained["default"], tmp_path / "held_out.csv", backend="eager", overrides=["data.target=y"]
+    )
+    model = engine.load(trained["default"])
+    x32, y32 = torch.tensor(x[:, 0].tolist())[:, None], torch.tensor(y[:, 0].tolist())[:, None]
+    expected = nn.functional.mse_loss(model(x32), y32).item()
+    assert result["samples"] == 50 and result["mse"] == pytest.approx(expected, rel=1e-6)
+    assert "accuracy" not in result
+
+
+# --- predict --------------------------------------------------------------------------------------
+
+
+def test_predict_gives_classes_and_probabilities_of_the_runs_model(trained):
+    run = trained["classify"]
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = torch.softmax(engine.load(run)(x), dim=1)
+    predicted = engine.predict(run, x.numpy(), backend="eager", batch_size=64)
+    assert set(predicted) == {"class", "probability"}
+    torch.testing.assert_close(predicted["probability"], expected, rtol=0, atol=0)
+    assert torch.equal(predicted["class"], expected.argmax(dim=1))
+
+
+def test_predict_gives_a_regression_runs_values(trained):
+    x = torch.linspace(-2, 2, 9)[:, None]
+    with torch.inference_mode():
+        expected = engine.load(trained["default"])(x)
+    torch.testing.assert_close(engine.predict(trained["default"], x, backend="eager")["value"], expected)
+
+
+def test_predict_reads_npz_and_csv_and_writes_csv_and_npz(trained, tmp_path, capsys):
+    run = trained["classify"]
+    x = np.random.RandomState(0).randn(20, 8).astype(np.float32)
+    np.savez(tmp_path / "new.npz", x=x)  # unlabelled
+    code, out, err = run_cli(
+        capsys, "predict", run, "--data", tmp_path / "new.npz", "--out", "p.csv", "--backend", "eager"
+    )
+    assert code == 0, err
+    assert out == "20 predictions (class, probability): p.csv\n" and err == "backend: eager (asked for)\n"
+    with open("p.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["class", "probability_0", "probability_1", "probability_2"]
+    expected = engine.predict(run, x, backend="eager")
+    assert [int(row[0]) for row in rows[1:]] == expected["class"].tolist()
+    np.testing.assert_allclose(np.array(rows[1:], dtype=float)[:, 1:], expected["probability"].numpy(), rtol=1e-6)
+
+    with open(tmp_path / "new.csv", "w", newline="") as handle:
+        table = csv.writer(handle)
+        table.writerow([f"f{i}" for i in range(8)])
+        table.writerows(x.tolist())
+    assert main(["predict", str(run), "--data", str(tmp_path / "new.csv"), "--out", "p.npz", "--backend", "eager"]) == 0
+    saved = np.load("p.npz")
+    assert np.array_equal(saved["class"], expected["class"].numpy())
+    np.testing.assert_allclose(saved["probability"], expected["probability"].numpy(), rtol=1e-6)
+
+
+def test_predict_on_auto_uses_the_fastest_verified_export_and_agrees_with_eager(trained, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    run = trained["classify"]
+    x = np.random.RandomState(1).randn(50, 8).astype(np.float32)
+    np.savez(tmp_path / "new.npz", x=x)
+    assert main(["predict", str(run), "--data", str(tmp_path / "new.npz"), "--out", "p.npz"]) == 0
+    assert capsys.readouterr().err.startswith("backend: onnx (auto; ")
+    assert (run / "exports" / "final-onnx.onnx").is_file()
+    # The next call finds the verified export of these weights instead of exporting again.
+    backend = engine.load_backend(run)
+    assert backend.description == f"onnx (auto; verified export {run / 'exports' / 'final-onnx.onnx'})"
+    expected = engine.predict(run, x, backend="eager")
+    np.testing.assert_allclose(np.load("p.npz")["probability"], expected["probability"].numpy(), atol=1e-6)
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def test_export_checks_the_file_against_eager_and_records_it(trained, capsys):
+    run = trained["default"]
+    code, out, err = run_cli(capsys, "export", run, "--format", "exported", "--out", "linear.pt2")
+    assert code == 0, err
+    assert out.startswith("exported written to linear.pt2 (checked against eager at batch 1, 7, 256: max |diff| 0,")
+    record = read_json(Path("linear.pt2.json"))
+    assert record["format"] == "exported" and record["which"] == "final"
+    assert record["verified"] == {"batch_sizes": [1, 7, 256], "max_abs_diff": 0.0, "tolerance": 1e-5}
+    program = torch.export.load("linear.pt2").module()
+    x = torch.randn(5, 1)
+    torch.testing.assert_close(program(x), engine.load(run)(x))
+
+
+SHIFTED = """
+import torch
+
+import engine
+
+
+class Shifted:
+    '''A third-party format: the torch.export program, loaded back off by `shift`.'''
+
+    suffix = ".shifted"
+    tolerance = 1e-5
+    auto_rank = 99
+
+    def __init__(self, shift):
+        self.shift = shift
+
+    def missing(self):
+        return None
+
+    def write(self, module, example, path):
+        torch.export.save(engine.export_program(module, example), path)
+
+    def load(self, path):
+        module = torch.export.load(path).module()
+        return lambda x: module(x) + self.shift
+
+
+def shifted(shift: float = 0.0):
+    return Shifted(shift)
+
+
+@engine.hookimpl
+def register_components():
+    return {"export": {"shifted": shifted}}
+"""
+
+
+def test_a_third_party_format_is_a_plugin_and_a_file_that_fails_its_check_is_not_written(trained, tmp_path, capsys):
+    (tmp_path / "shifted_format.py").write_text(SHIFTED)
+    run = trained["default"]
+    plugin = ["--plugin", "shifted_format.py"]
+    code, out, err = run_cli(capsys, "export", run, "--format", "shifted", "--out", "ok.shifted", *plugin)
+    assert code == 0, err
+    assert Path("ok.shifted").is_file() and out.startswith("shifted written to ok.shifted")
+    code, out, err = run_cli(
+        capsys, "export", run, "--format", "shifted", "--out", "bad.shifted", "--set", "export.shift=0.1", *plugin
+    )
+    assert code == 1
+    assert err.startswith("error: export shifted: the file's model differs from eager by 0.1 at batch 1")
+    assert err.endswith("(tolerance 1e-05); nothing written\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ok.shifted", "ok.shifted.json", "shifted_format.py"]
+
+
+def test_a_model_torch_export_cannot_trace_is_exit_2_naming_the_model_and_the_line(tmp_path, capsys):
+    model = f"{__name__}:branchy_model"
+    run = engine.run({"epochs": 2, "run_name": "branchy", "model": {"name": model}}).run_dir
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "export", run, "--format", "exported")
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: export exported: model '{model}' (Branchy): torch.export cannot trace it at ")
+    assert "test_inference.py" in err and "in forward (`if x.sum() > 0:`)" in err
+    assert "data-dependent expression" in err
+    assert not (run / "exports" / "final-exported.pt2").exists()
+    backend = engine.load_backend(run)  # auto falls back to eager, saying why
+    assert backend.name == "eager" and "torch.export cannot trace it" in backend.description
+
+
+# --- what is at fault ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["export", "runs/nope", "--format", "onnx"],
+            "error: 'runs/nope' is not a run directory (it has no config.toml)",
+        ),
+        (["predict", "runs/nope", "--data", "x.npz", "--out", "p.npz"], "error: 'runs/nope' is not a run directory"),
+        (
+            ["evaluate", "{classify}", "--data", "narrow.npz"],
+            "error: --data 'narrow.npz': 3 features per sample, but run",
+        ),
+        (["predict", "{classify}", "--data", "narrow.npz", "--out", "p.npz"], "error: --data 'narrow.npz': 3 features"),
+        (
+            ["export", "{classify}", "--format", "onxx"],
+            "error: --format: unknown export format 'onxx' (did you mean 'onnx'?)",
+        ),
+        (
+            ["evaluate", "{classify}", "--data", "narrow.npz", "--backend", "eagre"],
+            "error: --backend: unknown backend 'eagre' (did you mean 'eager'?)",
+        ),
+        (["evaluate", "{classify}", "--data", "missing.npz"], "error: --data: file 'missing.npz' does not exist"),
+        (
+            ["evaluate", "{classify}", "--data", "data.txt"],
+            "error: --data 'data.txt': no data component reads .txt files",
+        ),
+        (
+            ["export", "{classify}", "--format", "exported", "--out", "model.onnx"],
+            "error: --out: a exported file's name ends with '.pt2'",
+        ),
+        (
+            ["export", "{unsaved}", "--format", "exported"],
+            "error: run '{unsaved}' has no model.pt: it did not complete",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, trained, capsys):
+    unsaved = Path("runs/unsaved")  # a run that never wrote its model
+    unsaved.mkdir(parents=True)
+    shutil.copy(trained["classify"] / "config.toml", unsaved / "config.toml")
+    np.savez("narrow.npz", x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))
+    Path("data.txt").write_text("1 2 3\n")
+    paths = {"classify": trained["classify"], "unsaved": unsaved}
+    code, _, err = run_cli(capsys, *(arg.format(**paths) for arg in argv))
+    assert code == 2
+    last = err.splitlines()[-1]
+    assert last.startswith(message.format(**paths)), err
+    assert "Traceback" not in err
+
+
+def test_a_file_with_an_unknown_suffix_to_write_is_named(trained, capsys):
+    np.savez("new.npz", x=np.zeros((4, 8), np.float32))
+    code, _, err = run_cli(
+        capsys, "predict", trained["classify"], "--data", "new.npz", "--out", "p.parquet", "--backend", "eager"
+    )
+    assert code == 2 and err.splitlines()[-1].startswith(
+        "error: --out 'p.parquet': no predictions component writes .parquet files"
+    )

@@ -1,0 +1,157 @@
+"""plugins/export_*.py: each export format on the zoo of the test suite's jobs, its file loaded back
+without the engine and compared with the run's eager model, and what it says where it cannot run.
+
+The oracle is `engine.load`'s module; each file is read back by its own runtime (torch.export,
+ONNX Runtime, AOTInductor's loader), not through the plugin that wrote it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+from engine.cli import main
+
+CLASSES = {"name": "classification", "n_samples": 200, "n_features": 6, "n_classes": 3, "batch_size": 50}
+ZOO = {
+    "linear": {},
+    "mlp": {"data": CLASSES, "model": {"name": "mlp", "hidden": [16, 16]}, "loss": {"name": "cross_entropy"}},
+    "mlp-layer-norm-dropout": {
+        "data": CLASSES,
+        "model": {"name": "mlp", "hidden": [16], "layer_norm": True, "dropout": 0.2, "activation": "gelu"},
+        "loss": {"name": "cross_entropy"},
+    },
+    "user-module": {"model": {"name": "tests.helpers:scaled_model", "scale": 0.5}},
+}
+BATCHES = (1, 5, 64)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    runs_dir = tmp_path_factory.mktemp("zoo")
+    return {
+        name: engine.run({"epochs": 3, "run_name": name, "runs_dir": str(runs_dir), **job}).run_dir
+        for name, job in ZOO.items()
+    }
+
+
+def agree(run: Path, loaded, tolerance: float) -> None:
+    """`loaded` (a function of a CPU batch) gives the eager model's outputs at several batch sizes."""
+    model = engine.load(run)
+    generator = torch.Generator().manual_seed(3)
+    for size in BATCHES:
+        x = torch.randn(size, _width(run), generator=generator) * 3
+        with torch.inference_mode():
+            expected = model(x)
+        torch.testing.assert_close(torch.as_tensor(loaded(x)), expected, rtol=tolerance, atol=tolerance)
+
+
+def _width(run: Path) -> int:
+    return int(engine.load_config(run / "config.toml")[0]["inferred"]["n_features"])
+
+
+@pytest.mark.parametrize("job", list(ZOO))
+def test_exported_agrees_with_eager_on_the_zoo(zoo, job):
+    written = engine.export(zoo[job], "exported")
+    assert written.path == zoo[job] / "exports" / "final-exported.pt2"
+    assert written.verified["max_abs_diff"] <= 1e-5
+    agree(zoo[job], torch.export.load(written.path).module(), 1e-5)
+
+
+@pytest.mark.parametrize("job", list(ZOO))
+def test_onnx_agrees_with_eager_on_the_zoo(zoo, job):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    written = engine.export(zoo[job], "onnx")
+    assert written.path.suffix == ".onnx" and not Path(f"{written.path}.data").exists()  # weights inside
+    session = onnxruntime.InferenceSession(str(written.path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    agree(zoo[job], lambda x: session.run(None, {name: x.numpy()})[0], 1e-5)
+
+
+LOAD_WITHOUT_THE_ENGINE = """
+import sys
+
+sys.modules["engine"] = sys.modules["engine_plugins"] = None  # importing either now fails
+import torch
+import torch._inductor
+
+package = torch._inductor.aoti_load_package(sys.argv[1])
+inputs = torch.load(sys.argv[2])
+torch.save([package(x) for x in inputs], sys.argv[3])
+"""
+
+
+def test_aoti_package_loads_without_the_engine_and_agrees_with_eager(zoo, tmp_path):
+    """One AOTInductor compile (seconds): the zoo's richest model, layer norm and dropout."""
+    run = zoo["mlp-layer-norm-dropout"]
+    written = engine.export(run, "aoti")
+    assert written.verified["batch_sizes"] == [1, 7, 256] and written.verified["max_abs_diff"] <= 1e-5
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(size, 6, generator=generator) * 3 for size in BATCHES]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "load.py").write_text(LOAD_WITHOUT_THE_ENGINE)
+    done = subprocess.run(
+        [sys.executable, "load.py", str(written.path), "inputs.pt", "outputs.pt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    model = engine.load(run)
+    for x, got in zip(inputs, torch.load(tmp_path / "outputs.pt")):
+        with torch.inference_mode():
+            torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    # The backend (the verified file, not compiled again) calls the compiled runner directly,
+    # past the package's Python wrapper.
+    backend = engine.load_backend(run, backend="aoti")
+    assert backend.description == f"aoti (asked for; verified export {written.path})"
+    agree(run, backend, 1e-5)
+
+
+@pytest.mark.cuda
+def test_tensorrt_agrees_with_eager_within_fp16_and_fp32_tolerance(zoo, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    pytest.importorskip("torch_tensorrt")
+    run = zoo["mlp"]
+    for precision, tolerance in (("fp16", 1e-2), ("fp32", 1e-4)):
+        out = tmp_path / f"{precision}.ep"
+        written = engine.export(run, "tensorrt", out=out, overrides=[f"export.precision={precision}"])
+        assert written.verified["tolerance"] == tolerance
+        backend = engine.load_backend(run, backend="tensorrt")
+        agree(run, backend, 1e-2)
+
+
+def test_tensorrt_without_cuda_or_torch_tensorrt_says_what_to_install_in_one_line(zoo, capsys):
+    if torch.cuda.is_available():
+        try:
+            import torch_tensorrt  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            pytest.skip("CUDA and torch-tensorrt are here: the format runs")
+    assert main(["export", str(zoo["mlp"]), "--format", "tensorrt"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert err.startswith("error: export tensorrt: TensorRT needs ")
+    assert err.rstrip().endswith(
+        "pip install 'torch-plugin-engine[tensorrt]'" + ("" if torch.cuda.is_available() else " on a machine with one")
+    )
+
+
+def test_onnx_without_its_packages_says_what_to_install(zoo, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert main(["export", str(zoo["linear"]), "--format", "onnx", "--out", "x.onnx"]) == 2
+    assert capsys.readouterr().err == (
+        "error: export onnx: ONNX export needs onnxruntime: pip install 'torch-plugin-engine[onnx]'\n"
+    )
+    backend = engine.load_backend(zoo["linear"], blocked=["export_aoti"])  # auto passes it over, and says so
+    assert "onnx: ONNX export needs onnxruntime" in backend.description

@@ -22,7 +22,19 @@ from .config import CORE_KINDS, Config, load_config
 from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
 from .plugins import Plugins
 from .schema import MISSING, settings_of
-from .types import Batch, DataInfo, Loaders, Precision, RunLength, Scheduled, State, Step, Window, windows
+from .types import (
+    Batch,
+    DataInfo,
+    Loaders,
+    Precision,
+    RunLength,
+    Scheduled,
+    Standardize,
+    State,
+    Step,
+    Window,
+    windows,
+)
 
 
 @dataclass(slots=True)
@@ -157,8 +169,19 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": state.state_dict(),
             "grads": [p.grad for p in params] if inside_window else None,
+            "standardize": self.standardize_state(),
             "plugins": plugins,
         }
+
+    def trained_model(self) -> dict[str, Any]:
+        """The model file's content (model.pt): the weights and the input standardization, which
+        `engine.load` rebuilds the inference model from."""
+        state = {"format": runs.MODEL_FORMAT, "model": self.module.state_dict(), "step": self.state.step}
+        return {**state, "standardize": self.standardize_state()}
+
+    def standardize_state(self) -> dict[str, torch.Tensor] | None:
+        standardize = getattr(self.loaders, "standardize", None)
+        return None if standardize is None else {"mean": standardize.mean, "std": standardize.std}
 
     def restore(self, saved: Mapping[str, Any], source: Path) -> None:
         """Load a checkpoint into the final objects of the setup chain (a ConfigError naming the
@@ -600,7 +623,8 @@ def load(run_dir: str | Path, which: Literal["final", "best", "last"] = "final")
     """The model a run trained, on the CPU in eval mode, rebuilt from the run's config.toml (which
     records what was inferred from the data) and its weights: ``final`` (model.pt, a completed or
     interrupted run), ``best`` (by the checkpoints' monitored metric) or ``last`` (the latest
-    checkpoint). Nothing in the files is executed."""
+    checkpoint). It takes raw input features: a run that standardized its inputs gets its
+    `Standardize` in front. Nothing in the files is executed."""
     run_dir = Path(run_dir)
     if not (run_dir / runs.CONFIG).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (it has no {runs.CONFIG})")
@@ -611,5 +635,8 @@ def load(run_dir: str | Path, which: Literal["final", "best", "last"] = "final")
     info = DataInfo(inferred["n_features"], inferred["n_outputs"], inferred["task"], n_train=0)
     module = build_component(config, plugins, "model", info=info, device=torch.device("cpu"))
     path, expected = runs.model_file(run_dir, which)
-    module.load_state_dict(runs.load(path, expected)["model"])
+    saved = runs.load(path, expected)
+    module.load_state_dict(saved["model"])
+    if saved.get("standardize") is not None:  # the inputs were standardized in training: so here
+        module = torch.nn.Sequential(Standardize(**saved["standardize"]), module)
     return module.eval()

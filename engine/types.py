@@ -62,13 +62,32 @@ class DataInfo:
     n_val: int = 0
 
 
+class Standardize(torch.nn.Module):
+    """``(x - mean) / std`` per input feature: what loaders that standardize did to the inputs.
+
+    The statistics come from the training split only. The loaders apply them to the data they
+    batch; the run saves them with the model, and `engine.load` puts this module in front of it,
+    so that what predict, evaluate and export run takes raw features.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("std", std.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class Loaders(Protocol):
     """Batch iterators over the training and validation data, built by `build_loaders`.
 
-    Batches come out on the run's device.
+    Batches come out on the run's device. ``standardize`` is the `Standardize` the loaders applied
+    to every input (train, validation, test), or None.
     """
 
     info: DataInfo
+    standardize: Standardize | None
 
     def train(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of `epoch` (1-based) from position `start`; the order depends only on (seed, epoch)."""

@@ -107,8 +107,7 @@ class Checkpoints:
                 state = trainer.state
                 if self.saved != (state.epoch, state.batch, state.step):
                     self.save(trainer)
-                model = {"format": runs.MODEL_FORMAT, "model": trainer.module.state_dict(), "step": state.step}
-                runs.save(model, trainer.run_dir / runs.MODEL)
+                runs.save(trainer.trained_model(), trainer.run_dir / runs.MODEL)
             self.wait()
         finally:
             self.writer.shutdown(wait=True)

@@ -72,7 +72,17 @@ def test_a_checkpoint_holds_everything_a_resumed_run_needs_and_loads_without_pic
     path = runs.latest_checkpoint(result.run_dir)
     saved = torch.load(path, weights_only=True)  # raises on anything but tensors and plain values
     assert saved["format"] == runs.CHECKPOINT_FORMAT
-    assert set(saved) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "grads", "plugins"}
+    assert set(saved) == {
+        "format",
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "state",
+        "grads",
+        "standardize",
+        "plugins",
+    }
     assert saved["scheduler"]["last_epoch"] == 12 and saved["scaler"]["scale"] > 0
     assert saved["state"]["epoch"] == 4 and saved["state"]["step"] == 12
     assert set(saved["state"]["rng"]) >= {"python", "numpy", "torch"}

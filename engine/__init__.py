@@ -1,26 +1,64 @@
-"""A plugin-based PyTorch training engine: the tutorial's loop, with every feature a pluggy plugin."""
+"""A plugin-based PyTorch training engine: the tutorial's loop, with every feature a pluggy plugin.
 
-from . import runs  # the run directory's layout and its atomic writes, for plugins that write there
-from .config import Config, Section, dump_toml, load_config
-from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
-from .hookspecs import hookimpl, hookspec
-from .loop import Result, Trainer, load, rebuild_optimizer, run, setup, total
-from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
-from .schema import FilePath, Range
-from .types import (
-    Acceleration,
-    Batch,
-    DataInfo,
-    Loaders,
-    Precision,
-    RunLength,
-    Scheduled,
-    State,
-    Step,
-    TrainerView,
-    Window,
-    windows,
-)
+The public names are imported from their modules on first use, not with the package, so that
+``python -m engine`` can take over Ctrl-C (engine/__main__.py) before torch is imported: a Ctrl-C
+during those seconds would otherwise print the traceback of an import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from . import runs
+    from .config import Config, Section, dump_toml, load_config
+    from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
+    from .hookspecs import hookimpl, hookspec
+    from .loop import Result, Trainer, load, rebuild_optimizer, run, setup, total
+    from .plugins import ENTRY_POINT_GROUP, Plugins, make_plugins
+    from .schema import FilePath, Range
+    from .types import (
+        Acceleration,
+        Batch,
+        DataInfo,
+        Loaders,
+        Precision,
+        RunLength,
+        Scheduled,
+        State,
+        Step,
+        TrainerView,
+        Window,
+        windows,
+    )
+
+# The module each public name comes from (the imports above, for readers and type checkers).
+_HOMES = {
+    "runs": ("runs",),  # the run directory's layout and its atomic writes, for plugins that write there
+    "config": ("Config", "Section", "dump_toml", "load_config"),
+    "errors": ("ConfigError", "EngineError", "Interrupted", "TrainingError", "one_line"),
+    "hookspecs": ("hookimpl", "hookspec"),
+    "loop": ("Result", "Trainer", "load", "rebuild_optimizer", "run", "setup", "total"),
+    "plugins": ("ENTRY_POINT_GROUP", "Plugins", "make_plugins"),
+    "schema": ("FilePath", "Range"),
+    "types": (
+        "Acceleration",
+        "Batch",
+        "DataInfo",
+        "Loaders",
+        "Precision",
+        "RunLength",
+        "Scheduled",
+        "State",
+        "Step",
+        "TrainerView",
+        "Window",
+        "windows",
+    ),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+_SUBMODULES = frozenset({"cli", "config", "errors", "hookspecs", "loop", "plugins", "runs", "schema", "types"})
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -60,3 +98,17 @@ __all__ = [
     "total",
     "windows",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name, name if name in _SUBMODULES else None)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{home}")
+    value = module if name == home else getattr(module, name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -14,6 +14,8 @@
     (restore from a checkpoint, when resuming, into these final objects)
     load_state_dict          per plugin: its own state from the checkpoint
     wrap_step                chained: then the accelerate component's step wraps them all
+    (the check: a sample of the training data as validation runs it, RNG kept)
+        before_forward, compute_loss, compute_metrics
     -- the run (Trainer.fit) --
     (the run directory: created, or the resumed one)
     on_run_start             once, before the first epoch
@@ -36,6 +38,11 @@
     state_dict               per plugin, whenever a checkpoint is taken (Trainer.checkpoint)
     on_run_end               once, also when the run failed or was interrupted; every
                              implementation runs even when another raised
+
+Whatever fails in the setup chain is a ConfigError (exit 2; nothing is written yet): the
+exception of a hook names its plugin and hook. Once the run directory exists, from
+`on_run_start` on, a failure is the run's (exit 1, with the epoch and step), and the run's files
+record it.
 
 Implementations take only the arguments they use, as in pytest, so adding an argument to a hook
 breaks no plugin. The hooks in `ONE_BY_ONE` are called by the core one implementation at a time
@@ -192,7 +199,9 @@ def on_run_start(trainer: TrainerView) -> None:
     """Called once when the run starts (`Trainer.fit`), after the setup chain, before the first epoch.
 
     ``trainer`` holds the config, the final components and the :class:`State` (restored, when
-    resuming). Open files and start timers here. Its return is ignored.
+    resuming). Open files and start timers here; check settings earlier (a component factory, or
+    the setup chain's hooks), since an error here is a failure of the run (exit 1), whose
+    directory exists. Its return is ignored.
     """
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from . import runs
 from .config import CORE_KINDS, Config, load_config
@@ -57,6 +58,16 @@ class Trainer:
         self, config: Config, plugins: Plugins, *, run_dir: Path | None = None, checkpoint: Path | None = None
     ) -> None:
         self.config, self.plugins, self.hooks = config, plugins, plugins.hook
+        try:
+            self.build_chain(config, run_dir, checkpoint)
+            self.check()
+        except EngineError:
+            raise
+        except Exception as error:  # nothing is written yet: whatever failed, it is the setup's
+            raise self.setup_error(error) from error
+
+    def build_chain(self, config: Config, run_dir: Path | None, checkpoint: Path | None) -> None:
+        """The setup chain (engine/hookspecs.py), from the data to the wrapped step."""
         self.epochs: int = config["epochs"]
         self.accumulation: int = config["grad_accumulation"]
         self.val_every: int = config["val_every"]
@@ -122,6 +133,59 @@ class Trainer:
             self.after_step.insert(0, self.step_scheduler_after_window(scheduled.scheduler))
         every = config["log"]["every"]
         self.log_every = every or max(1, self.epochs // 10)
+
+    def check(self) -> None:
+        """The setup chain's last link: a sample of the training data (`Loaders.sample`) through the
+        before_forward hooks, the model as built (`module`: a wrapper changes how it runs, not
+        what it outputs, and may talk to other processes), every loss term and the metrics, as
+        validation runs them (eval mode, no gradients), with every RNG kept. A model, loss or
+        metric that does not fit the data fails here, as a ConfigError naming it, before anything
+        is written."""
+        with kept_rng(self.device), torch.inference_mode():
+            batch = self.loaders.sample()
+            modules = list(dict.fromkeys([*self.model.modules(), *self.module.modules()]))
+            modes = [module.training for module in modules]
+            self.model.eval()  # as hooks see it (trainer.model.training): as in validation
+            self.module.eval()
+            try:
+                for hook in self.before_forward:
+                    batch = hook(batch=batch) or batch
+                with self.precision.autocast():
+                    try:
+                        output = self.module(batch.x)
+                    except Exception as error:
+                        model = self.config["model"]["name"]
+                        raise self.sample_error(error, f"model {model!r} failed on inputs {shape(batch.x)}") from error
+                    try:
+                        self.loss_terms(batch, output)
+                    except Exception as error:
+                        what = f"loss {self.loss_name!r} failed on outputs {shape(output)} and targets {shape(batch.y)}"
+                        raise self.sample_error(error, what) from error
+                for hook in self.compute_metrics:
+                    hook(batch=batch, output=output)
+            finally:
+                for module, mode in zip(modules, modes):
+                    module.training = mode
+
+    def sample_error(self, error: Exception, what: str) -> Exception:
+        """The error of the model or the loss on the sample, as a ConfigError saying so; one from a
+        plugin's hook (compute_loss) is the setup's (`setup_error`)."""
+        if isinstance(error, TrainingError):  # the loss's own message (it names the loss)
+            return ConfigError(f"on a sample of the training data: {error}")
+        if isinstance(error, EngineError):
+            return error
+        culprit = self.plugins.blame(error.__traceback__)
+        if culprit is not None and culprit[1]:
+            return self.setup_error(error)
+        return ConfigError(f"on a sample of the training data: {what}: {one_line(error)}")
+
+    def setup_error(self, error: Exception) -> ConfigError:
+        """A ConfigError for an exception in the setup chain, naming the plugin and hook it came from."""
+        culprit = self.plugins.blame(error.__traceback__)
+        if culprit is None:
+            return ConfigError(f"setup failed: {one_line(error)}")
+        plugin, hook = culprit
+        return ConfigError(f"plugin {plugin!r} failed" + (f" in hook {hook}" if hook else "") + f": {one_line(error)}")
 
     def build(self, kind: str, name: str | None = None, **context: Any) -> Any:
         """Build the component of `kind` the config names (or `name`, with its default settings),
@@ -407,7 +471,8 @@ class Trainer:
         self.hooks.on_log(state=state, metrics=metrics, trainer=self)
 
     def explain(self, error: BaseException) -> BaseException:
-        """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook."""
+        """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook;
+        a ConfigError only while the run's directory does not exist yet."""
         state = self.state
         if isinstance(error, Interrupted):
             error.where(state)
@@ -420,13 +485,16 @@ class Trainer:
             where = f"end of epoch {state.epoch - 1}, step {state.step}"
         if isinstance(error, TrainingError) and not error.located:
             return TrainingError(f"{where}: {error}", located=True)
-        if not isinstance(error, Exception) or isinstance(error, EngineError):
+        # A ConfigError once the run's directory exists is a failure of the run (exit 1): exit 2
+        # says that nothing was created.
+        own = isinstance(error, ConfigError) and self.run_dir is not None
+        if not own and (not isinstance(error, Exception) or isinstance(error, EngineError)):
             return error
         culprit = self.plugins.blame(error.__traceback__)
         if culprit:
             plugin, hook = culprit
             where += f": plugin {plugin!r}" + (f" failed in hook {hook}" if hook else "")
-        explained = TrainingError(f"{where}: {one_line(error)}", located=True)
+        explained = TrainingError(f"{where}: {error if own else one_line(error)}", located=True)
         explained.__cause__ = error
         return explained
 
@@ -455,6 +523,28 @@ def rebuild_optimizer(
     # decoupled_weight_decay in torch 2.13).
     defaults = {key: value for key, value in changed(optimizer.defaults).items() if key in accepted}
     return type(optimizer)(groups, **defaults)
+
+
+def shape(tensor: Any) -> str:
+    """A tensor's shape and dtype, as error messages show it: ``(8, 3) float32``."""
+    if isinstance(tensor, torch.Tensor):
+        return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+    return f"of type {type(tensor).__name__}"
+
+
+@contextlib.contextmanager
+def kept_rng(device: torch.device) -> Iterator[None]:
+    """Every RNG (python, numpy, torch, the run's CUDA device) as it was before the block."""
+    python, numpy = random.getstate(), np.random.get_state()
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -490,6 +580,10 @@ def build_component(config: Config, plugins: Plugins, kind: str, name: str | Non
         wanted = {}
     arguments.update({key: value for key, value in context.items() if key in wanted})
     source = f" (plugin {component.plugin!r})" if component.plugin else ""
+    base = REFERENCED_CLASSES.get(kind)
+    if inspect.isclass(component.factory) and base is not None and not issubclass(component.factory, base):
+        # A class is its own factory: checked before it is called, so that nothing else runs.
+        raise ConfigError(f"{kind}.name: {chosen!r} is a class but not a {base.__module__}.{base.__qualname__}")
     try:
         built = component.factory(**arguments)
     except EngineError:
@@ -504,14 +598,17 @@ def build_component(config: Config, plugins: Plugins, kind: str, name: str | Non
     return built
 
 
-# What the factories of the core's kinds must return (data, loss and accelerate: checked where used).
+# What the factories of the core's kinds must return (data and accelerate: checked where used).
 BUILT_TYPES: dict[str, type] = {
     "model": torch.nn.Module,
+    "loss": Callable,  # type: ignore[dict-item]  # of (output, target)
     "optimizer": torch.optim.Optimizer,
     "precision": Precision,
     "scheduler": Scheduled,
 }
 OPTIONAL = frozenset({"scheduler", "precision", "accelerate"})
+# What a class given as a component (``"package.module:Class"``) must derive from.
+REFERENCED_CLASSES: dict[str, type] = {**BUILT_TYPES, "data": torch.utils.data.Dataset, "loss": torch.nn.Module}
 
 
 def record_inferred(config: Config, info: DataInfo) -> Config:
@@ -532,12 +629,15 @@ def setup(
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
     resume: str | Path | None = None,
+    imports: bool = True,
 ) -> Trainer:
     """A Trainer ready to `fit`, with a fresh plugin manager: the setup chain has run, nothing is written.
 
-    `resume` continues a run: a run directory continues from its latest checkpoint (its
-    config.toml is the job unless one is given); "auto", like the config's ``resume = "auto"``,
-    continues the run named by ``run_name`` when it has a checkpoint and starts it otherwise.
+    Whatever fails here is a ConfigError naming what is at fault. `resume` continues a run: a run
+    directory continues from its latest checkpoint (its config.toml is the job unless one is
+    given); "auto", like the config's ``resume = "auto"``, continues the run named by ``run_name``
+    when it has a checkpoint and starts it otherwise. `imports` False refuses a job that imports
+    code (`load_config`).
     """
     run_dir = None
     if resume not in (None, "", "auto"):
@@ -545,12 +645,14 @@ def setup(
         if not (run_dir / runs.CONFIG).is_file():
             raise ConfigError(f"--resume: '{run_dir}' is not a run directory (it has no {runs.CONFIG})")
         job = run_dir / runs.CONFIG if job is None else job
-    config, found = load_config(job, overrides, plugins, blocked)
+    config, found = load_config(job, overrides, plugins, blocked, imports=imports)
     if run_dir is None and (resume == "auto" or config["resume"] == "auto"):
         if not config["run_name"]:
             raise ConfigError("resume = 'auto': name the run to continue with run_name")
         existing = Path(config["runs_dir"]) / config["run_name"]
         run_dir = existing if existing.is_dir() else None
+    elif run_dir is None:
+        runs.check_free(config["runs_dir"], config["run_name"])  # `fit` creates it exclusively
     checkpoint = runs.latest_checkpoint(run_dir) if run_dir is not None else None
     if checkpoint is None and resume not in (None, "", "auto"):
         raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from")
@@ -564,14 +666,15 @@ def run(
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
     resume: str | Path | None = None,
+    imports: bool = True,
 ) -> Result:
     """Train the job and return the model (in eval mode) and final metrics.
 
     `job` is a dict shaped like the TOML file, a path to one, a Config, or None for the default
     job. `plugins` are extra plugin objects or module names; `blocked` names plugins to skip;
-    `resume` is as for `setup`.
+    `resume` and `imports` are as for `setup`.
     """
-    return setup(job, overrides=overrides, plugins=plugins, blocked=blocked, resume=resume).fit()
+    return setup(job, overrides=overrides, plugins=plugins, blocked=blocked, resume=resume, imports=imports).fit()
 
 
 def load(run_dir: str | Path, which: Literal["final", "best", "last"] = "final") -> torch.nn.Module:

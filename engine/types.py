@@ -76,6 +76,10 @@ class Loaders(Protocol):
     def train_batches(self) -> int:
         """How many batches one training epoch has."""
 
+    def sample(self) -> Batch:
+        """A few training samples as one batch on the device, read without touching the epochs'
+        order or starting worker processes: what the setup chain checks the model and loss on."""
+
     def val(self) -> Iterable[Batch] | None:
         """The validation batches, or None when there is no validation data."""
 

@@ -38,7 +38,7 @@ class RunFiles:
         self.started_at = ""
         self.summary: dict[str, Any] = {}
 
-    @engine.hookimpl
+    @engine.hookimpl(tryfirst=True)  # the record exists before another plugin's start can fail
     def on_run_start(self, trainer: engine.Trainer) -> None:
         run_dir = trainer.run_dir
         runs.write_text(run_dir / runs.CONFIG, engine.dump_toml(trainer.config))

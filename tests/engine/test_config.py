@@ -211,11 +211,13 @@ def test_a_users_component_parameters_become_settings():
 
 
 def test_a_job_file_lists_plugin_modules(tmp_path, write_plugin):
-    write_plugin("square_loss_plugin", "from tests.helpers import LossOnly as plugin\n")
-    (tmp_path / "job.toml").write_text('plugins = ["tests.helpers"]\n')
+    write_plugin("listed_plugin", "import engine\n\n@engine.hookimpl\ndef on_epoch_end():\n    pass\n")
+    (tmp_path / "job.toml").write_text('plugins = ["listed_plugin", "tests.helpers:LossOnly"]\n')
     config, plugins = engine.load_config(tmp_path / "job.toml")
-    assert plugins.sources["tests.helpers"] == "--plugin tests.helpers"
-    assert config["plugins"] == ("tests.helpers",)
+    assert plugins.sources["listed_plugin"] == "--plugin listed_plugin"
+    assert plugins.sources["tests.helpers:LossOnly"] == "--plugin tests.helpers:LossOnly"
+    assert plugins.component("loss", "sq").plugin == "tests.helpers:LossOnly"
+    assert config["plugins"] == ("listed_plugin", "tests.helpers:LossOnly")
 
 
 @dataclass(frozen=True)

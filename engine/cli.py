@@ -115,7 +115,8 @@ def command(args: argparse.Namespace) -> int:
 def report(error: BaseException, message: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exception(error)
-    print(message, file=sys.stderr)
+    # One line, whatever the message quotes (another library's message may span several).
+    print("; ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
     return code
 
 

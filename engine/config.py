@@ -239,6 +239,8 @@ def _component_name(
     name = plain(given.get("name", default), str)
     if name is None and kind not in OPTIONAL_KINDS:
         choices = ", ".join(sorted(plugins.components.get(kind, {})))
+        if not choices:
+            raise ConfigError(f"{kind}.name: required, and no plugin provides a {kind} component")
         raise ConfigError(f"{kind}.name: required, no plugin sets a default (choose one of: {choices})")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{kind}.name: expected a string, got {name!r}")

@@ -23,7 +23,19 @@ from .config import CORE_KINDS, Config, load_config
 from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
 from .plugins import Plugins
 from .schema import MISSING, settings_of
-from .types import Batch, DataInfo, Loaders, Precision, RunLength, Scheduled, State, Step, Window, windows
+from .types import (
+    Acceleration,
+    Batch,
+    DataInfo,
+    Loaders,
+    Precision,
+    RunLength,
+    Scheduled,
+    State,
+    Step,
+    Window,
+    windows,
+)
 
 
 @dataclass(slots=True)
@@ -61,7 +73,7 @@ class Trainer:
         try:
             self.build_chain(config, run_dir, checkpoint)
             self.check()
-        except EngineError:
+        except ConfigError:
             raise
         except Exception as error:  # nothing is written yet: whatever failed, it is the setup's
             raise self.setup_error(error) from error
@@ -83,6 +95,8 @@ class Trainer:
         loaders = self.hooks.build_loaders(data=data, config=config, seed=seed, device=self.device)
         if loaders is None:
             raise ConfigError("no plugin implements build_loaders: nothing can batch the data")
+        if not isinstance(loaders, Loaders):
+            raise ConfigError(f"hook build_loaders returned {returned(loaders)}, not an engine.Loaders")
         self.loaders: Loaders = loaders
         self.info: DataInfo = loaders.info
         self.config = record_inferred(config, self.info)
@@ -138,9 +152,9 @@ class Trainer:
         """The setup chain's last link: a sample of the training data (`Loaders.sample`) through the
         before_forward hooks, the model as built (`module`: a wrapper changes how it runs, not
         what it outputs, and may talk to other processes), every loss term and the metrics, as
-        validation runs them (eval mode, no gradients), with every RNG kept. A model, loss or
-        metric that does not fit the data fails here, as a ConfigError naming it, before anything
-        is written."""
+        validation runs them (eval mode, no gradients), with every RNG kept. A model, loss, hook or
+        metric that does not fit the data, or returns what the loop cannot use, fails here as a
+        ConfigError naming it, before anything is written."""
         with kept_rng(self.device), torch.inference_mode():
             batch = self.loaders.sample()
             modules = list(dict.fromkeys([*self.model.modules(), *self.module.modules()]))
@@ -148,28 +162,36 @@ class Trainer:
             self.model.eval()  # as hooks see it (trainer.model.training): as in validation
             self.module.eval()
             try:
-                for hook in self.before_forward:
-                    batch = hook(batch=batch) or batch
+                for plugin, hook in self.plugins.bind_by_plugin("before_forward", trainer=self):
+                    batch = expect(hook(batch=batch), Batch, f"plugin {plugin!r}: hook before_forward") or batch
                 with self.precision.autocast():
                     try:
                         output = self.module(batch.x)
                     except Exception as error:
-                        model = self.config["model"]["name"]
-                        raise self.sample_error(error, f"model {model!r} failed on inputs {shape(batch.x)}") from error
+                        what = f"model {self.config['model']['name']!r} failed on inputs {shape(batch.x)}"
+                        raise self.sample_error(error, what) from error
                     try:
-                        self.loss_terms(batch, output)
+                        loss = self.loss_fn(output, batch.y)
                     except Exception as error:
                         what = f"loss {self.loss_name!r} failed on outputs {shape(output)} and targets {shape(batch.y)}"
                         raise self.sample_error(error, what) from error
-                for hook in self.compute_metrics:
-                    hook(batch=batch, output=output)
+                    numbers({self.loss_name: loss}, f"loss {self.loss_name!r}")
+                    names = {self.loss_name}
+                    for plugin, hook in self.plugins.bind_by_plugin("compute_loss", trainer=self):
+                        who = f"plugin {plugin!r}: hook compute_loss"
+                        for name in numbers(hook(batch=batch, output=output), who):
+                            if name in names:
+                                raise ConfigError(f"{who} returned a second loss term named {name!r}")
+                            names.add(name)
+                for plugin, hook in self.plugins.bind_by_plugin("compute_metrics", trainer=self):
+                    numbers(hook(batch=batch, output=output), f"plugin {plugin!r}: hook compute_metrics")
             finally:
                 for module, mode in zip(modules, modes):
                     module.training = mode
 
     def sample_error(self, error: Exception, what: str) -> Exception:
         """The error of the model or the loss on the sample, as a ConfigError saying so; one from a
-        plugin's hook (compute_loss) is the setup's (`setup_error`)."""
+        plugin's hook is the setup's (`setup_error`)."""
         if isinstance(error, TrainingError):  # the loss's own message (it names the loss)
             return ConfigError(f"on a sample of the training data: {error}")
         if isinstance(error, EngineError):
@@ -181,11 +203,12 @@ class Trainer:
 
     def setup_error(self, error: Exception) -> ConfigError:
         """A ConfigError for an exception in the setup chain, naming the plugin and hook it came from."""
+        message = str(error) if isinstance(error, EngineError) else one_line(error)
         culprit = self.plugins.blame(error.__traceback__)
         if culprit is None:
-            return ConfigError(f"setup failed: {one_line(error)}")
+            return ConfigError(message if isinstance(error, EngineError) else f"setup failed: {message}")
         plugin, hook = culprit
-        return ConfigError(f"plugin {plugin!r} failed" + (f" in hook {hook}" if hook else "") + f": {one_line(error)}")
+        return ConfigError(f"plugin {plugin!r} failed" + (f" in hook {hook}" if hook else "") + f": {message}")
 
     def build(self, kind: str, name: str | None = None, **context: Any) -> Any:
         """Build the component of `kind` the config names (or `name`, with its default settings),
@@ -193,9 +216,15 @@ class Trainer:
         return build_component(self.config, self.plugins, kind, name, **context)
 
     def chain(self, hook: str, argument: str, value: Any) -> Any:
-        """`value` passed through every implementation of a chained setup hook, in hook order."""
-        for wrap in self.plugins.bind(hook, trainer=self):
-            value = wrap(**{argument: value}) or value
+        """`value` passed through every implementation of a chained setup hook, in hook order;
+        each returns what the next one receives (or None: unchanged)."""
+        for plugin, wrap in self.plugins.bind_by_plugin(hook, trainer=self):
+            wrapped = wrap(**{argument: value})
+            if wrapped is not None and not isinstance(wrapped, CHAINED_TYPES[hook]):
+                raise ConfigError(
+                    f"plugin {plugin!r}: hook {hook} returned {returned(wrapped)}, not {CHAINED_TYPES[hook].__name__}"
+                )
+            value = value if wrapped is None else wrapped
         return value
 
     def checkpoint(self) -> dict[str, Any]:
@@ -525,6 +554,32 @@ def rebuild_optimizer(
     return type(optimizer)(groups, **defaults)
 
 
+def returned(value: Any) -> str:
+    """What a hook or factory returned, in words: ``a dict``, ``None``."""
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def expect(value: Any, kind: type, who: str) -> Any:
+    """`value` if it is None or a `kind`; else a ConfigError saying what `who` returned."""
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(f"{who} returned {returned(value)}, not None or an engine.{kind.__name__}")
+    return value
+
+
+def numbers(value: Any, who: str) -> Mapping[str, torch.Tensor]:
+    """`value` if it is None or ``{name: a tensor of one number}`` (loss terms, metrics); else a
+    ConfigError saying what `who` returned."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{who} returned {returned(value)}, not None or {{name: a tensor of one number}}")
+    for name, number in value.items():
+        if not (isinstance(name, str) and isinstance(number, torch.Tensor) and number.numel() == 1):
+            what = f"a tensor of shape {shape(number)}" if isinstance(number, torch.Tensor) else returned(number)
+            raise ConfigError(f"{who} returned {what} for {name!r}, not a tensor of one number")
+    return value
+
+
 def shape(tensor: Any) -> str:
     """A tensor's shape and dtype, as error messages show it: ``(8, 3) float32``."""
     if isinstance(tensor, torch.Tensor):
@@ -598,15 +653,22 @@ def build_component(config: Config, plugins: Plugins, kind: str, name: str | Non
     return built
 
 
-# What the factories of the core's kinds must return (data and accelerate: checked where used).
+# What the factories of the core's kinds must return (data: checked by build_loaders).
 BUILT_TYPES: dict[str, type] = {
     "model": torch.nn.Module,
     "loss": Callable,  # type: ignore[dict-item]  # of (output, target)
     "optimizer": torch.optim.Optimizer,
     "precision": Precision,
+    "accelerate": Acceleration,
     "scheduler": Scheduled,
 }
 OPTIONAL = frozenset({"scheduler", "precision", "accelerate"})
+# What each chained setup hook must return (or None), for the next link and the loop.
+CHAINED_TYPES: dict[str, type] = {
+    "wrap_model": torch.nn.Module,
+    "wrap_optimizer": torch.optim.Optimizer,
+    "wrap_step": Callable,  # type: ignore[dict-item]
+}
 # What a class given as a component (``"package.module:Class"``) must derive from.
 REFERENCED_CLASSES: dict[str, type] = {**BUILT_TYPES, "data": torch.utils.data.Dataset, "loss": torch.nn.Module}
 

@@ -271,7 +271,8 @@ def register(plugins: Plugins, plugin: Any, name: str, origin: str) -> None:
     try:
         plugins.pm.register(plugin, name=name)
     except pluggy.PluginValidationError as error:
-        raise ConfigError(f"plugin {name!r}: {error}") from error
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # pluggy's are several
+        raise ConfigError(f"plugin {name!r}: {'; '.join(lines)}") from error
     except Exception as error:  # an object pluggy cannot even inspect
         raise ConfigError(f"plugin {name!r} ({origin}): cannot be registered: {one_line(error)}") from error
     if not plugins.pm.get_hookcallers(plugin):

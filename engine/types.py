@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ class DataInfo:
     n_val: int = 0
 
 
+@runtime_checkable  # what build_loaders returns is checked against it at setup
 class Loaders(Protocol):
     """Batch iterators over the training and validation data, built by `build_loaders`.
 
@@ -121,6 +122,7 @@ class Precision:
 Step = Callable[[Batch, Window], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+@runtime_checkable  # what an accelerate factory returns is checked against it at setup
 class Acceleration(Protocol):
     """What an ``accelerate`` factory returns: the last link of the optimizer and step chains."""
 

@@ -231,7 +231,7 @@ class Twice:
 def test_two_loss_terms_with_one_name_are_an_error(tmp_path):
     with pytest.raises(engine.ConfigError) as raised:
         engine.run(job(), plugins=[Twice])
-    assert str(raised.value) == ("on a sample of the training data: hook compute_loss: two loss terms are named 'mse'")
+    assert str(raised.value) == "plugin 'Twice': hook compute_loss returned a second loss term named 'mse'"
     assert not (tmp_path / "runs").exists()
 
 

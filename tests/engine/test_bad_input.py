@@ -305,6 +305,43 @@ def test_only_modules_classes_and_objects_with_hooks_are_plugins(bad, message):
     assert str(raised.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    ("hook", "result", "message"),
+    [
+        ("wrap_model(model)", "return 5", "plugin 'hooked': hook wrap_model returned a int, not Module"),
+        ("wrap_step(step)", "return torch.zeros(1)", "plugin 'hooked': hook wrap_step returned a Tensor, not Callable"),
+        ("build_loaders()", "return {}", "hook build_loaders returned a dict, not an engine.Loaders"),
+        ("before_forward(batch)", "return (batch.x, batch.y)", "plugin 'hooked': hook before_forward returned a tuple"),
+        (
+            "compute_loss(output)",
+            "return {'l2': output}",
+            "plugin 'hooked': hook compute_loss returned a tensor of shape (100, 1) float32 for 'l2', not a tensor",
+        ),
+        (
+            "compute_metrics()",
+            "return 0.5",
+            "plugin 'hooked': hook compute_metrics returned a float, not None or {name",
+        ),
+        (
+            "compute_metrics()",
+            "raise engine.TrainingError('no metric')",
+            "plugin 'hooked' failed in hook compute_metrics: no metric",
+        ),
+        ("register_components()", "return {'loss': {'odd': 5}}", "plugin 'hooked': loss 'odd' is not a factory"),
+        ("after_step()", "yield", "plugin 'hooked': hook after_step is called per step or epoch by the engine and"),
+    ],
+)
+def test_what_a_hook_returns_is_checked_at_setup(capsys, tmp_path, hook, result, message):
+    mark = "@engine.hookimpl(tryfirst=True)" if hook.startswith("build_loaders") else "@engine.hookimpl"
+    if result == "yield":
+        mark = "@engine.hookimpl(wrapper=True)"
+    (tmp_path / "hooked.py").write_text(f"import torch\n\nimport engine\n\n\n{mark}\ndef {hook}:\n    {result}\n")
+    code, out, err = run_cli(capsys, "run", "--plugin", "hooked.py", "--set", "epochs=2")
+    assert code == 2 and out == ""
+    assert one_line(err).startswith(message)
+    assert not Path("runs").exists()
+
+
 # --- the boundary: exit 2 before the run directory exists, exit 1 after ---------------------------
 
 

@@ -120,7 +120,7 @@ def csv(
                         f"data.{key}: '{file}' line {line}, column {header[column]!r} {what}"
                     ) from None
         labels = table[:, -1]
-        whole = np.all(labels == np.round(labels))
+        whole = np.all(np.isfinite(labels) & (labels == np.round(labels)))
         if task == "classification" or (task == "auto" and whole):
             if not whole:
                 raise engine.ConfigError(f"data.task: '{file}' target {target!r} is not whole numbers")

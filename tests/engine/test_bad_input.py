@@ -79,6 +79,7 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "unnamed.csv").write_text("a,,t\n1,2,0.5\n3,4,1.5\n")
     (tmp_path / "empty_cell.csv").write_text("a,b,t\n1,2,0.5\n3,,1.5\n")
     (tmp_path / "nan.csv").write_text("a,b,t\n1,2,0.5\n3,nan,1.5\n")
+    (tmp_path / "inf.csv").write_text("a,b,t\n1,2,0\n3,4,1e400\n")  # a whole number? no: not finite
     (tmp_path / "settings_plugin.py").write_text(
         "import engine\n\n@engine.hookimpl\ndef register_settings():\n    return {'data': 5}\n"
     )
@@ -151,6 +152,7 @@ def with_path(option: tuple[str, ...], file: str) -> list[str]:
         (with_path(CSV, "unnamed.csv"), "data.path: column 2 of the header of '{tmp}/unnamed.csv' has no name"),
         (with_path(CSV, "empty_cell.csv"), "data.path: '{tmp}/empty_cell.csv' line 3, column 'b' is empty"),
         (with_path(CSV, "nan.csv"), "data: the training inputs hold values that are not finite in float32"),
+        (with_path(CSV, "inf.csv"), "data: the training targets hold values that are not finite in float32"),
         (with_path(NPZ, "not.npz"), "data.path: '{tmp}/not.npz' is not a readable .npz file: BadZipFile"),
         (
             ["--set", f"data.name={REF}:string_dataset"],

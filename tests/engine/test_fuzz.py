@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import tomllib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,11 +84,19 @@ def assert_well_behaved(argv: list[str], directory: Path) -> int:
     runs = directory / "runs"
     before = snapshot(runs)
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", RuntimeWarning)
         try:
             code = main(argv)
         except SystemExit as exit:  # argparse's usage errors
             code = exit.code
+    # numpy's warnings of a NaN or an overflow in a cast: a value went through unchecked.
+    ours = [
+        str(w.message)
+        for w in seen
+        if w.category is RuntimeWarning and f"{os.sep}site-packages{os.sep}" not in w.filename
+    ]
+    assert ours == [], ours
     errors = err.getvalue()
     assert "Traceback" not in errors, errors
     assert code in (0, 1, 2), (code, errors)

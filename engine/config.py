@@ -143,7 +143,7 @@ def load_job(path: str | Path) -> dict[str, Any]:
     """Read a TOML job file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad writes one) is not TOML
     except FileNotFoundError:
         raise ConfigError(f"job file '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError) as error:

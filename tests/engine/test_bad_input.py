@@ -180,6 +180,13 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(capsys, files, argv, m
     assert {path.name for path in (files / "runs").iterdir()} == before  # no run directory created
 
 
+def test_a_job_file_with_a_byte_order_mark_is_read(capsys, tmp_path):
+    (tmp_path / "job.toml").write_text("epochs = 3\n", encoding="utf-8-sig")
+    code, out, err = run_cli(capsys, "config", "job.toml")
+    assert code == 0, err
+    assert "\nepochs = 3\n" in out
+
+
 def test_csv_blank_lines_and_a_byte_order_mark_are_read(capsys, tmp_path):
     text = "a,b,t\n\n1,2,0.5\n  \n3,4,1.5\n\n"
     (tmp_path / "blank.csv").write_text(text, encoding="utf-8-sig")  # a BOM, as spreadsheets write

@@ -7,7 +7,7 @@ the CLI's `main`. Whatever the input:
 - every run file there is parses: config.toml as TOML, summary.json and each line of
   metrics.jsonl as strict JSON.
 
-CI runs a fixed-seed profile in about 20 seconds. By hand, a longer one with a new seed each time
+CI runs a fixed-seed profile in about 10 seconds (2 shared cores). By hand, a longer one with a new seed each time
 (hypothesis prints how to reproduce what it finds):
 
     ENGINE_FUZZ=long pytest tests/engine/test_fuzz.py -p no:cacheprovider

@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 import pluggy
 
-from .config import CORE_KINDS, dump_toml, load_config
-from .errors import EngineError, Interrupted
+from .config import CORE_KINDS, Reference, dump_toml, merged_job, references
+from .errors import EngineError, Interrupted, one_line
 from .hookspecs import SETUP_CHAIN
 from .inference import (
     Run,
@@ -61,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a setting; the value is read as TOML (5, 0.1, true, [64, 64], adam)",
     )
+    job.add_argument(
+        "--no-imports",
+        action="store_true",
+        help="refuse a job file that imports code (plugins, module:attr names): for job files from elsewhere",
+    )
     top = argparse.ArgumentParser(prog="python -m engine", description="A plugin-based PyTorch training engine.")
     top.add_argument("--version", action="version", version=f"%(prog)s {own_version()}")
     commands = top.add_subparsers(dest="command", required=True)
@@ -72,7 +77,12 @@ def parser() -> argparse.ArgumentParser:
         "auto: continue the run named by run_name if it has a checkpoint, else start it",
     )
     run.add_argument("--quiet", action="store_true", help="print nothing but errors (no epoch lines, no progress bar)")
-    commands.add_parser("config", parents=[job, common], help="print the resolved config, every default filled in")
+    commands.add_parser(
+        "config",
+        parents=[job, common],
+        help="a dry run: list the code the job imports, build everything, check it on a sample of the data, "
+        "and print the resolved config (nothing is trained or written)",
+    )
     commands.add_parser("plugins", parents=[common], help="list plugins, their hooks (in call order) and components")
     table = commands.add_parser("runs", parents=[common], help="a table of the runs in a runs directory")
     table.add_argument("runs_dir", nargs="?", default="runs", help="the runs directory (default: runs)")
@@ -95,47 +105,77 @@ def own_version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; its exit code: 0, 2 for usage and config errors (nothing was created), 1
+    for a failure during training, 128 + N when stopped by signal N. Errors are one line on
+    stderr; ``--debug`` adds the traceback."""
     args = parser().parse_args(argv)
     with quiet_on_closed_pipe():
-        return command(args)
+        try:
+            return command(args)
+        except EngineError as error:
+            return report(error, f"error: {error}", error.exit_code, args.debug)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:  # a defect that escaped every check: still one line, not a traceback
+            return report(error, f"error: internal error: {one_line(error)} (--debug shows where)", 1, args.debug)
 
 
 def command(args: argparse.Namespace) -> int:
-    try:
-        if args.command in AFTER_TRAINING:
-            return AFTER_TRAINING[args.command](args)
-        if args.command == "plugins":
-            print(describe_plugins(make_plugins(args.plugin, args.block)))
-        elif args.command == "runs":
-            print(runs_table(args.runs_dir, args.sort, descending=args.reverse))
-        elif args.command == "plot":
-            print(f"Curves: {plot(args.run_dirs, args.out)}")
-        elif args.command == "config":
-            config, _ = load_config(args.job, args.overrides, args.plugin, args.block)
-            print(dump_toml(config), end="")
-        else:
-            trainer = setup(
-                args.job, overrides=args.overrides, plugins=args.plugin, blocked=args.block, resume=args.resume
-            )
-            try:
-                with contextlib.ExitStack() as stack:
-                    if args.quiet:  # no terminal for the run: no lines, and no progress bar either
-                        devnull = stack.enter_context(open(os.devnull, "w"))
-                        stack.enter_context(contextlib.redirect_stdout(devnull))
-                        stack.enter_context(contextlib.redirect_stderr(devnull))
-                    trainer.fit()
-            except Interrupted as interrupted:
-                print(f"{interrupted}; continue with: python -m engine run --resume {trainer.run_dir}", file=sys.stderr)
-                return interrupted.exit_code
-        return 0
-    except EngineError as error:
-        if args.debug:
-            traceback.print_exception(error)
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    if args.command in AFTER_TRAINING:
+        return AFTER_TRAINING[args.command](args)
+    if args.command == "plugins":
+        print(describe_plugins(make_plugins(args.plugin, args.block)))
+    elif args.command == "runs":
+        print(runs_table(args.runs_dir, args.sort, descending=args.reverse))
+    elif args.command == "plot":
+        print(f"Curves: {plot(args.run_dirs, args.out)}")
+    elif args.command == "config":
+        # What the job will import is listed before anything is imported.
+        job, _ = merged_job(args.job, args.overrides)
+        print(describe_references(references(job), args.plugin), end="")
+        trainer = setup(
+            args.job, overrides=args.overrides, plugins=args.plugin, blocked=args.block, imports=not args.no_imports
+        )
+        print(dump_toml(trainer.config), end="")
+    else:
+        trainer = setup(
+            args.job,
+            overrides=args.overrides,
+            plugins=args.plugin,
+            blocked=args.block,
+            resume=args.resume,
+            imports=not args.no_imports,
+        )
+        try:
+            with contextlib.ExitStack() as stack:
+                if args.quiet:  # no terminal for the run: no lines, and no progress bar either
+                    devnull = stack.enter_context(open(os.devnull, "w"))
+                    stack.enter_context(contextlib.redirect_stdout(devnull))
+                    stack.enter_context(contextlib.redirect_stderr(devnull))
+                trainer.fit()
+        except Interrupted as interrupted:
+            print(f"{interrupted}; continue with: python -m engine run --resume {trainer.run_dir}", file=sys.stderr)
+            return interrupted.exit_code
+    return 0
+
+
+def report(error: BaseException, message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(error)
+    # One line, whatever the message quotes (another library's message may span several).
+    print("; ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
+    return code
+
+
+def describe_references(found: Sequence[Reference], plugins: Sequence[str]) -> str:
+    """The code a job imports and calls, as TOML comments (the printed config stays TOML)."""
+    if not found and not plugins:
+        return "# This job imports no code beyond the installed plugins.\n"
+    lines = ["# This job imports and calls code; trust it as you would a script (--no-imports refuses a job file's):"]
+    lines += [f"#   --plugin {plugin}" for plugin in plugins]
+    lines += [f"#   {item.key} = {json.dumps(item.value)}" + ("  (--set)" if item.given else "") for item in found]
+    return "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from .errors import ConfigError, suggest
-from .plugins import Plugins, dotted, is_plugin_file, make_plugins
+from .plugins import Plugins, dotted, is_plugin_file, make_plugins, plugin_target
 from .runs import valid_run_name
 from .schema import MISSING, Range, Setting, convert, is_path, settings_of
 
@@ -146,7 +146,7 @@ def load_job(path: str | Path) -> dict[str, Any]:
     """Read a TOML job file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad writes one) is not TOML
     except FileNotFoundError:
         raise ConfigError(f"job file '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -168,7 +168,7 @@ def apply_overrides(job: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
         try:
             value = Override(text, tomllib.loads(f"v = {text}")["v"])
         except tomllib.TOMLDecodeError:
-            value = text
+            value = Override(text, text)  # a bare word: a string
         section, _, name = key.rpartition(".")
         if section:
             target = merged.setdefault(section, {})
@@ -230,8 +230,22 @@ def resolve(job: Mapping[str, Any], plugins: Plugins, base: Path | None = None) 
             given["name"] = name
             declared["name"] = Setting("name", str | None, name, "core")
         values = _resolve_keys(section, given, {**declared, **params}, base)
+        _check(section, values, plugins)
         resolved[section] = Section(values, params)
     return Config(resolved)
+
+
+def _check(section: str, values: Mapping[str, Any], plugins: Plugins) -> None:
+    """Call each settings class of `section` with its resolved values: one that raises
+    ValueError (a package an enabled feature needs is missing, two keys disagree) refuses the
+    config before anything is built or written."""
+    for settings_class, owner, keys in plugins.checks.get(section, []):
+        try:
+            settings_class(**{key: values[key] for key in keys})
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError(f"[{section}] (plugin {owner!r}): {error}") from None
 
 
 def _component_name(
@@ -242,6 +256,8 @@ def _component_name(
     name = plain(given.get("name", default), str)
     if name is None and kind in CORE_KINDS and kind not in OPTIONAL_KINDS:
         choices = ", ".join(sorted(plugins.components.get(kind, {})))
+        if not choices:
+            raise ConfigError(f"{kind}.name: required, and no plugin provides a {kind} component")
         raise ConfigError(f"{kind}.name: required, no plugin sets a default (choose one of: {choices})")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{kind}.name: expected a string, got {name!r}")
@@ -285,15 +301,22 @@ def load_config(
     overrides: Iterable[str] = (),
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
+    *,
+    imports: bool = True,
 ) -> tuple[Config, Plugins]:
-    """Resolve a job (a dict, a TOML path, a Config, or None for the defaults) and its plugins."""
-    base = None
-    if isinstance(job, Config):
-        job = job.to_dict()
-    elif isinstance(job, (str, Path)):
-        base = Path(job).absolute().parent
-        job = load_job(job)
-    merged = apply_overrides(job or {}, overrides)
+    """Resolve a job (a dict, a TOML path, a Config, or None for the defaults) and its plugins.
+
+    `imports` False refuses a job that imports code (plugin modules, ``module:attr`` component
+    names) before anything is imported; what `overrides` and `plugins` name is the caller's own.
+    """
+    merged, base = merged_job(job, overrides)
+    if not imports:
+        for reference in references(merged):
+            if not reference.given:
+                raise ConfigError(
+                    f"{reference.key}: {reference.value!r} imports code, which --no-imports forbids "
+                    "(a job file that imports code must be trusted like a script)"
+                )
     listed = [recorded(name, base) for name in convert("plugins", plain(merged.get("plugins", ())), tuple[str, ...])]
     extra = [*plugins]
     extra += [name for name in listed if name not in {recorded(item) for item in extra if isinstance(item, str)}]
@@ -305,12 +328,52 @@ def load_config(
     return resolve(merged, found, base), found
 
 
+def merged_job(
+    job: Mapping[str, Any] | str | Path | Config | None, overrides: Iterable[str] = ()
+) -> tuple[dict[str, Any], Path | None]:
+    """The job as a dict with `overrides` applied, and the folder its relative paths start from."""
+    base = None
+    if isinstance(job, Config):
+        job = job.to_dict()
+    elif isinstance(job, (str, Path)):
+        base = Path(job).absolute().parent
+        job = load_job(job)
+    return apply_overrides(job or {}, overrides), base
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """Code a job imports: a plugin module or a ``module:attr`` component, and the key naming it."""
+
+    key: str  # "plugins[0]", "model.name"
+    value: str
+    given: bool  # given on the command line (--set), not by the job file
+
+
+def references(job: Mapping[str, Any]) -> list[Reference]:
+    """The code a merged job (`merged_job`) imports, in the order it is imported, read without
+    importing anything."""
+    found = []
+    listed = job.get("plugins", ())
+    given = isinstance(listed, Override)
+    for index, name in enumerate(plain(listed) if isinstance(plain(listed), (list, tuple)) else ()):
+        if isinstance(name, str):
+            found.append(Reference(f"plugins[{index}]", name, given))
+    for section, values in job.items():
+        name = values.get("name") if isinstance(values, Mapping) else None
+        if isinstance(plain(name, str), str) and ":" in plain(name, str):
+            found.append(Reference(f"{section}.name", plain(name, str), isinstance(name, Override)))
+    return found
+
+
 def recorded(plugin: str, base: Path | None = None) -> str:
     """A plugin module as the config records it: a module by name, a file by its absolute path
     (relative to `base`, the job file's folder, or to the working directory)."""
     if not is_plugin_file(plugin):
         return plugin
-    return str(((base or Path.cwd()) / Path(plugin).expanduser()).absolute())
+    target, attribute = plugin_target(plugin)
+    path = str(((base or Path.cwd()) / Path(target).expanduser()).absolute())
+    return f"{path}:{attribute}" if attribute else path
 
 
 def dump_toml(config: Mapping[str, Any]) -> str:

@@ -15,6 +15,8 @@
     load_state_dict          per plugin: its own state from the checkpoint
     skip_per_step            per plugin: True leaves its per-step and per-epoch hooks unbound
     wrap_step                chained: then the accelerate component's step wraps them all
+    (the check: a sample of the training data as validation runs it, RNG kept)
+        before_forward, compute_loss, compute_metrics
     -- the run (Trainer.fit) --
     (the run directory: created, or the resumed one)
     on_run_start             once, before the first epoch
@@ -39,6 +41,11 @@
     state_dict               per plugin, whenever a checkpoint is taken (Trainer.checkpoint)
     on_run_end               once, also when the run failed or was interrupted; every
                              implementation runs even when another raised
+
+Whatever fails in the setup chain is a ConfigError (exit 2; nothing is written yet): the
+exception of a hook names its plugin and hook. Once the run directory exists, from
+`on_run_start` on, a failure is the run's (exit 1, with the epoch and step), and the run's files
+record it.
 
 Implementations take only the arguments they use, as in pytest, so adding an argument to a hook
 breaks no plugin. The hooks in `ONE_BY_ONE` are called by the core one implementation at a time
@@ -112,7 +119,9 @@ def register_settings() -> Mapping[str, Callable[..., Any]] | None:
     ``Annotated[float, engine.Range(gt=0)]`` for bounds; see engine/schema.py). Top-level keys
     are declared under the section ``""``. The key ``name`` of a component section
     (``loss.name``) sets which component is the default. Two plugins declaring one key is an error
-    naming both.
+    naming both. Once the section is resolved the class is called with its values: a
+    ``__post_init__`` raising ``engine.ConfigError`` (or ValueError) refuses the config, exit code 2,
+    before anything is built (an enabled feature whose package is missing, keys that disagree).
     """
 
 
@@ -217,7 +226,9 @@ def on_run_start(trainer: TrainerView) -> None:
     """Called once when the run starts (`Trainer.fit`), after the setup chain, before the first epoch.
 
     ``trainer`` holds the config, the final components and the :class:`State` (restored, when
-    resuming). Open files and start timers here. Its return is ignored.
+    resuming). Open files and start timers here; check settings earlier (a component factory, or
+    the setup chain's hooks), since an error here is a failure of the run (exit 1), whose
+    directory exists. Its return is ignored.
     """
 
 

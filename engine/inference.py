@@ -525,6 +525,10 @@ class _WithInfo:
 
     def __init__(self, loaders: Loaders, info: DataInfo) -> None:
         self.loaders, self.info = loaders, info
+        self.standardize = loaders.standardize
+
+    def sample(self) -> Batch:
+        return self.loaders.sample()
 
     def train(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         return self.loaders.train(epoch, start)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from . import runs
 from .config import CORE_KINDS, Config, load_config
@@ -23,6 +24,7 @@ from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_li
 from .plugins import Plugins
 from .schema import MISSING, settings_of
 from .types import (
+    Acceleration,
     Batch,
     DataInfo,
     Loaders,
@@ -69,6 +71,16 @@ class Trainer:
         self, config: Config, plugins: Plugins, *, run_dir: Path | None = None, checkpoint: Path | None = None
     ) -> None:
         self.config, self.plugins, self.hooks = config, plugins, plugins.hook
+        try:
+            self.build_chain(config, run_dir, checkpoint)
+            self.check()
+        except ConfigError:
+            raise
+        except Exception as error:  # nothing is written yet: whatever failed, it is the setup's
+            raise self.setup_error(error) from error
+
+    def build_chain(self, config: Config, run_dir: Path | None, checkpoint: Path | None) -> None:
+        """The setup chain (engine/hookspecs.py), from the data to the wrapped step."""
         self.epochs: int = config["epochs"]
         self.accumulation: int = config["grad_accumulation"]
         self.val_every: int = config["val_every"]
@@ -84,6 +96,8 @@ class Trainer:
         loaders = self.hooks.build_loaders(data=data, config=config, seed=seed, device=self.device)
         if loaders is None:
             raise ConfigError("no plugin implements build_loaders: nothing can batch the data")
+        if not isinstance(loaders, Loaders):
+            raise ConfigError(f"hook build_loaders returned {returned(loaders)}, not an engine.Loaders")
         self.loaders: Loaders = loaders
         self.info: DataInfo = loaders.info
         self.config = record_inferred(config, self.info)
@@ -118,7 +132,9 @@ class Trainer:
         # What runs per step and per epoch, resolved once: bound hooks (engine.plugins.Plugins.bind),
         # without the plugins whose feature is off in this run, and the core's own parts only
         # where the run has them.
-        off = {plugin for plugin, skip in self.plugins.bind_by_plugin("skip_per_step", trainer=self) if skip()}
+        self.off = off = {
+            plugin for plugin, skip in self.plugins.bind_by_plugin("skip_per_step", trainer=self) if skip()
+        }
         self.before_forward = self.plugins.bind("before_forward", trainer=self, without=off)
         self.compute_loss = self.plugins.bind("compute_loss", trainer=self, without=off)
         self.before_optimizer_step = self.plugins.bind("before_optimizer_step", trainer=self, without=off)
@@ -137,15 +153,87 @@ class Trainer:
         every = config["log"]["every"]
         self.log_every = every or max(1, self.epochs // 10)
 
+    def check(self) -> None:
+        """The setup chain's last link: a sample of the training data (`Loaders.sample`) through the
+        before_forward hooks, the model as built (`module`: a wrapper changes how it runs, not
+        what it outputs, and may talk to other processes), every loss term and the metrics, as
+        validation runs them (eval mode, no gradients), with every RNG kept. A model, loss, hook or
+        metric that does not fit the data, or returns what the loop cannot use, fails here as a
+        ConfigError naming it, before anything is written."""
+        with kept_rng(self.device), torch.inference_mode():
+            batch = self.loaders.sample()
+            modules = list(dict.fromkeys([*self.model.modules(), *self.module.modules()]))
+            modes = [module.training for module in modules]
+            self.model.eval()  # as hooks see it (trainer.model.training): as in validation
+            self.module.eval()
+            try:
+                for plugin, hook in self.plugins.bind_by_plugin("before_forward", trainer=self, without=self.off):
+                    batch = expect(hook(batch=batch), Batch, f"plugin {plugin!r}: hook before_forward") or batch
+                with self.precision.autocast():
+                    try:
+                        output = self.module(batch.x)
+                    except Exception as error:
+                        what = f"model {self.config['model']['name']!r} failed on inputs {shape(batch.x)}"
+                        raise self.sample_error(error, what) from error
+                    try:
+                        loss = self.loss_fn(output, batch.y)
+                    except Exception as error:
+                        what = f"loss {self.loss_name!r} failed on outputs {shape(output)} and targets {shape(batch.y)}"
+                        raise self.sample_error(error, what) from error
+                    numbers({self.loss_name: loss}, f"loss {self.loss_name!r}")
+                    names = {self.loss_name}
+                    for plugin, hook in self.plugins.bind_by_plugin("compute_loss", trainer=self, without=self.off):
+                        who = f"plugin {plugin!r}: hook compute_loss"
+                        for name in numbers(hook(batch=batch, output=output), who):
+                            if name in names:
+                                raise ConfigError(f"{who} returned a second loss term named {name!r}")
+                            names.add(name)
+                for plugin, hook in self.plugins.bind_by_plugin("compute_metrics", trainer=self, without=self.off):
+                    numbers(hook(batch=batch, output=output), f"plugin {plugin!r}: hook compute_metrics")
+                # Ended as a validation is: what plugins accumulated for the sample is reported (and
+                # checked) and gone before the first real validation.
+                for plugin, hook in self.plugins.bind_by_plugin("after_validation", trainer=self):
+                    numbers(hook(), f"plugin {plugin!r}: hook after_validation")
+            finally:
+                for module, mode in zip(modules, modes):
+                    module.training = mode
+
+    def sample_error(self, error: Exception, what: str) -> Exception:
+        """The error of the model or the loss on the sample, as a ConfigError saying so; one from a
+        plugin's hook is the setup's (`setup_error`)."""
+        if isinstance(error, TrainingError):  # the loss's own message (it names the loss)
+            return ConfigError(f"on a sample of the training data: {error}")
+        if isinstance(error, EngineError):
+            return error
+        culprit = self.plugins.blame(error.__traceback__)
+        if culprit is not None and culprit[1]:
+            return self.setup_error(error)
+        return ConfigError(f"on a sample of the training data: {what}: {one_line(error)}")
+
+    def setup_error(self, error: Exception) -> ConfigError:
+        """A ConfigError for an exception in the setup chain, naming the plugin and hook it came from."""
+        message = str(error) if isinstance(error, EngineError) else one_line(error)
+        culprit = self.plugins.blame(error.__traceback__)
+        if culprit is None:
+            return ConfigError(message if isinstance(error, EngineError) else f"setup failed: {message}")
+        plugin, hook = culprit
+        return ConfigError(f"plugin {plugin!r} failed" + (f" in hook {hook}" if hook else "") + f": {message}")
+
     def build(self, kind: str, name: str | None = None, **context: Any) -> Any:
         """Build the component of `kind` the config names (or `name`, with its default settings),
         passing the context it asks for. An optional kind with no component chosen builds None."""
         return build_component(self.config, self.plugins, kind, name, **context)
 
     def chain(self, hook: str, argument: str, value: Any) -> Any:
-        """`value` passed through every implementation of a chained setup hook, in hook order."""
-        for wrap in self.plugins.bind(hook, trainer=self):
-            value = wrap(**{argument: value}) or value
+        """`value` passed through every implementation of a chained setup hook, in hook order;
+        each returns what the next one receives (or None: unchanged)."""
+        for plugin, wrap in self.plugins.bind_by_plugin(hook, trainer=self):
+            wrapped = wrap(**{argument: value})
+            if wrapped is not None and not isinstance(wrapped, CHAINED_TYPES[hook]):
+                raise ConfigError(
+                    f"plugin {plugin!r}: hook {hook} returned {returned(wrapped)}, not {CHAINED_TYPES[hook].__name__}"
+                )
+            value = value if wrapped is None else wrapped
         return value
 
     def checkpoint(self) -> dict[str, Any]:
@@ -452,7 +540,8 @@ class Trainer:
         self.hooks.on_log(state=state, metrics=metrics, trainer=self)
 
     def explain(self, error: BaseException) -> BaseException:
-        """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook."""
+        """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook;
+        a ConfigError only while the run's directory does not exist yet."""
         state = self.state
         if isinstance(error, Interrupted):
             error.where(state)
@@ -465,13 +554,16 @@ class Trainer:
             where = f"end of epoch {state.epoch - 1}, step {state.step}"
         if isinstance(error, TrainingError) and not error.located:
             return TrainingError(f"{where}: {error}", located=True)
-        if not isinstance(error, Exception) or isinstance(error, EngineError):
+        # A ConfigError once the run's directory exists is a failure of the run (exit 1): exit 2
+        # says that nothing was created.
+        own = isinstance(error, ConfigError) and self.run_dir is not None
+        if not own and (not isinstance(error, Exception) or isinstance(error, EngineError)):
             return error
         culprit = self.plugins.blame(error.__traceback__)
         if culprit:
             plugin, hook = culprit
             where += f": plugin {plugin!r}" + (f" failed in hook {hook}" if hook else "")
-        explained = TrainingError(f"{where}: {one_line(error)}", located=True)
+        explained = TrainingError(f"{where}: {error if own else one_line(error)}", located=True)
         explained.__cause__ = error
         return explained
 
@@ -500,6 +592,54 @@ def rebuild_optimizer(
     # decoupled_weight_decay in torch 2.13).
     defaults = {key: value for key, value in changed(optimizer.defaults).items() if key in accepted}
     return type(optimizer)(groups, **defaults)
+
+
+def returned(value: Any) -> str:
+    """What a hook or factory returned, in words: ``a dict``, ``None``."""
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def expect(value: Any, kind: type, who: str) -> Any:
+    """`value` if it is None or a `kind`; else a ConfigError saying what `who` returned."""
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(f"{who} returned {returned(value)}, not None or an engine.{kind.__name__}")
+    return value
+
+
+def numbers(value: Any, who: str) -> Mapping[str, torch.Tensor]:
+    """`value` if it is None or ``{name: a tensor of one number}`` (loss terms, metrics); else a
+    ConfigError saying what `who` returned."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{who} returned {returned(value)}, not None or {{name: a tensor of one number}}")
+    for name, number in value.items():
+        if not (isinstance(name, str) and isinstance(number, torch.Tensor) and number.numel() == 1):
+            what = f"a tensor of shape {shape(number)}" if isinstance(number, torch.Tensor) else returned(number)
+            raise ConfigError(f"{who} returned {what} for {name!r}, not a tensor of one number")
+    return value
+
+
+def shape(tensor: Any) -> str:
+    """A tensor's shape and dtype, as error messages show it: ``(8, 3) float32``."""
+    if isinstance(tensor, torch.Tensor):
+        return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+    return f"of type {type(tensor).__name__}"
+
+
+@contextlib.contextmanager
+def kept_rng(device: torch.device) -> Iterator[None]:
+    """Every RNG (python, numpy, torch, the run's CUDA device) as it was before the block."""
+    python, numpy = random.getstate(), np.random.get_state()
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -535,6 +675,10 @@ def build_component(config: Config, plugins: Plugins, kind: str, name: str | Non
         wanted = {}
     arguments.update({key: value for key, value in context.items() if key in wanted})
     source = f" (plugin {component.plugin!r})" if component.plugin else ""
+    base = REFERENCED_CLASSES.get(kind)
+    if inspect.isclass(component.factory) and base is not None and not issubclass(component.factory, base):
+        # A class is its own factory: checked before it is called, so that nothing else runs.
+        raise ConfigError(f"{kind}.name: {chosen!r} is a class but not a {base.__module__}.{base.__qualname__}")
     try:
         built = component.factory(**arguments)
     except EngineError:
@@ -549,14 +693,24 @@ def build_component(config: Config, plugins: Plugins, kind: str, name: str | Non
     return built
 
 
-# What the factories of the core's kinds must return (data, loss and accelerate: checked where used).
+# What the factories of the core's kinds must return (data: checked by build_loaders).
 BUILT_TYPES: dict[str, type] = {
     "model": torch.nn.Module,
+    "loss": Callable,  # type: ignore[dict-item]  # of (output, target)
     "optimizer": torch.optim.Optimizer,
     "precision": Precision,
+    "accelerate": Acceleration,
     "scheduler": Scheduled,
 }
 OPTIONAL = frozenset({"scheduler", "precision", "accelerate"})
+# What each chained setup hook must return (or None), for the next link and the loop.
+CHAINED_TYPES: dict[str, type] = {
+    "wrap_model": torch.nn.Module,
+    "wrap_optimizer": torch.optim.Optimizer,
+    "wrap_step": Callable,  # type: ignore[dict-item]
+}
+# What a class given as a component (``"package.module:Class"``) must derive from.
+REFERENCED_CLASSES: dict[str, type] = {**BUILT_TYPES, "data": torch.utils.data.Dataset, "loss": torch.nn.Module}
 
 
 def record_inferred(config: Config, info: DataInfo) -> Config:
@@ -577,12 +731,15 @@ def setup(
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
     resume: str | Path | None = None,
+    imports: bool = True,
 ) -> Trainer:
     """A Trainer ready to `fit`, with a fresh plugin manager: the setup chain has run, nothing is written.
 
-    `resume` continues a run: a run directory continues from its latest checkpoint (its
-    config.toml is the job unless one is given); "auto", like the config's ``resume = "auto"``,
-    continues the run named by ``run_name`` when it has a checkpoint and starts it otherwise.
+    Whatever fails here is a ConfigError naming what is at fault. `resume` continues a run: a run
+    directory continues from its latest checkpoint (its config.toml is the job unless one is
+    given); "auto", like the config's ``resume = "auto"``, continues the run named by ``run_name``
+    when it has a checkpoint and starts it otherwise. `imports` False refuses a job that imports
+    code (`load_config`).
     """
     run_dir = None
     if resume not in (None, "", "auto"):
@@ -590,12 +747,14 @@ def setup(
         if not (run_dir / runs.CONFIG).is_file():
             raise ConfigError(f"--resume: '{run_dir}' is not a run directory (it has no {runs.CONFIG})")
         job = run_dir / runs.CONFIG if job is None else job
-    config, found = load_config(job, overrides, plugins, blocked)
+    config, found = load_config(job, overrides, plugins, blocked, imports=imports)
     if run_dir is None and (resume == "auto" or config["resume"] == "auto"):
         if not config["run_name"]:
             raise ConfigError("resume = 'auto': name the run to continue with run_name")
         existing = Path(config["runs_dir"]) / config["run_name"]
         run_dir = existing if existing.is_dir() else None
+    elif run_dir is None:
+        runs.check_free(config["runs_dir"], config["run_name"])  # `fit` creates it exclusively
     checkpoint = runs.latest_checkpoint(run_dir) if run_dir is not None else None
     if checkpoint is None and resume not in (None, "", "auto"):
         raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from")
@@ -609,14 +768,15 @@ def run(
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
     resume: str | Path | None = None,
+    imports: bool = True,
 ) -> Result:
     """Train the job and return the model (in eval mode) and final metrics.
 
     `job` is a dict shaped like the TOML file, a path to one, a Config, or None for the default
     job. `plugins` are extra plugin objects or module names; `blocked` names plugins to skip;
-    `resume` is as for `setup`.
+    `resume` and `imports` are as for `setup`.
     """
-    return setup(job, overrides=overrides, plugins=plugins, blocked=blocked, resume=resume).fit()
+    return setup(job, overrides=overrides, plugins=plugins, blocked=blocked, resume=resume, imports=imports).fit()
 
 
 def load(run_dir: str | Path, which: Literal["final", "best", "last"] = "final") -> torch.nn.Module:

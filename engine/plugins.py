@@ -6,10 +6,12 @@ A fresh :class:`Plugins` is built for every run: there is no global plugin manag
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ ENTRY_POINT_GROUP = "engine.plugins"
 BLOCK_VARIABLE = "ENGINE_BLOCK"
 # The distribution whose entry points are the engine's own built-in plugins.
 OWN_DISTRIBUTION = "torch-plugin-engine"
+# The prefix of the private module names that plugin files are imported under.
+PLUGIN_FILE_MODULE = "_engine_plugin_file_"
 
 
 @dataclass(slots=True)
@@ -46,6 +50,8 @@ class Plugins:
     sources: dict[str, str] = field(default_factory=dict)
     components: dict[str, dict[str, Component]] = field(default_factory=dict)
     settings: dict[str, dict[str, Setting]] = field(default_factory=dict)
+    # Each section's settings classes with their keys, called with the resolved values to check them.
+    checks: dict[str, list[tuple[Callable[..., Any], str, list[str]]]] = field(default_factory=dict)
 
     @property
     def hook(self) -> Any:
@@ -66,7 +72,10 @@ class Plugins:
                         f"settings class, got {type(settings_class).__name__}"
                     )
                 table = self.settings.setdefault(section, {})
-                for key, setting in settings_of(settings_class, impl.plugin_name).items():
+                declared_keys = settings_of(settings_class, impl.plugin_name)
+                if isinstance(settings_class, type):
+                    self.checks.setdefault(section, []).append((settings_class, impl.plugin_name, list(declared_keys)))
+                for key, setting in declared_keys.items():
                     if key in table:
                         raise ConfigError(
                             f"setting {dotted(section, key)} is declared by both plugin "
@@ -115,11 +124,13 @@ class Plugins:
             if impl.plugin_name not in without
         ]
 
-    def bind_by_plugin(self, hook_name: str, **constants: Any) -> list[tuple[str, Callable[..., Any]]]:
+    def bind_by_plugin(
+        self, hook_name: str, *, without: Collection[str] = (), **constants: Any
+    ) -> list[tuple[str, Callable[..., Any]]]:
         """Like `bind`, with the name of the plugin of each implementation."""
         caller = getattr(self.pm.hook, hook_name)
-        bound = self.bind(hook_name, **constants)
-        return [(impl.plugin_name, call) for impl, call in zip(reversed(caller.get_hookimpls()), bound)]
+        names = [impl.plugin_name for impl in reversed(caller.get_hookimpls()) if impl.plugin_name not in without]
+        return list(zip(names, self.bind(hook_name, without=without, **constants)))
 
     def blame(self, tb: TracebackType | None) -> tuple[str, str] | None:
         """(plugin, hook) of the innermost plugin frame in a traceback, or None."""
@@ -206,20 +217,30 @@ def make_plugins(extra: Iterable[Any] = (), blocked: Iterable[str] = ()) -> Plug
     from_environment = [name.strip() for name in os.environ.get(BLOCK_VARIABLE, "").split(",") if name.strip()]
     for name in [*blocked, *from_environment]:
         pm.set_blocked(name)
+    declared: dict[str, tuple[str, str]] = {}  # entry-point name: (distribution, value)
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
-        if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
+        dist = ep.dist.name if ep.dist is not None else "?"
+        if ep.name in declared:
+            if declared[ep.name] == (dist, ep.value):
+                continue  # one distribution found twice on the path
+            first, value = declared[ep.name]
+            raise ConfigError(
+                f"plugin name {ep.name!r} is declared by two entry points: {value} of package {first} and "
+                f"{ep.value} of package {dist}; uninstall one or rename its entry point"
+            )
+        declared[ep.name] = (dist, ep.value)
+        if pm.is_blocked(ep.name):
             continue
         try:
             loaded = ep.load()
         except Exception as error:
             raise ConfigError(f"plugin {ep.name!r} (entry point {ep.value}): cannot load: {one_line(error)}") from error
-        dist = ep.dist.name if ep.dist is not None else "?"
         origin = "built-in" if dist == OWN_DISTRIBUTION else f"entry point of package {dist}"
         register(plugins, loaded, ep.name, origin)
     for item in extra:
         if isinstance(item, str):
-            module = load_module(item)
-            register(plugins, module, module.__name__, f"--plugin {item}")
+            loaded, name = load_plugin(item)
+            register(plugins, loaded, name, f"--plugin {item}")
         else:
             name = getattr(item, "__name__", None) or type(item).__name__
             register(plugins, item, name, "passed to engine.run")
@@ -259,33 +280,80 @@ def register(plugins: Plugins, plugin: Any, name: str, origin: str) -> None:
             f"plugin name {name!r} is taken by {plugins.sources[name]}; cannot also load it from {origin}"
         )
     if inspect.isclass(plugin):
-        plugin = plugin()
+        try:
+            plugin = plugin()
+        except Exception as error:
+            raise ConfigError(f"plugin {name!r} ({origin}): cannot be instantiated: {one_line(error)}") from error
     try:
         plugins.pm.register(plugin, name=name)
     except pluggy.PluginValidationError as error:
-        raise ConfigError(f"plugin {name!r}: {error}") from error
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # pluggy's are several
+        raise ConfigError(f"plugin {name!r}: {'; '.join(lines)}") from error
+    except Exception as error:  # an object pluggy cannot even inspect
+        raise ConfigError(f"plugin {name!r} ({origin}): cannot be registered: {one_line(error)}") from error
+    if not plugins.pm.get_hookcallers(plugin):
+        # A plugin with no hook is a mistake (a misspelled marker, the wrong object): it would do nothing.
+        plugins.pm.unregister(plugin)
+        what = "module" if inspect.ismodule(plugin) else type(plugin).__name__
+        raise ConfigError(
+            f"plugin {name!r} ({origin}): a {what} with no hook implementation (mark them with @engine.hookimpl)"
+        )
     plugins.sources[name] = origin
+
+
+def plugin_target(spec: str) -> tuple[str, str]:
+    """A plugin spec split into its module (a dotted name or a ``.py`` file) and the name of a class
+    or object in it (empty: the module itself): ``pkg.module:Class``, ``path/file.py:Class``."""
+    target, sep, attribute = spec.rpartition(":")
+    if sep and target and attribute.isidentifier():
+        return target, attribute
+    return spec, ""  # no attribute (a Windows path's drive colon is not one)
 
 
 def is_plugin_file(spec: str) -> bool:
     """Whether a --plugin argument names a file (else a module to import by name)."""
-    return spec.endswith(".py") or "/" in spec or "\\" in spec
+    target, _ = plugin_target(spec)
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def load_plugin(spec: str) -> tuple[Any, str]:
+    """The plugin a --plugin argument names, and its plugin name: a module by dotted name or
+    ``.py`` file (named by its module or file name), or a class or object in one (``module:Class``,
+    named as given)."""
+    target, attribute = plugin_target(spec)
+    module = load_module(target)
+    if not attribute:
+        return module, Path(target).stem if is_plugin_file(target) else module.__name__
+    try:
+        return getattr(module, attribute), spec
+    except AttributeError:
+        raise ConfigError(f"plugin {spec!r}: {target!r} has no attribute {attribute!r}") from None
 
 
 def load_module(spec: str) -> ModuleType:
-    """Import a plugin module by dotted name, or from a ``.py`` file path."""
+    """Import a plugin module by dotted name, or from a ``.py`` file path.
+
+    A file is imported under a private module name (its path's digest), so that a plugin file
+    named like another module (``json.py``) does not replace it in `sys.modules`.
+    """
     if is_plugin_file(spec):
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"plugin file {spec!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert module_spec is not None and module_spec.loader is not None
+        digest = hashlib.sha1(str(path.absolute()).encode()).hexdigest()[:12]
+        stem = re.sub(r"\W", "_", path.stem)
+        name = f"{PLUGIN_FILE_MODULE}{stem}_{digest}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ConfigError(f"plugin file {spec!r} cannot be imported as a Python module")
         module = importlib.util.module_from_spec(module_spec)
-        sys.modules[path.stem] = module
+        sys.modules[name] = module  # dataclasses and pickle look a module up by name
         try:
             module_spec.loader.exec_module(module)
-        except Exception as error:
-            del sys.modules[path.stem]
+        except BaseException as error:
+            del sys.modules[name]
+            if not isinstance(error, Exception):
+                raise
             raise ConfigError(f"plugin file {spec!r} failed to import: {one_line(error)}") from error
         return module
     try:
@@ -295,16 +363,34 @@ def load_module(spec: str) -> ModuleType:
 
 
 def import_object(reference: str, key: str) -> Any:
-    """The object named by ``"package.module:attribute"``."""
+    """The function or class named by ``"package.module:attribute"``.
+
+    Only a function or class of a module outside the standard library: a job file's references
+    are code it calls, and none of the standard library's (``os:system``, ``shutil:rmtree``) is
+    a component.
+    """
     module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute.isidentifier():
+        raise ConfigError(f"{key}: {reference!r} is not a reference of the form 'package.module:name'")
+    top = module_name.partition(".")[0]
+    if top in sys.stdlib_module_names:
+        raise ConfigError(
+            f"{key}: {reference!r} is in the standard library, which provides no components; "
+            "name a factory or class of your own"
+        )
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
         raise ConfigError(f"{key}: cannot import module {module_name!r}: {one_line(error)}") from error
     try:
-        return getattr(module, attribute)
+        found = getattr(module, attribute)
     except AttributeError:
         raise ConfigError(f"{key}: module {module_name!r} has no attribute {attribute!r}") from None
+    if not (inspect.isfunction(found) or inspect.ismethod(found) or inspect.isclass(found)):
+        raise ConfigError(
+            f"{key}: {reference!r} is a {type(found).__name__}, not a function or class (a component's factory)"
+        )
+    return found
 
 
 def dotted(section: str, key: str) -> str:

@@ -59,7 +59,7 @@ def create(runs_dir: str | Path, run_name: str) -> Path:
         try:
             path.mkdir()
         except FileExistsError:
-            raise ConfigError(f"run {run_name!r} exists: use --resume {path} or another run_name") from None
+            raise ConfigError(_taken(path)) from None
         return path
     stem = time.strftime("%Y%m%d-%H%M%S")
     for suffix in range(1, 10_000):
@@ -70,6 +70,16 @@ def create(runs_dir: str | Path, run_name: str) -> Path:
         except FileExistsError:
             continue
     raise ConfigError(f"runs_dir: no free run name for {stem!r} in '{parent}'")
+
+
+def check_free(runs_dir: str | Path, run_name: str) -> None:
+    """A ConfigError if the named run exists already (`create` checks again, atomically)."""
+    if run_name and (Path(runs_dir) / run_name).exists():
+        raise ConfigError(_taken(Path(runs_dir) / run_name))
+
+
+def _taken(path: Path) -> str:
+    return f"run {path.name!r} exists: use --resume {path} or another run_name"
 
 
 def fsync_directory(path: Path) -> None:

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -79,6 +79,7 @@ class Standardize(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
+@runtime_checkable  # what build_loaders returns is checked against it at setup
 class Loaders(Protocol):
     """Batch iterators over the training and validation data, built by `build_loaders`.
 
@@ -94,6 +95,10 @@ class Loaders(Protocol):
 
     def train_batches(self) -> int:
         """How many batches one training epoch has."""
+
+    def sample(self) -> Batch:
+        """A few training samples as one batch on the device, read without touching the epochs'
+        order or starting worker processes: what the setup chain checks the model and loss on."""
 
     def val(self) -> Iterable[Batch] | None:
         """The validation batches, or None when there is no validation data."""
@@ -136,6 +141,7 @@ class Precision:
 Step = Callable[[Batch, Window], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+@runtime_checkable  # what an accelerate factory returns is checked against it at setup
 class Acceleration(Protocol):
     """What an ``accelerate`` factory returns: the last link of the optimizer and step chains."""
 

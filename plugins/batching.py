@@ -15,9 +15,12 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 import engine
+
+# How many samples of a Dataset `DatasetLoaders.sample` reads for the setup chain's check.
+SAMPLE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -43,34 +46,129 @@ def build_loaders(data: Any, config: engine.Config, seed: int, device: torch.dev
     train, val = (data["train"], data.get("val")) if isinstance(data, Mapping) else (data, None)
     if isinstance(train, Dataset):
         return DatasetLoaders(train, val, settings, seed, device)
-    return TensorLoaders(tensors(train), tensors(val) if val is not None else None, settings, seed, device)
+    if val is not None and isinstance(val, Dataset):
+        raise engine.ConfigError("data: the validation data is a Dataset but the training data is not")
+    return TensorLoaders(
+        tensors(train), tensors(val, "validation") if val is not None else None, settings, seed, device
+    )
 
 
-def tensors(pair: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) as tensors: float32 inputs; integer targets as int64 class indices, float targets as [N, k]."""
+def tensors(pair: Any, split: str = "training") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) as tensors: float32 inputs; integer targets as int64 class indices, float targets as [N, k].
+
+    Checked first, naming the `split`: numbers (not strings or objects), one row per sample, as
+    many targets as inputs, and every value finite in float32.
+    """
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
         raise engine.ConfigError(
             f"data: the data component must return (x, y), a Dataset or {{'train', 'val'}}, got {type(pair).__name__}"
         )
-    x, y = (torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a) for a in pair)
+    x, y = (numbers(value, f"the {split} {part}") for value, part in zip(pair, ("inputs", "targets")))
+    for tensor, part in ((x, "inputs"), (y, "targets")):
+        if tensor.dim() == 0:
+            raise engine.ConfigError(f"data: the {split} {part} are one number, not one row per sample")
     if len(x) != len(y):
-        raise engine.ConfigError(f"data: x has {len(x)} samples but y has {len(y)}")
+        raise engine.ConfigError(f"data: the {split} inputs have {len(x)} samples but the targets {len(y)}")
     if len(x) == 0:
-        raise engine.ConfigError("data: the dataset is empty")
+        raise engine.ConfigError(f"data: the {split} data is empty")
     if y.is_floating_point():
         y = y.float().reshape(len(y), -1) if y.dim() == 1 else y.float()
     else:
         y = y.long()
-    return x.float(), y
+    x = x.float()
+    for tensor, part in ((x, "inputs"), (y, "targets")):
+        finite(tensor, f"the {split} {part}")
+    return x, y
+
+
+# What numpy dtype kinds hold, in words, for those that are not numbers.
+NOT_NUMBERS = {"U": "str", "S": "bytes", "O": "Python object", "c": "complex", "M": "datetime", "m": "timedelta"}
+
+
+def numbers(value: Any, what: str) -> torch.Tensor:
+    """`value` (a tensor, an array, a list, a number) as a tensor of real numbers, or a ConfigError
+    naming `what`."""
+    if isinstance(value, torch.Tensor):
+        tensor = value
+        if tensor.is_complex():
+            raise engine.ConfigError(f"data: {what} are complex numbers ({tensor.dtype}); expected real numbers")
+    else:
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as error:  # ragged nested lists
+            raise engine.ConfigError(f"data: {what} are not an array: {engine.one_line(error)}") from None
+        if array.dtype.kind in NOT_NUMBERS:
+            raise engine.ConfigError(
+                f"data: {what} hold {NOT_NUMBERS[array.dtype.kind]} values (dtype {array.dtype}), not numbers"
+            )
+        if array.dtype.kind == "V":
+            raise engine.ConfigError(f"data: {what} are a structured array (dtype {array.dtype}), not numbers")
+        tensor = torch.as_tensor(array)
+    # torch cannot take max() of uint64; above int64's range the values would wrap around when cast.
+    if tensor.dtype == torch.uint64 and tensor.numel() and int(tensor.cpu().numpy().max()) > 2**63 - 1:
+        raise engine.ConfigError(f"data: {what} hold integers beyond the int64 range")
+    return tensor
+
+
+def finite(tensor: torch.Tensor, what: str) -> None:
+    """A ConfigError naming `what` and the first sample with a value that is not finite."""
+    if not tensor.is_floating_point():
+        return
+    bad = ~torch.isfinite(tensor.reshape(len(tensor), -1)).all(dim=1)
+    count = int(bad.sum())
+    if count:
+        first = int(bad.nonzero()[0, 0])
+        raise engine.ConfigError(
+            f"data: {what} hold values that are not finite in float32 (NaN, inf, or beyond 3.4e38) in "
+            f"{count} sample{'s' if count > 1 else ''}, the first at index {first}"
+        )
+
+
+def class_count(low: int, high: int, n_samples: int) -> int:
+    """The number of classes of integer targets from `low` to `high`: class indices are 0 or more
+    (-100: ignored, as torch's losses take it), and far fewer than samples."""
+    if low < 0 and low != -100:
+        raise engine.ConfigError(f"data: class indices must be 0 or more, found {low}")
+    # More classes than samples, beyond 65,536 of them: a column of values read as class indices
+    # (its output layer alone could not be allocated), not a classification set.
+    if high + 1 > max(n_samples, 2**16):
+        raise engine.ConfigError(
+            f"data: the targets are whole numbers, read as class indices, but the largest ({high}) would make "
+            f"{high + 1} classes for {n_samples} samples; if they are values, not classes, give float targets "
+            '(for a csv file: data.task = "regression")'
+        )
+    return high + 1
 
 
 def data_info(x: torch.Tensor, y: torch.Tensor, n_train: int, n_val: int) -> engine.DataInfo:
     if y.is_floating_point():
         return engine.DataInfo(x.shape[-1] if x.dim() > 1 else 1, y.shape[-1], "regression", n_train, n_val)
-    low = int(y.min())
-    if low < 0 and low != -100:
-        raise engine.ConfigError(f"data: class indices must be 0 or more, found {low}")
-    return engine.DataInfo(x.shape[-1] if x.dim() > 1 else 1, int(y.max()) + 1, "classification", n_train, n_val)
+    classes = class_count(int(y.min()), int(y.max()), len(y))
+    return engine.DataInfo(x.shape[-1] if x.dim() > 1 else 1, classes, "classification", n_train, n_val)
+
+
+def split_off(n: int, fraction: float) -> int:
+    """How many of `n` samples `val_fraction` sets aside for validation (at least 1); at least one
+    must be left to train on."""
+    n_val = max(1, int(n * fraction))
+    if n_val >= n:
+        raise engine.ConfigError(
+            f"data.val_fraction: {fraction} of {n} sample{'s' if n > 1 else ''} leaves none to train on"
+        )
+    return n_val
+
+
+def same_rows(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The validation samples must have the training samples' shapes and kind of target."""
+    for part, a, b in (("inputs", train[0], val[0]), ("targets", train[1], val[1])):
+        if a.shape[1:] != b.shape[1:]:
+            raise engine.ConfigError(
+                f"data: the validation {part} have samples of shape {tuple(b.shape[1:])}, "
+                f"the training {part} {tuple(a.shape[1:])}"
+            )
+    if train[1].is_floating_point() != val[1].is_floating_point():
+        kinds = ("values", "class indices") if train[1].is_floating_point() else ("class indices", "values")
+        raise engine.ConfigError(f"data: the training targets are {kinds[0]} but the validation targets {kinds[1]}")
 
 
 def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
@@ -95,8 +193,11 @@ class TensorLoaders:
         x, y = train
         if val is None and settings["val_fraction"] > 0:
             order = torch.randperm(len(x), generator=epoch_generator(seed, 0))
-            n_val = max(1, int(len(x) * settings["val_fraction"]))
+            n_val = split_off(len(x), settings["val_fraction"])
             val, (x, y) = (x[order[:n_val]], y[order[:n_val]]), (x[order[n_val:]], y[order[n_val:]])
+        elif val is not None:
+            same_rows((x, y), val)
+        self.standardize: engine.Standardize | None = None
         self.info = data_info(
             torch.cat([x, val[0]]) if val else x,
             torch.cat([y, val[1]]) if val else y,
@@ -116,6 +217,9 @@ class TensorLoaders:
 
     def train_batches(self) -> int:
         return batch_count(len(self.x), self.batch_size, self.drop_last)
+
+    def sample(self) -> engine.Batch:
+        return engine.Batch(self.x[: self.batch_size], self.y[: self.batch_size])  # the size of a batch
 
     def train(self, epoch: int, start: int = 0) -> Iterator[engine.Batch]:
         if self.batch_size >= len(self.x):
@@ -164,8 +268,10 @@ class DatasetLoaders:
     def __init__(
         self, train: Dataset, val: Dataset | None, settings: engine.Section, seed: int, device: torch.device
     ) -> None:
+        if len(train) == 0:
+            raise engine.ConfigError("data: the training Dataset is empty")
         if val is None and settings["val_fraction"] > 0:
-            n_val = max(1, int(len(train) * settings["val_fraction"]))
+            n_val = split_off(len(train), settings["val_fraction"])
             val, train = torch.utils.data.random_split(
                 train, [n_val, len(train) - n_val], generator=epoch_generator(seed, 0)
             )
@@ -187,18 +293,34 @@ class DatasetLoaders:
         self.val_loader = (
             DataLoader(val, shuffle=False, generator=epoch_generator(seed, -2), **options) if val is not None else None
         )
-        self.device = device
-        self.info = self._data_info(train, len(val) if val is not None else 0)
+        self.device, self.dataset = device, train
+        x, y = sample_tensors(train, 0)
+        self.standardize: engine.Standardize | None = None
+        self.info = self._data_info(train, x, y, len(val) if val is not None else 0)
+        # Cast like in-memory data: float inputs and targets to float32 (numpy's float64 would
+        # meet float32 weights), integer targets to int64 class indices; integer inputs (token
+        # ids) stay as they are.
+        self.x_dtype = torch.float32 if x.is_floating_point() else None
+        self.y_dtype = torch.float32 if y.is_floating_point() else torch.int64
 
-    def _data_info(self, dataset: Dataset, n_val: int) -> engine.DataInfo:
-        x, y = dataset[0]
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
+    def _data_info(self, dataset: Dataset, x: torch.Tensor, y: torch.Tensor, n_val: int) -> engine.DataInfo:
         n_features = x.shape[-1] if x.dim() else 1
         if y.is_floating_point():
             return engine.DataInfo(n_features, y.shape[-1] if y.dim() else 1, "regression", self.n, n_val)
         classes = getattr(dataset, "classes", None)
-        n_classes = len(classes) if classes is not None else 1 + max(int(dataset[i][1]) for i in range(self.n))
-        return engine.DataInfo(n_features, n_classes, "classification", self.n, n_val)
+        if classes is not None:
+            return engine.DataInfo(n_features, len(classes), "classification", self.n, n_val)
+        labels = [int(dataset[i][1]) for i in range(self.n)]
+        return engine.DataInfo(
+            n_features, class_count(min(labels), max(labels), self.n), "classification", self.n, n_val
+        )
+
+    def sample(self) -> engine.Batch:
+        # Read here, not through the DataLoader: its workers and their seeds belong to the epochs.
+        # A few samples show the shapes; each may cost a file read and a decode.
+        count = min(self.n, self.batch_size, SAMPLE_SIZE)
+        x, y = default_collate([self.dataset[i] for i in range(count)])
+        return self.on_device(x, y)
 
     def train_batches(self) -> int:
         return batch_count(self.n, self.batch_size, self.drop_last)
@@ -230,4 +352,25 @@ class DatasetLoaders:
 
     def on_device(self, x: torch.Tensor, y: torch.Tensor) -> engine.Batch:
         """A collated batch on the run's device (non-blocking from pinned memory), as a Batch."""
-        return engine.Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        return engine.Batch(
+            x.to(self.device, self.x_dtype, non_blocking=True), y.to(self.device, self.y_dtype, non_blocking=True)
+        )
+
+
+def sample_tensors(dataset: Dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `index` of a Dataset as two tensors of numbers, or a ConfigError saying what it is."""
+    sample = dataset[index]
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
+        raise engine.ConfigError(
+            f"data: sample {index} of the Dataset is a {type(sample).__name__}, not an (input, target) pair"
+        )
+    pair = []
+    for value, part in zip(sample, ("input", "target")):
+        if not isinstance(value, (torch.Tensor, np.ndarray, np.generic, int, float)):
+            kind = type(value)
+            raise engine.ConfigError(
+                f"data: the {part} of sample {index} of the Dataset is a {kind.__module__}.{kind.__qualname__}, "
+                "not a tensor, array or number (convert it in the Dataset)"
+            )
+        pair.append(numbers(value, f"the {part} of sample {index} of the Dataset"))
+    return pair[0], pair[1]

@@ -14,6 +14,7 @@ returns: ``class`` and ``probability`` (classification) or ``value`` (regression
 from __future__ import annotations
 
 import csv as csv_module
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,21 +59,40 @@ def npz(
     """Arrays `x` and `y` from a ``.npz`` file (and from `val_path` for validation); `x` alone
     when not `labelled`."""
     if not labelled:
-        arrays = np.load(_existing(path, "path"), allow_pickle=False)
-        if x not in arrays:
-            raise engine.ConfigError(f"data.path: file '{path}' has no array {x!r} (it has: {', '.join(arrays.files)})")
-        return arrays[x]
+        return _npz_arrays(path, "path", (x,))[0]
+    return _splits(lambda file, key: tuple(_npz_arrays(file, key, (x, y))), path, val_path)
 
-    def load(file: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+
+def _npz_arrays(file: str, key: str, names: tuple[str, ...]) -> list[np.ndarray]:
+    """The arrays `names` of an npz file, checked: a readable file of named numeric arrays."""
+    try:
         arrays = np.load(_existing(file, key), allow_pickle=False)
-        for name in (x, y):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise engine.ConfigError(
+            f"data.{key}: '{file}' is not a readable .npz file: {engine.one_line(error)}"
+        ) from None
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise engine.ConfigError(f"data.{key}: '{file}' holds one array, not named arrays (save it with np.savez)")
+    with arrays:
+        for name in names:
             if name not in arrays:
                 raise engine.ConfigError(
                     f"data.{key}: file '{file}' has no array {name!r} (it has: {', '.join(arrays.files)})"
                 )
-        return arrays[x], arrays[y]
-
-    return _splits(load, path, val_path)
+        loaded = []
+        for name in names:
+            try:
+                array = arrays[name]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # pickled objects, a cut file
+                raise engine.ConfigError(
+                    f"data.{key}: array {name!r} of '{file}' cannot be read: {engine.one_line(error)}"
+                ) from None
+            if array.dtype.kind not in "biuf":
+                raise engine.ConfigError(
+                    f"data.{key}: array {name!r} of '{file}' holds {array.dtype} values, not numbers"
+                )
+            loaded.append(array)
+    return loaded
 
 
 def csv(
@@ -86,22 +106,25 @@ def csv(
 ) -> Any:
     """Columns of a ``.csv`` file with a header row: `features` (default: all but `target`) and `target`.
 
-    `task` "auto" reads a target of whole numbers as class indices, any other as regression. When
-    not `labelled`, the feature columns alone (all but `target`, if the file has it).
+    `task` "auto" reads a target of whole numbers as class indices, any other as regression. Blank
+    lines are skipped; a row with more or fewer values than the header is an error. When not
+    `labelled`, the feature columns alone (all but `target`, if the file has it).
     """
     if not labelled:
-        header, body = _csv_rows(path, "path", delimiter)
+        header, rows = _read_csv(path, "path", delimiter)
         wanted = list(features) or [name for name in header if name != target]
-        return _columns(path, "path", header, body, wanted).astype(np.float32)
+        return _columns(path, "path", header, rows, wanted).astype(np.float32)
     if not target:
         raise engine.ConfigError("data.target: name the target column of the csv file")
+    if len(delimiter) != 1 or delimiter in '"\r\n':
+        raise engine.ConfigError(f"data.delimiter: expected one character, not a quote or newline, got {delimiter!r}")
 
     def load(file: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-        header, body = _csv_rows(file, key, delimiter)
+        header, rows = _read_csv(file, key, delimiter)
         wanted = list(features) or [name for name in header if name != target]
-        table = _columns(file, key, header, body, [*wanted, target])
+        table = _columns(file, key, header, rows, [*wanted, target])
         labels = table[:, -1]
-        whole = np.all(labels == np.round(labels))
+        whole = np.all(np.isfinite(labels) & (labels == np.round(labels)))
         if task == "classification" or (task == "auto" and whole):
             if not whole:
                 raise engine.ConfigError(f"data.task: '{file}' target {target!r} is not whole numbers")
@@ -111,23 +134,71 @@ def csv(
     return _splits(load, path, val_path)
 
 
-def _csv_rows(file: str, key: str, delimiter: str) -> tuple[list[str], list[list[str]]]:
-    with open(_existing(file, key), newline="", encoding="utf-8") as handle:
-        rows = list(csv_module.reader(handle, delimiter=delimiter))
+def _read_csv(file: str, key: str, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the rows (with their line numbers) of a csv file, checked: a header of
+    distinct names, as many values in each row; blank lines are skipped."""
+    rows = []
+    try:
+        # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of the first name.
+        with open(_existing(file, key), newline="", encoding="utf-8-sig") as handle:
+            reader = csv_module.reader(handle, delimiter=delimiter)
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    rows.append((reader.line_num, row))
+    except UnicodeDecodeError as error:
+        raise engine.ConfigError(f"data.{key}: '{file}' is not UTF-8 text: {engine.one_line(error)}") from None
+    except csv_module.Error as error:
+        raise engine.ConfigError(f"data.{key}: '{file}' line {reader.line_num}: {error}") from None
     if not rows:
         raise engine.ConfigError(f"data.{key}: file '{file}' is empty")
-    return rows[0], rows[1:]
+    (_, header), body = rows[0], rows[1:]
+    header = [name.strip() for name in header]
+    if all(_is_number(name) for name in header):
+        raise engine.ConfigError(
+            f"data.{key}: the first line of '{file}' is numbers, not a header: add a line naming the columns"
+        )
+    for index, name in enumerate(header):
+        if not name:
+            raise engine.ConfigError(f"data.{key}: column {index + 1} of the header of '{file}' has no name")
+        if header.index(name) != index:
+            raise engine.ConfigError(f"data.{key}: the header of '{file}' names column {name!r} twice")
+    for line, row in body:
+        if len(row) != len(header):
+            raise engine.ConfigError(
+                f"data.{key}: '{file}' line {line} has {len(row)} values, but the header names {len(header)} columns"
+            )
+    if not body:
+        raise engine.ConfigError(f"data.{key}: '{file}' has a header but no rows")
+    return header, body
 
 
-def _columns(file: str, key: str, header: list[str], body: list[list[str]], names: list[str]) -> np.ndarray:
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _columns(file: str, key: str, header: list[str], rows: list[tuple[int, list[str]]], names: list[str]) -> np.ndarray:
+    """The `names` columns of `rows` as numbers; a missing column or a cell that is not a number is
+    a ConfigError naming the file, line and column."""
     for name in names:
         if name not in header:
             raise engine.ConfigError(f"data: column {name!r} is not in '{file}' (columns: {', '.join(header)})")
-    try:
-        values = [[float(row[header.index(name)]) for name in names] for row in body]
-        return np.array(values, dtype=np.float64).reshape(len(body), len(names))
-    except (ValueError, IndexError) as error:
-        raise engine.ConfigError(f"data.{key}: '{file}' has a non-numeric or missing value: {error}") from None
+    columns = [header.index(name) for name in names]
+    table = np.empty((len(rows), len(columns)))
+    for i, (line, row) in enumerate(rows):
+        for j, column in enumerate(columns):
+            try:
+                table[i, j] = float(row[column])
+            except ValueError:
+                cell = row[column].strip()
+                what = "is empty" if not cell else f"is {cell!r}, not a number"
+                raise engine.ConfigError(
+                    f"data.{key}: '{file}' line {line}, column {header[column]!r} {what}"
+                ) from None
+    return table
 
 
 def _existing(file: str, key: str) -> Path:

@@ -68,21 +68,37 @@ def _weights(values: tuple[float, ...], device: torch.device, key: str, expected
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def mse(reduction: Reduction = "mean") -> Callable[[Tensor, Tensor], Tensor]:
+def _values(name: str, info: engine.DataInfo) -> None:
+    """A loss that compares outputs with values refuses class indices, at setup."""
+    if info.task == "classification":
+        raise engine.ConfigError(
+            f"loss.name: {name!r} compares outputs with values, but the targets were read as class indices "
+            f"({info.n_outputs} classes): use loss cross_entropy (or nll), or if they are values, read them as "
+            'values (float targets; for a csv file, data.task = "regression")'
+        )
+
+
+def mse(info: engine.DataInfo, reduction: Reduction = "mean") -> Callable[[Tensor, Tensor], Tensor]:
+    _values("mse", info)
     return _same_shape("mse", nn.MSELoss(reduction=reduction))
 
 
-def l1(reduction: Reduction = "mean") -> Callable[[Tensor, Tensor], Tensor]:
+def l1(info: engine.DataInfo, reduction: Reduction = "mean") -> Callable[[Tensor, Tensor], Tensor]:
+    _values("l1", info)
     return _same_shape("l1", nn.L1Loss(reduction=reduction))
 
 
-def smooth_l1(reduction: Reduction = "mean", beta: NonNegative = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+def smooth_l1(
+    info: engine.DataInfo, reduction: Reduction = "mean", beta: NonNegative = 1.0
+) -> Callable[[Tensor, Tensor], Tensor]:
+    _values("smooth_l1", info)
     return _same_shape("smooth_l1", nn.SmoothL1Loss(reduction=reduction, beta=beta))
 
 
 def huber(
-    reduction: Reduction = "mean", delta: Annotated[float, engine.Range(gt=0)] = 1.0
+    info: engine.DataInfo, reduction: Reduction = "mean", delta: Annotated[float, engine.Range(gt=0)] = 1.0
 ) -> Callable[[Tensor, Tensor], Tensor]:
+    _values("huber", info)
     return _same_shape("huber", nn.HuberLoss(reduction=reduction, delta=delta))
 
 
@@ -90,6 +106,7 @@ def bce_with_logits(
     info: engine.DataInfo, device: torch.device, reduction: Reduction = "mean", pos_weight: tuple[NonNegative, ...] = ()
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Binary cross-entropy on raw logits; `pos_weight` has one weight per output column."""
+    _values("bce_with_logits", info)
     weights = _weights(pos_weight, device, "loss.pos_weight", info.n_outputs, "target columns")
     loss = nn.BCEWithLogitsLoss(reduction=reduction, pos_weight=weights)
     return _same_shape("bce_with_logits", loss)

@@ -6,7 +6,7 @@ The metrics accumulate on the device across the validation batches (`compute_met
 computed once at the end (`after_validation`): no sync per batch, and none at all per training
 step. Under torch.distributed, torchmetrics reduces their states across ranks when computing.
 The confusion matrix of the last validation is written to ``confusion_matrix.json`` in the run
-directory. torchmetrics is imported at the first validation: it takes 1.4 s, which a run without
+directory at the end of its epoch. torchmetrics is imported at the first validation: it takes 1.4 s, which a run without
 validation data never pays.
 """
 
@@ -37,6 +37,7 @@ class Metrics:
         self.built = False  # at the first validation
         self.collection: Any = None  # a torchmetrics MetricCollection
         self.confusion: Any = None
+        self.matrix: list[list[int]] | None = None  # the last validation's confusion matrix
 
     @engine.hookimpl
     def register_settings(self):
@@ -67,12 +68,15 @@ class Metrics:
             found = dict(self.collection.compute())
             self.collection.reset()
         if self.confusion is not None:
-            matrix = self.confusion.compute().tolist()
+            self.matrix = self.confusion.compute().tolist()
             self.confusion.reset()
-            if trainer.run_dir is not None:
-                record = {"epoch": trainer.state.epoch, "rows": "target", "columns": "prediction", "matrix": matrix}
-                engine.runs.write_text(trainer.run_dir / "confusion_matrix.json", json.dumps(record) + "\n")
         return found
+
+    @engine.hookimpl
+    def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
+        if self.matrix is not None and state.val_epoch == epoch:
+            record = {"epoch": epoch, "rows": "target", "columns": "prediction", "matrix": self.matrix}
+            engine.runs.write_text(trainer.run_dir / "confusion_matrix.json", json.dumps(record) + "\n")
 
     def build(self, trainer: engine.Trainer) -> None:
         import torchmetrics

@@ -9,6 +9,7 @@ database). MLflow's own log lines are kept to warnings while the run lasts.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,12 @@ class Settings:
     enabled: bool = False
     tracking_uri: str = ""  # default: sqlite:///mlruns/mlflow.db in the working directory
     experiment: str = "engine"
+
+    def __post_init__(self) -> None:
+        if self.enabled and importlib.util.find_spec("mlflow") is None:
+            raise engine.ConfigError(
+                "mlflow.enabled: the mlflow package is not installed (pip install 'torch-plugin-engine[mlflow]')"
+            )
 
 
 class MLflow:
@@ -39,12 +46,8 @@ class MLflow:
         settings = trainer.config["mlflow"]
         if not settings["enabled"]:
             return
-        try:
-            import mlflow
-        except ImportError:
-            raise engine.ConfigError(
-                "mlflow.enabled: the mlflow package is not installed (pip install 'torch-plugin-engine[mlflow]')"
-            ) from None
+        import mlflow
+
         quiet = logging.getLogger("mlflow")
         self.level = quiet.level
         quiet.setLevel(logging.WARNING)

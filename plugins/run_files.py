@@ -38,7 +38,7 @@ class RunFiles:
         self.started_at = ""
         self.summary: dict[str, Any] = {}
 
-    @engine.hookimpl
+    @engine.hookimpl(tryfirst=True)  # the record exists before another plugin's start can fail
     def on_run_start(self, trainer: engine.Trainer) -> None:
         run_dir = trainer.run_dir
         runs.write_text(run_dir / runs.CONFIG, engine.dump_toml(trainer.config))
@@ -53,7 +53,12 @@ class RunFiles:
         if trainer.resumed_from is not None:
             self.summary["resumed_from"] = str(trainer.resumed_from.relative_to(run_dir))
         write_json(run_dir / runs.SUMMARY, self.summary)
-        self.metrics = os.open(run_dir / runs.METRICS, os.O_WRONLY | os.O_CREAT, 0o644)
+        self.metrics = os.open(run_dir / runs.METRICS, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(self.metrics).st_size < self.offset:
+            # Shorter than when the checkpoint was taken (cut by a fault or by hand): go on after its
+            # last whole line, not after the zero bytes that extending it would write.
+            kept = os.pread(self.metrics, self.offset, 0)
+            self.offset = kept.rfind(b"\n") + 1
         os.ftruncate(self.metrics, self.offset)  # a resumed run's lines after its checkpoint go
         os.lseek(self.metrics, self.offset, os.SEEK_SET)
 

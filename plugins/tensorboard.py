@@ -10,6 +10,7 @@ background thread), never per step.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,13 @@ import engine
 class Settings:
     enabled: bool = False
     dir: engine.FilePath = ""  # default: <run directory>/tensorboard
+
+    def __post_init__(self) -> None:
+        if self.enabled and importlib.util.find_spec("tensorboard") is None:
+            raise engine.ConfigError(
+                "tensorboard.enabled: the tensorboard package is not installed "
+                "(pip install 'torch-plugin-engine[tensorboard]')"
+            )
 
 
 class TensorBoard:
@@ -36,13 +44,8 @@ class TensorBoard:
         settings = trainer.config["tensorboard"]
         if not settings["enabled"]:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise engine.ConfigError(
-                "tensorboard.enabled: the tensorboard package is not installed "
-                "(pip install 'torch-plugin-engine[tensorboard]')"
-            ) from None
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(settings["dir"] or str(trainer.run_dir / "tensorboard"))
         self.writer.add_text("config", "```toml\n" + engine.dump_toml(trainer.config) + "```", global_step=0)
 

@@ -211,11 +211,13 @@ def test_a_users_component_parameters_become_settings():
 
 
 def test_a_job_file_lists_plugin_modules(tmp_path, write_plugin):
-    write_plugin("square_loss_plugin", "from tests.helpers import LossOnly as plugin\n")
-    (tmp_path / "job.toml").write_text('plugins = ["tests.helpers"]\n')
+    write_plugin("listed_plugin", "import engine\n\n@engine.hookimpl\ndef on_epoch_end():\n    pass\n")
+    (tmp_path / "job.toml").write_text('plugins = ["listed_plugin", "tests.helpers:LossOnly"]\n')
     config, plugins = engine.load_config(tmp_path / "job.toml")
-    assert plugins.sources["tests.helpers"] == "--plugin tests.helpers"
-    assert config["plugins"] == ("tests.helpers",)
+    assert plugins.sources["listed_plugin"] == "--plugin listed_plugin"
+    assert plugins.sources["tests.helpers:LossOnly"] == "--plugin tests.helpers:LossOnly"
+    assert plugins.component("loss", "sq").plugin == "tests.helpers:LossOnly"
+    assert config["plugins"] == ("listed_plugin", "tests.helpers:LossOnly")
 
 
 @dataclass(frozen=True)
@@ -255,3 +257,29 @@ def test_plugins_add_their_own_sections_and_component_kinds():
         engine.load_config({"sampler": {"name": "weighed"}}, plugins=[Owns])
     with pytest.raises(engine.ConfigError, match=r"unknown section \[ema\]"):
         engine.load_config({"ema": {"decay": 0.9}})  # without the plugin, nobody owns [ema]
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    low: float = 0.0
+    high: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.low >= self.high:
+            raise ValueError(f"window.low ({self.low}) must be below window.high ({self.high})")
+
+
+class ChecksItsSettings:
+    @engine.hookimpl
+    def register_settings(self):
+        return {"window": WindowSettings}
+
+
+def test_a_settings_class_checks_its_resolved_values_and_the_error_names_section_and_plugin():
+    config, _ = engine.load_config({"window": {"low": 0.2}}, plugins=[ChecksItsSettings])
+    assert dict(config["window"]) == {"low": 0.2, "high": 1.0}
+    with pytest.raises(
+        engine.ConfigError,
+        match=r"^\[window\] \(plugin 'ChecksItsSettings'\): window.low \(2.0\) must be below window.high \(1.0\)$",
+    ):
+        engine.load_config(None, ["window.low=2"], plugins=[ChecksItsSettings])

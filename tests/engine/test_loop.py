@@ -105,8 +105,10 @@ def test_hooks_run_in_the_documented_order():
     )
     step = ["before_forward", "compute_loss", "compute_metrics", "before_optimizer_step", "after_step"]
     validation = ["before_forward", "compute_loss", "compute_metrics"]
-    # 30 training samples in batches of 16: 2 steps; 10 validation samples: one batch, epoch 2 only.
+    # The setup chain's check runs a sample as validation does; 30 training samples in batches of
+    # 16: 2 steps; 10 validation samples: one batch, epoch 2 only.
     expected = [
+        *validation,
         "on_run_start",
         *step * 2,
         "on_log",
@@ -132,9 +134,10 @@ def test_validation_runs_in_eval_and_inference_mode_then_training_resumes():
     )
     training = [(training, inference) for hook, training, inference in recorder.modes if hook == "before_forward"]
     metrics = [(training, inference) for hook, training, inference in recorder.modes if hook == "compute_metrics"]
-    # Per epoch: two training batches (train mode, autograd on), then one validation batch.
-    assert training == [(True, False), (True, False), (False, True)] * 2
-    assert metrics == [(True, False), (True, False), (False, True)] * 2  # train metrics in the step, then validation
+    # The setup chain's check, as validation; then per epoch: two training batches (train mode,
+    # autograd on), then one validation batch.
+    assert training == [(False, True)] + [(True, False), (True, False), (False, True)] * 2
+    assert metrics == [(False, True)] + [(True, False), (True, False), (False, True)] * 2  # train metrics in the step
     assert [mode for hook, *mode in recorder.modes if hook == "on_epoch_end"] == [[True, False]] * 2
 
 
@@ -225,10 +228,11 @@ class Twice:
         return {"mse": output.mean()}
 
 
-def test_two_loss_terms_with_one_name_are_an_error():
-    with pytest.raises(engine.TrainingError, match="two loss terms are named 'mse'") as raised:
+def test_two_loss_terms_with_one_name_are_an_error(tmp_path):
+    with pytest.raises(engine.ConfigError) as raised:
         engine.run(job(), plugins=[Twice])
-    assert "epoch 1, step 1" in str(raised.value)
+    assert str(raised.value) == "plugin 'Twice': hook compute_loss returned a second loss term named 'mse'"
+    assert not (tmp_path / "runs").exists()
 
 
 # --- the step and the state ----------------------------------------------------------------------
@@ -446,7 +450,8 @@ def test_validation_runs_every_val_every_epochs_and_at_the_end():
     engine.run(job(epochs=5, val_every=2, data={"val_fraction": 0.2}), plugins=[recorder])
     epochs, validated = 1, []
     modes = iter(mode for mode in recorder.modes if mode[0] == "compute_metrics")
-    for call in recorder.calls:
+    next(modes)  # the setup chain's check
+    for call in recorder.calls[recorder.calls.index("on_run_start") :]:  # after the setup chain's check
         if call == "compute_metrics" and not next(modes)[1]:  # in eval mode: validation
             validated.append(epochs)
         elif call == "on_epoch_end":

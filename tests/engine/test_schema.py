@@ -137,6 +137,9 @@ class Model(nn.Module):
         super().__init__()
         self.layer = nn.Linear(1, params)
 
+    def forward(self, x):
+        return self.layer(x)
+
 
 def model_with_params(info: engine.DataInfo, params: int = 1) -> nn.Module:
     """A model whose setting is named `params`: context only for optimizers."""

@@ -130,7 +130,7 @@ def test_csv_task_and_delimiter(csv_files):
     [
         ({"path": "train.csv"}, "data.target: name the target column of the csv file"),
         ({"path": "train.csv", "target": "nope"}, "data: column 'nope' is not in 'train.csv' (columns: a, b, noise"),
-        ({"path": "bad.csv", "target": "label"}, "data.path: 'bad.csv' has a non-numeric or missing value"),
+        ({"path": "bad.csv", "target": "label"}, "data.path: 'bad.csv' line 3, column 'a' is 'x', not a number"),
         ({"path": "train.csv", "target": "price", "task": "classification"}, "data.task: 'train.csv' target 'price'"),
         (
             {"path": "train.csv", "target": "label", "task": "auto-ish"},

@@ -35,19 +35,20 @@ def test_tensorboard_event_files_hold_the_metrics_config_and_model():
     assert {"weights/0.weight", "weights/0.bias"} <= set(tags["histograms"])
 
 
-def test_tensorboard_without_the_package_names_the_extra(monkeypatch):
-    import builtins
+@pytest.mark.parametrize("package", ["tensorboard", "mlflow"])
+def test_an_enabled_logger_without_its_package_is_refused_before_the_run(monkeypatch, tmp_path, package):
+    import importlib.util
 
-    real_import = builtins.__import__
-
-    def no_tensorboard(name, *args, **kwargs):
-        if name == "torch.utils.tensorboard":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    with pytest.raises(engine.ConfigError, match=r"pip install 'torch-plugin-engine\[tensorboard\]'"):
-        engine.run({**JOB, "tensorboard": {"enabled": True}})
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == package else real_find_spec(name, *a)
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        engine.ConfigError, match=rf"^{package}.enabled: .*pip install 'torch-plugin-engine\[{package}\]'"
+    ):
+        engine.run({**JOB, package: {"enabled": True}})
+    assert not (tmp_path / "runs").exists()  # refused before the run directory
 
 
 def test_an_mlflow_run_holds_the_params_metrics_artifacts_and_status(tmp_path):

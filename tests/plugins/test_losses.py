@@ -32,13 +32,16 @@ def logits():
 def test_regression_losses_equal_torchs(regression, reduction):
     output, target = regression
     pairs = [
-        (losses.mse(reduction=reduction), F.mse_loss(output, target, reduction=reduction)),
-        (losses.l1(reduction=reduction), F.l1_loss(output, target, reduction=reduction)),
+        (losses.mse(TWO_COLUMNS, reduction=reduction), F.mse_loss(output, target, reduction=reduction)),
+        (losses.l1(TWO_COLUMNS, reduction=reduction), F.l1_loss(output, target, reduction=reduction)),
         (
-            losses.smooth_l1(reduction=reduction, beta=0.5),
+            losses.smooth_l1(TWO_COLUMNS, reduction=reduction, beta=0.5),
             F.smooth_l1_loss(output, target, reduction=reduction, beta=0.5),
         ),
-        (losses.huber(reduction=reduction, delta=0.3), F.huber_loss(output, target, reduction=reduction, delta=0.3)),
+        (
+            losses.huber(TWO_COLUMNS, reduction=reduction, delta=0.3),
+            F.huber_loss(output, target, reduction=reduction, delta=0.3),
+        ),
     ]
     for loss, expected in pairs:
         torch.testing.assert_close(loss(output, target), expected)
@@ -97,7 +100,7 @@ def test_parameters_come_from_the_loss_section():
 
 @pytest.mark.parametrize("name", ["mse", "l1", "smooth_l1", "huber", "bce_with_logits"])
 def test_same_shape_losses_refuse_to_broadcast(name):
-    loss = losses.bce_with_logits(REGRESSION, CPU) if name == "bce_with_logits" else getattr(losses, name)()
+    loss = losses.bce_with_logits(REGRESSION, CPU) if name == "bce_with_logits" else getattr(losses, name)(REGRESSION)
     with pytest.raises(engine.TrainingError) as raised:
         loss(torch.zeros(5, 1), torch.zeros(5))
     assert str(raised.value).startswith(
@@ -108,7 +111,17 @@ def test_same_shape_losses_refuse_to_broadcast(name):
 
 def test_a_shape_hint_for_class_indices_given_to_mse():
     with pytest.raises(engine.TrainingError, match="the targets are class indices: use loss cross_entropy"):
-        losses.mse()(torch.zeros(5, 3), torch.zeros(5, dtype=torch.long))
+        losses.mse(REGRESSION)(torch.zeros(5, 3), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "smooth_l1", "huber", "bce_with_logits"])
+def test_losses_on_values_refuse_class_indices_at_setup(name):
+    with pytest.raises(engine.ConfigError) as raised:
+        engine.setup(job(data={"name": "classification", "n_samples": 40}, loss={"name": name}))
+    assert str(raised.value).startswith(
+        f"loss.name: {name!r} compares outputs with values, but the targets were read as class indices (4 classes)"
+    )
+    assert 'data.task = "regression"' in str(raised.value)
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "nll"])

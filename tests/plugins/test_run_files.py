@@ -251,3 +251,14 @@ def test_config_toml_reruns_from_another_directory_with_its_plugins_data_and_siz
     monkeypatch.chdir(elsewhere)
     again = engine.run(config_file, overrides=["run_name=again"])
     assert again.metrics == first.metrics and "tiny" in again.metrics
+
+
+def test_a_metrics_file_cut_shorter_than_its_checkpoint_knew_goes_on_after_its_last_whole_line(tmp_path):
+    engine.run(job(epochs=4, run_name="cut", log={"every": 1}, checkpoint={"every_steps": 1}))
+    metrics = tmp_path / "runs" / "cut" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text(lines[0] + lines[1][:10])  # a fault cut it inside its second line
+    engine.run(None, resume=tmp_path / "runs" / "cut", overrides=["epochs=5"])
+    resumed = read_jsonl(metrics)  # whole lines: no zero bytes where the lost ones were
+    assert [line["epoch"] for line in resumed] == [1, 5]
+    assert metrics.read_text().startswith(lines[0])

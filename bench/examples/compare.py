@@ -1,0 +1,91 @@
+"""The example jobs beside scikit-learn's reference models, on the same split.
+
+    pip install scikit-learn
+    python bench/examples/export_sklearn.py
+    python bench/examples/compare.py            # prints a markdown table
+
+For each data set, the engine trains its job file (bench/examples/<name>.toml: standardized
+features, a stratified validation split, nothing done outside the engine), and scikit-learn's
+reference models are fitted on the same training samples, standardized the same way (the
+statistics of the training split), and scored on the same validation samples: accuracy for
+classification, R² for regression. "within" says whether the engine's figure is at least the
+lowest reference's.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import engine
+
+HERE = Path(__file__).parent
+SETS = ("digits", "breast_cancer", "wine", "diabetes")
+
+
+def references(task: str) -> dict[str, object]:
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+
+    if task == "regression":
+        return {"Ridge": Ridge(alpha=1.0), "MLPRegressor": MLPRegressor((64,), max_iter=2000, random_state=0)}
+    return {
+        "LogisticRegression": LogisticRegression(max_iter=5000),
+        "MLPClassifier": MLPClassifier((64,), max_iter=2000, random_state=0),
+    }
+
+
+def split(trainer: engine.Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The run's training and validation samples, raw, in its split."""
+    loaders = trainer.loaders
+    standardize = loaders.standardize
+    x, y = loaders.x.cpu(), loaders.y.cpu()
+    vx, vy = loaders.val_data[0].cpu(), loaders.val_data[1].cpu()
+    if standardize is not None:  # back to the raw features: scikit-learn gets them as the engine did
+        x, vx = x * standardize.std + standardize.mean, vx * standardize.std + standardize.mean
+    return x.numpy(), y.numpy().ravel(), vx.numpy(), vy.numpy().ravel()
+
+
+def compare(name: str, runs_dir: Path) -> dict[str, object]:
+    from sklearn.metrics import accuracy_score, r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    trainer = engine.setup(HERE / f"{name}.toml", overrides=[f"runs_dir={runs_dir}"], blocked=["console", "progress"])
+    x, y, vx, vy = split(trainer)
+    result = trainer.fit()
+    task = trainer.info.task
+    metric = "r2" if task == "regression" else "accuracy"
+    row: dict[str, object] = {"set": name, "metric": metric, "engine": result.metrics[f"val_{metric}"]}
+    for label, model in references(task).items():
+        fitted = make_pipeline(StandardScaler(), model).fit(x, y)
+        predicted = fitted.predict(vx)
+        row[label] = r2_score(vy, predicted) if metric == "r2" else accuracy_score(vy, predicted)
+    scores = [value for key, value in row.items() if key not in ("set", "metric", "engine")]
+    row["within"] = row["engine"] >= min(scores)
+    return row
+
+
+def main() -> int:
+    missing = [name for name in SETS if not (HERE / "data" / f"{name}.npz").is_file()]
+    if missing:
+        print(f"run bench/examples/export_sklearn.py first (missing: {', '.join(missing)})", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as runs_dir:
+        rows = [compare(name, Path(runs_dir)) for name in SETS]
+    print("| data set | metric | engine | reference 1 | reference 2 | within the spread |")
+    print("|---|---|---:|---:|---:|---|")
+    for row in rows:
+        refs = [(key, value) for key, value in row.items() if key not in ("set", "metric", "engine", "within")]
+        cells = " | ".join(f"{value:.3f} ({key})" for key, value in refs)
+        print(
+            f"| {row['set']} | {row['metric']} | {row['engine']:.3f} | {cells} | {'yes' if row['within'] else 'no'} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

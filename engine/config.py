@@ -25,6 +25,7 @@ from .schema import MISSING, Range, Setting, convert, is_path, settings_of
 # the run context its factories may ask for (a parameter of that name receives it; every other
 # parameter is a setting). Plugins may add kinds of their own; those receive no context.
 CORE_KINDS: dict[str, tuple[str, ...]] = {
+    "distributed": ("device",),
     "data": ("seed", "device"),
     "model": ("info", "device"),
     "loss": ("info", "device"),
@@ -33,9 +34,9 @@ CORE_KINDS: dict[str, tuple[str, ...]] = {
     "accelerate": ("trainer",),
     "scheduler": ("optimizer", "length"),
 }
-# Kinds a run may go without: when no plugin provides one, none is built (full precision, the
-# eager step, a constant learning rate).
-OPTIONAL_KINDS = frozenset({"precision", "accelerate", "scheduler"})
+# Kinds a run may go without: when no plugin provides one, none is built (a single process, full
+# precision, the eager step, a constant learning rate).
+OPTIONAL_KINDS = frozenset({"distributed", "precision", "accelerate", "scheduler"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,7 @@
-"""The tutorial's console line at each logging point, then the learned parameters of a small model."""
+"""The tutorial's console line at each logging point, then the learned parameters of a small model.
+
+Of a run's processes, rank 0 alone prints (the metrics are every process's).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ LABELS = {"val_loss": "Val Loss", "val_accuracy": "Val Acc"}
 
 @engine.hookimpl
 def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
+    if trainer.rank:
+        return
     line = f"Epoch [{metrics['epoch']}/{trainer.epochs}]"
     if "loss" in metrics:
         line += f", Loss: {metrics['loss']:.4f}"
@@ -27,7 +32,7 @@ def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
 
 @engine.hookimpl
 def on_run_end(trainer: engine.Trainer, error: BaseException | None) -> None:
-    if error is not None:
+    if error is not None or trainer.rank:
         return
     named = list(trainer.model.named_parameters())
     count = sum(p.numel() for _, p in named)

@@ -47,6 +47,11 @@ def cudagraph(trainer: engine.Trainer, warmup: Annotated[int, engine.Range(ge=1)
         raise engine.ConfigError(
             f"accelerate.name = 'cudagraph' needs a CUDA device; this run's device is {trainer.device.type}"
         )
+    if trainer.world_size > 1:
+        raise engine.ConfigError(
+            f"accelerate.name = 'cudagraph' runs in a single process, not {trainer.world_size}: DDP's "
+            "gradient all-reduce is not captured; use 'compile' or 'eager'"
+        )
     return Graphed(trainer, warmup)
 
 

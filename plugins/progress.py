@@ -1,5 +1,5 @@
 """A tqdm progress bar over the run's batches, shown only on a terminal and only once the run has
-lasted two seconds, so that short jobs and logs stay clean."""
+lasted two seconds, so that short jobs and logs stay clean; of a run's processes, by rank 0."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class Progress:
 
     @engine.hookimpl
     def on_run_start(self, trainer: engine.Trainer) -> None:
-        if trainer.config["log"]["progress"] and sys.stderr.isatty():
+        if trainer.config["log"]["progress"] and sys.stderr.isatty() and trainer.rank == 0:
             from tqdm import tqdm
 
             total = trainer.epochs * trainer.batches_per_epoch

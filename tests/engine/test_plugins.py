@@ -214,6 +214,7 @@ def test_components_have_a_kind_a_name_and_an_owner():
     assert {kind: sorted(table) for kind, table in plugins.components.items()} == {
         "accelerate": ["auto", "compile", "cudagraph", "eager"],
         "data": ["classification", "csv", "linear_regression", "npz"],
+        "distributed": ["ddp"],
         "precision": ["16-mixed", "32", "bf16-mixed"],
         "scheduler": ["cosine", "none", "onecycle", "step", "warmup_cosine"],
         "loss": ["bce_with_logits", "cross_entropy", "huber", "l1", "mse", "nll", "smooth_l1"],

@@ -39,6 +39,7 @@ GROUPS = {
     "compiled": "the train step eager, under torch.compile and as a CUDA graph",
     "inference": "the forward pass eager and exported (torch.export, TensorRT)",
     "checkpoint": "an epoch with a checkpoint at its end beside one without; saving and loading one",
+    "distributed": "data-parallel training in two processes beside one, by hand (DDP) and by the engine",
 }
 
 

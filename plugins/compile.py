@@ -43,7 +43,10 @@ KNOWN = {
     "torch._dynamo.graph_break()": "torch.optim step boundary",
     "GradScaler": "GradScaler",
     "fused optimizer": "fused optimizer",
-    "_rebuild_buckets": "DDP",  # DistributedDataParallel's forward, with several processes
+    # DistributedDataParallel's forward, with several processes: its logger and bookkeeping.
+    "DistributedDataParallel": "DDP",
+    "set_runtime_stats_and_log": "DDP",
+    "_rebuild_buckets": "DDP",
 }
 
 

@@ -34,7 +34,7 @@ def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
 def on_run_end(trainer: engine.Trainer, error: BaseException | None) -> None:
     if error is not None or trainer.rank:
         return
-    named = list(trainer.model.named_parameters())
+    named = list(trainer.module.named_parameters())  # the model as built, not a wrapper's names (DDP's module.*)
     count = sum(p.numel() for _, p in named)
     if count > PRINT_PARAMETERS_UP_TO:
         print(f"Model: {count:,} parameters")

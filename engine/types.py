@@ -105,9 +105,10 @@ class Distributed(Protocol):
     device: torch.device  # this process's device (on CUDA, the GPU of its local rank)
 
     def failed(self, error: BaseException) -> BaseException:
-        """The error this process stops with, called on every process whose run fails or is
-        interrupted: `error` when it is the run's first (the others learn it from here), else the
-        first error another process reported, which that process shows (``shown = False``)."""
+        """The error this process stops with; called on every process whose run fails or is
+        interrupted. `error` itself when it is the run's first (the others learn it from here, and
+        this process shows it), else the error another process reported first: that process
+        shows it, so here its ``shown`` is False."""
 
     def close(self) -> None:
         """Leave the process group: once, after `on_run_end`, or when the setup chain failed."""
@@ -244,11 +245,11 @@ class TrainerView(Protocol):
 
     Set by the setup chain, in this order: ``rank`` (this process's, 0 in a single process) and
     ``world_size`` (the number of processes; rank 0 alone prints and writes files), ``config``,
-    ``device``, ``loaders``, ``info``,
-    ``module`` (the model as its factory built it: what is saved and exported), ``loss_fn``,
-    ``precision``, ``model`` (what the step calls: ``module`` after every `wrap_model`),
-    ``optimizer`` (after every `wrap_optimizer`), ``scheduler``, ``train_step`` (after every
-    `wrap_step`). ``state`` is the loop state; a plugin may set ``state.stop``.
+    ``device``, ``loaders``, ``info``, ``module`` (the model as its factory built it: what is
+    saved and exported), ``loss_fn``, ``precision``, ``model`` (what the step calls: ``module``
+    after every `wrap_model`), ``optimizer`` (after every `wrap_optimizer`), ``scheduler``,
+    ``train_step`` (after every `wrap_step`). ``state`` is the loop state; a plugin may set
+    ``state.stop``.
     """
 
     rank: int

@@ -106,7 +106,8 @@ class Part:
         self.world_size = world_size
         self.sizes = [min(batch_size, n - i * batch_size) for i in range(batches)]  # the global batches
         self.bounds = [split(size, world_size, rank) for size in self.sizes]
-        # This process's positions in an epoch's order, batch after batch, and where each batch's start.
+        # This process's positions in an epoch's order, batch after batch, and where each batch's
+        # piece starts among them.
         self.positions = torch.cat(
             [torch.arange(i * batch_size + low, i * batch_size + high) for i, (low, high) in enumerate(self.bounds)]
         )
@@ -127,12 +128,12 @@ def check_split(settings: engine.Section, batch_size: int, part: Part, n_val: in
         )
     if part.sizes[-1] < world_size:
         raise engine.ConfigError(
-            f"data: the last batch of an epoch has {part.sizes[-1]} samples, fewer than the {world_size} "
-            "processes: set data.drop_last = true or another batch_size"
+            f"data: the last batch of an epoch is smaller ({part.sizes[-1]}) than the number of processes "
+            f"({world_size}): set data.drop_last = true or another batch_size"
         )
     if 0 < n_val < world_size:
         raise engine.ConfigError(
-            f"data: {n_val} validation samples cannot be split over {world_size} processes (each needs one)"
+            f"data: the validation set is smaller ({n_val}) than the number of processes ({world_size})"
         )
 
 

@@ -67,11 +67,13 @@ class DataParallel:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return None
         if dist.is_initialized():
-            raise engine.ConfigError("distributed: a process group exists already; the ddp component makes its own")
+            raise engine.ConfigError(
+                "distributed: torch.distributed's process group exists already; the ddp component makes its own"
+            )
         self.joined = Joined(device, backend)
         return self.joined
 
-    @engine.hookimpl(trylast=True)  # the outermost wrapper: DDP averages the gradients of all the others compute
+    @engine.hookimpl(trylast=True)  # last, so outermost: DDP averages what the wrappers inside it compute
     def wrap_model(self, model: torch.nn.Module, trainer: engine.TrainerView) -> torch.nn.Module | None:
         if self.joined is None:
             return None

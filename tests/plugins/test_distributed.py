@@ -100,9 +100,9 @@ def test_the_shares_scale_the_loss_of_an_uneven_batch():
         ({"batch_size": 63}, "data.batch_size: 63 is the global batch, split over 2 processes: it must divide by 2"),
         (
             {"n_samples": 161, "batch_size": 32},  # 129 training samples: a last batch of 1
-            "data: the last batch of an epoch has 1 samples, fewer than the 2 processes: set data.drop_last = true",
+            "data: the last batch of an epoch is smaller (1) than the number of processes (2): set data.drop_last",
         ),
-        ({"n_samples": 7, "batch_size": 2}, "data: 1 validation samples cannot be split over 2 processes"),
+        ({"n_samples": 7, "batch_size": 2}, "data: the validation set is smaller (1) than the number of processes (2)"),
     ],
 )
 def test_data_that_two_processes_cannot_share_is_a_config_error(data, message):
@@ -197,6 +197,9 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     jobs += [
         ("dataset", {**DATASET, **runs}, {}),
         ("compile", jobs_with(epochs=1, accelerate={"name": "compile"}, optimizer=ADAM, **runs), {}),
+        # auto's eager trial takes the first 20 steps; compile is skipped (the run is short).
+        ("auto", jobs_with(epochs=6, accelerate={"name": "auto"}, optimizer=ADAM, **runs), {}),
+        ("cudagraph", jobs_with(accelerate={"name": "cudagraph"}, **runs), {}),
         ("nan", jobs_with(optimizer=ADAM, **runs), {"plugins": [NanOnRankOne()]}),
         ("odd batch", jobs_with(data={**MLP["data"], "batch_size": 63}, **runs), {}),
         # A step checkpoint every 3 steps waits for the end of a window of 2: steps 4 and 6. Every
@@ -238,6 +241,22 @@ def test_compile_works_with_ddp(two_processes):
     expected = one_process(jobs_with(epochs=1, optimizer=ADAM))
     for rank in two_processes["compile"]:
         assert_close(rank["weights"], expected.model.state_dict(), atol=1e-4)
+
+
+def test_auto_makes_one_choice_on_every_process(two_processes):
+    expected = one_process(jobs_with(epochs=6, optimizer=ADAM))
+    for rank in two_processes["auto"]:
+        assert_close(rank["weights"], expected.model.state_dict())
+
+
+def test_cuda_graphs_are_refused_with_several_processes(two_processes):
+    message = (
+        "accelerate.name = 'cudagraph' runs in a single process, not 2: DDP's gradient all-reduce is not "
+        "captured; use 'compile' or 'eager'"
+    )
+    ranks = two_processes["cudagraph"]
+    assert [(rank["error"], rank["exit_code"]) for rank in ranks] == [(message, 2), (message, 2)]
+    assert sorted(rank["shown"] for rank in ranks) == [False, True]
 
 
 def test_the_nan_guard_sees_every_process_and_stops_all_with_one_message(two_processes):

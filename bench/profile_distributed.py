@@ -16,7 +16,8 @@ round of the hand-written DDP loop on rank 0.
 Then the CPU time of the DDP loop's threads per step (Linux): gloo's threads move the gradients
 while the main threads compute, and on two cores they take their time from the computation.
 
-Rounds of the contenders alternate, so that a change in the machine's load touches them alike.
+Rounds of the contenders alternate (in one order, then the reverse), so that a change in the
+machine's load touches them alike.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def profile(job_name: str) -> None:
         for processes in started.values():
             processes.round()  # warm-up
         cpu_before = ddp.cpu_seconds()
-        for _ in range(ROUNDS):
-            for row, processes in started.items():
+        for round_ in range(ROUNDS):
+            order = list(started.items())
+            for row, processes in order if round_ % 2 else reversed(order):
                 begin = time.perf_counter()
                 processes.round()
                 times[row].append((time.perf_counter() - begin) / steps)

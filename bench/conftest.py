@@ -40,6 +40,7 @@ GROUPS = {
     "inference": "one forward pass eager, compiled and exported (AOTInductor, ONNX Runtime, TensorRT)",
     "checkpoint": "an epoch with a checkpoint at its end beside one without; saving and loading one",
     "logging": "an epoch logging to TensorBoard at its end beside one logging to the run files only",
+    "distributed": "data-parallel training in two processes beside one, by hand (DDP) and by the engine",
 }
 
 

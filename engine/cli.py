@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import sys
 import traceback
@@ -17,7 +18,7 @@ from typing import Any, TextIO
 import pluggy
 
 from .config import CORE_KINDS, Reference, dump_toml, merged_job, references
-from .errors import EngineError, Interrupted, one_line
+from .errors import ConfigError, EngineError, Interrupted, one_line
 from .hookspecs import SETUP_CHAIN
 from .inference import (
     Run,
@@ -77,6 +78,13 @@ def parser() -> argparse.ArgumentParser:
         "auto: continue the run named by run_name if it has a checkpoint, else start it",
     )
     run.add_argument("--quiet", action="store_true", help="print nothing but errors (no epoch lines, no progress bar)")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train data-parallel in N processes on this machine, started by torch's launcher "
+        "(as `torchrun --standalone --nproc-per-node N -m engine run ...` would)",
+    )
     commands.add_parser(
         "config",
         parents=[job, common],
@@ -108,11 +116,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; its exit code: 0, 2 for usage and config errors (nothing was created), 1
     for a failure during training, 128 + N when stopped by signal N. Errors are one line on
     stderr; ``--debug`` adds the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     with quiet_on_closed_pipe():
         try:
+            if args.command == "run" and args.nproc is not None:
+                return launch(args.nproc, without_nproc(argv))
             return command(args)
         except EngineError as error:
+            if not shown(error):  # another process of the run prints it
+                return error.exit_code
             return report(error, f"error: {error}", error.exit_code, args.debug)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -155,7 +168,9 @@ def command(args: argparse.Namespace) -> int:
                     stack.enter_context(contextlib.redirect_stderr(devnull))
                 trainer.fit()
         except Interrupted as interrupted:
-            print(f"{interrupted}; continue with: python -m engine run --resume {trainer.run_dir}", file=sys.stderr)
+            if shown(interrupted):
+                resume = f"python -m engine run --resume {trainer.run_dir}"
+                print(f"{interrupted}; continue with: {resume}", file=sys.stderr)
             return interrupted.exit_code
     return 0
 
@@ -318,6 +333,56 @@ AFTER_TRAINING: dict[str, Callable[[argparse.Namespace], int]] = {
     "predict": predict_command,
     "export": export_command,
 }
+
+
+def shown(error: EngineError) -> bool:
+    """Whether this process prints `error`. Of a run's processes, the one whose error came first
+    does (`error.shown`); an error every process meets alike, before they join (in the config), is
+    printed by rank 0 alone (the launcher's RANK)."""
+    return error.shown if error.shown is not None else os.environ.get("RANK", "0") == "0"
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """``run --nproc N``: the same command in N processes of this machine, started by torch's
+    launcher API (``torch.distributed.run``, what torchrun is); its exit code is the first failed
+    process's, or the signal's that stopped the launcher (after its processes stopped cleanly)."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc: expected 1 or more processes, got {nproc}")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise ConfigError("--nproc: this process was started by a launcher (torchrun) already; leave --nproc out")
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # The launcher logs the threads it sets, each failed process and each signal it sends, each of
+    # its modules at its own level: the processes say what happened themselves, in one line.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    launched = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "engine", *argv])
+    try:
+        torchrun.run(launched)
+    except ChildFailedError as failed:
+        _, first = failed.get_first_failure()
+        return first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # -N: killed by signal N
+    except SignalException as signalled:
+        return 128 + signalled.sigval
+    except Exception as error:
+        raise EngineError(f"--nproc: torch's launcher failed: {one_line(error)}") from error
+    return 0
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line without ``--nproc N``: what each launched process runs."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--nproc":
+            skip = True
+        elif not argument.startswith("--nproc="):
+            kept.append(argument)
+    return kept
 
 
 def describe_plugins(plugins: Plugins) -> str:

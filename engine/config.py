@@ -26,6 +26,7 @@ from .schema import MISSING, Range, Setting, convert, is_path, settings_of
 # parameter is a setting). Plugins may add kinds of their own; those receive no context. A data
 # component receives ``labelled=False`` when `predict` reads unlabelled inputs with it.
 CORE_KINDS: dict[str, tuple[str, ...]] = {
+    "distributed": ("device",),
     "data": ("seed", "device", "labelled"),
     "model": ("info", "device"),
     "loss": ("info", "device"),
@@ -34,10 +35,10 @@ CORE_KINDS: dict[str, tuple[str, ...]] = {
     "accelerate": ("trainer",),
     "scheduler": ("optimizer", "length"),
 }
-# Kinds a run may go without: when no plugin provides one, none is built (full precision, the
-# eager step, a constant learning rate). So may every kind a plugin adds (``export``, used after
-# training only): its section names none unless the job or a plugin's default does.
-OPTIONAL_KINDS = frozenset({"precision", "accelerate", "scheduler"})
+# Kinds a run may go without: when no plugin provides one, none is built (a single process, full
+# precision, the eager step, a constant learning rate). So may every kind a plugin adds (``export``,
+# used after training only): its section names none unless the job or a plugin's default does.
+OPTIONAL_KINDS = frozenset({"distributed", "precision", "accelerate", "scheduler"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,11 @@ class EngineError(Exception):
     """An error with a message fit for the user; `exit_code` is what the CLI exits with."""
 
     exit_code = 1
+    # Whether the process that raised it prints it. None: undecided, so the CLI decides (a single
+    # process does; of a launcher's processes, which all read the same config, rank 0). Of a run
+    # over several processes, only the one whose error came first shows it; the others stop
+    # because of it, quietly (Distributed.failed).
+    shown: bool | None = None
 
 
 class ConfigError(EngineError):

@@ -3,8 +3,9 @@
     register_settings        once, to collect the settings (and their defaults) each plugin owns
     register_components      once, to collect the named components (losses, optimizers, models, ...)
     -- the setup chain (engine.setup; nothing is written yet) --
+    (the distributed component: joins the processes of a data-parallel run, if any)
     (the data component)
-    build_loaders            once, firstresult: batch iterators over the data
+    build_loaders            once, firstresult: batch iterators over the data (this process's slice)
     (the model, loss, optimizer and precision components)
     wrap_model               chained: DDP, EMA, a compiled module; the step calls the result
     (the accelerate component)
@@ -71,6 +72,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # The setup chain in the order engine.loop.Trainer runs it: component kinds the core builds
 # (engine.config.CORE_KINDS) and the hooks between them. `python -m engine plugins` shows it.
 SETUP_CHAIN = (
+    "distributed",
     "data",
     "build_loaders",
     "model",
@@ -129,21 +131,23 @@ def register_settings() -> Mapping[str, Callable[..., Any]] | None:
 def register_components() -> Mapping[str, Mapping[str, Callable[..., Any]]] | None:
     """Provide named components, as ``{kind: {name: factory}}``.
 
-    Called once per run, before the config is read. The core builds the kinds ``data``, ``model``,
-    ``loss``, ``optimizer``, ``precision``, ``accelerate`` and ``scheduler`` in the setup chain
-    (see the top of this module); plugins may add kinds of their own. The config section of the
-    kind picks one by ``name``. The factory's keyword parameters are its settings (the rest of the
-    section), typed by their annotations, except those named after the kind's run context, which
-    receive it (engine.config.CORE_KINDS): ``seed`` and ``device`` (data); ``info`` (a
-    :class:`DataInfo`) and ``device`` (model, loss); ``params`` (optimizer); ``device``
-    (precision); ``trainer`` (accelerate); ``optimizer`` and ``length`` (a :class:`RunLength`,
-    scheduler). Two plugins providing one name is an error naming both.
+    Called once per run, before the config is read. The core builds the kinds ``distributed``,
+    ``data``, ``model``, ``loss``, ``optimizer``, ``precision``, ``accelerate`` and ``scheduler``
+    in the setup chain (see the top of this module); plugins may add kinds of their own. The
+    config section of the kind picks one by ``name``. The factory's keyword parameters are its
+    settings (the rest of the section), typed by their annotations, except those named after the
+    kind's run context, which receive it (engine.config.CORE_KINDS): ``device`` (distributed);
+    ``seed`` and ``device`` (data); ``info`` (a :class:`DataInfo`) and ``device`` (model, loss);
+    ``params`` (optimizer); ``device`` (precision); ``trainer`` (accelerate); ``optimizer`` and
+    ``length`` (a :class:`RunLength`, scheduler). Two plugins providing one name is an error
+    naming both.
 
-    What factories return: data, a ``(x, y)`` pair of tensors or arrays, a
-    ``torch.utils.data.Dataset``, or ``{"train": ..., "val": ...}`` of those; model, an
-    ``nn.Module``; loss, a callable ``(output, target) -> Tensor``; optimizer, a
-    ``torch.optim.Optimizer``; precision, a :class:`Precision`; accelerate, an
-    :class:`Acceleration` or None (the eager step); scheduler, a :class:`Scheduled` or None.
+    What factories return: distributed, a :class:`Distributed` or None (a single process); data,
+    a ``(x, y)`` pair of tensors or arrays, a ``torch.utils.data.Dataset``, or
+    ``{"train": ..., "val": ...}`` of those; model, an ``nn.Module``; loss, a callable
+    ``(output, target) -> Tensor``; optimizer, a ``torch.optim.Optimizer``; precision, a
+    :class:`Precision`; accelerate, an :class:`Acceleration` or None (the eager step); scheduler,
+    a :class:`Scheduled` or None.
     """
 
 
@@ -151,11 +155,15 @@ def register_components() -> Mapping[str, Mapping[str, Callable[..., Any]]] | No
 
 
 @hookspec(firstresult=True)
-def build_loaders(data: Any, config: Any, seed: int, device: torch.device) -> Loaders | None:
+def build_loaders(
+    data: Any, config: Any, seed: int, device: torch.device, rank: int, world_size: int
+) -> Loaders | None:
     """Turn what the data component returned into batch iterators on `device`.
 
-    Called once per run, first in the setup chain. ``data`` is the data component's return value,
-    ``config`` the resolved config. Return a :class:`Loaders`; the first non-None result wins.
+    Called once per run, after the data component. ``data`` is the data component's return value,
+    ``config`` the resolved config. With ``world_size`` processes (1: a single one), the loaders
+    of process ``rank`` yield its slice of every batch of the seeded epoch order, and of the
+    validation data. Return a :class:`Loaders`; the first non-None result wins.
     """
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.utils.data
 
 from . import runs
@@ -27,6 +28,7 @@ from .types import (
     Acceleration,
     Batch,
     DataInfo,
+    Distributed,
     Loaders,
     Precision,
     RunLength,
@@ -62,29 +64,40 @@ def total(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
 class Trainer:
     """One run: its config, plugins, components and state. Built by `setup`, run by `fit`.
 
-    The constructor is the setup chain (engine/hookspecs.py): it builds every component, lets the
-    chained hooks wrap them and restores `checkpoint` into the result, but writes nothing; `fit`
-    creates the run directory (or continues `run_dir`) and runs the loop.
+    The constructor is the setup chain (engine/hookspecs.py) after its first link, `distributed`
+    (`setup` joins the processes of the run, if any, and hands it over): it builds every
+    component, lets the chained hooks wrap them and restores `checkpoint` into the result, but
+    writes nothing; `fit` creates the run directory (or continues `run_dir`) and runs the loop.
     """
 
     def __init__(
-        self, config: Config, plugins: Plugins, *, run_dir: Path | None = None, checkpoint: Path | None = None
+        self,
+        config: Config,
+        plugins: Plugins,
+        *,
+        run_dir: Path | None = None,
+        checkpoint: Path | None = None,
+        distributed: Distributed | None = None,
     ) -> None:
         self.config, self.plugins, self.hooks = config, plugins, plugins.hook
         try:
-            self.build_chain(config, run_dir, checkpoint)
+            self.build_chain(config, run_dir, checkpoint, distributed)
             self.check()
         except ConfigError:
             raise
         except Exception as error:  # nothing is written yet: whatever failed, it is the setup's
             raise self.setup_error(error) from error
 
-    def build_chain(self, config: Config, run_dir: Path | None, checkpoint: Path | None) -> None:
+    def build_chain(
+        self, config: Config, run_dir: Path | None, checkpoint: Path | None, distributed: Distributed | None
+    ) -> None:
         """The setup chain (engine/hookspecs.py), from the data to the wrapped step."""
         self.epochs: int = config["epochs"]
         self.accumulation: int = config["grad_accumulation"]
         self.val_every: int = config["val_every"]
-        self.device = resolve_device(config["device"])
+        self.distributed = distributed
+        self.device = distributed.device if distributed is not None else resolve_device(config["device"])
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed is not None else (0, 1)
         self.run_dir: Path | None = run_dir  # created when the run starts, unless it continues one
         self.resumed_from = checkpoint
         self.interrupted = 0  # the number of the signal that asked the run to stop
@@ -93,7 +106,9 @@ class Trainer:
         seed_everything(seed)
 
         data = self.build("data", seed=seed, device=self.device)
-        loaders = self.hooks.build_loaders(data=data, config=config, seed=seed, device=self.device)
+        loaders = self.hooks.build_loaders(
+            data=data, config=config, seed=seed, device=self.device, rank=self.rank, world_size=self.world_size
+        )
         if loaders is None:
             raise ConfigError("no plugin implements build_loaders: nothing can batch the data")
         if not isinstance(loaders, Loaders):
@@ -102,7 +117,9 @@ class Trainer:
         self.info: DataInfo = loaders.info
         self.config = record_inferred(config, self.info)
         self.batches_per_epoch: int = loaders.train_batches()
-        self.windows = windows(self.batches_per_epoch, self.accumulation)
+        # This process's share of each batch, with several: 1.0 unless a batch splits unevenly.
+        self.shares = tuple(loaders.shares()) if self.world_size > 1 else None
+        self.windows = windows(self.batches_per_epoch, self.accumulation, self.shares)
         self.has_validation = loaders.val() is not None
         torch.manual_seed(seed)  # model init must not depend on what the data consumed
         self.module: torch.nn.Module = self.build("model", info=self.info, device=self.device).to(self.device)
@@ -126,6 +143,8 @@ class Trainer:
         self.scheduler = scheduled.scheduler if scheduled is not None else None
         if self.scheduler is not None:
             self.optimizer._opt_called = True  # type: ignore[attr-defined]  # the warning's flag: see above
+        if run_dir is not None:  # every process resumes from the checkpoint rank 0 found
+            checkpoint = self.resumed_from = self.from_rank_zero(checkpoint)
         if checkpoint is not None:
             self.restore(runs.load(checkpoint, runs.CHECKPOINT_FORMAT), checkpoint)
 
@@ -243,6 +262,10 @@ class Trainer:
         plugin returns from `state_dict`, keyed by plugin name."""
         scaler, state = self.precision.scaler, self.state
         inside_window = state.batch > 0 and not self.windows[state.batch - 1].last
+        if inside_window and self.world_size > 1:
+            # Each process holds its own part of the window's gradients until its last batch's
+            # all-reduce: rank 0's alone would resume to another answer.
+            raise TrainingError("with several processes, a checkpoint is taken at the end of an accumulation window")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         plugins = {}
         for plugin, state_dict in self.plugins.bind_by_plugin("state_dict", trainer=self):
@@ -408,7 +431,12 @@ class Trainer:
         self.model.train()
         if not sums:
             return {}
-        means = (torch.stack(list(sums.values())) / count).tolist()  # host-device sync
+        totals = torch.stack(list(sums.values()))
+        if self.world_size > 1:  # every process's sums and count added up: one collective per validation
+            totals = torch.cat([totals.double(), totals.new_tensor([count], dtype=torch.float64)])
+            dist.all_reduce(totals)
+            totals, count = totals[:-1], totals[-1]
+        means = (totals / count).tolist()  # host-device sync
         whole: dict[str, Any] = {}
         for plugin, after_validation in self.plugins.bind_by_plugin("after_validation", trainer=self):
             for name, value in (after_validation() or {}).items():
@@ -429,24 +457,36 @@ class Trainer:
                 if self.state.losses:  # stopped early, between logging points
                     self.log()
             except BaseException as raised:
-                error = self.explain(raised)
+                error = self.stopped(raised)
             for on_run_end in self.plugins.bind("on_run_end", trainer=self):
                 try:
                     on_run_end(error=error)
                 except Exception as raised:
-                    failure = self.explain(raised)
-                    error = error or failure
+                    if error is None:
+                        error = self.stopped(raised)
             self.loaders.close()
+            if self.distributed is not None:
+                self.distributed.close()
         if error is not None:
             raise error
         self.module.eval()
         return Result(self.module, dict(self.state.metrics), self.run_dir, self.config, self.state)
 
     def start(self) -> None:
-        """Create the run directory exclusively (or continue the resumed one), then `on_run_start`."""
+        """Create the run directory exclusively (or continue the resumed one), then `on_run_start`.
+        With several processes, rank 0 creates it and tells the others its name."""
         if self.run_dir is None:
-            self.run_dir = runs.create(self.config["runs_dir"], self.config["run_name"])
+            created = runs.create(self.config["runs_dir"], self.config["run_name"]) if self.rank == 0 else None
+            self.run_dir = self.from_rank_zero(created)
         self.hooks.on_run_start(trainer=self)
+
+    def from_rank_zero(self, value: Any) -> Any:
+        """Rank 0's `value` on every process (one collective), so that they all decide alike."""
+        if self.world_size == 1:
+            return value
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     @contextlib.contextmanager
     def signals(self) -> Iterator[None]:
@@ -485,7 +525,10 @@ class Trainer:
                 state.losses.append((state.epoch, state.step, loss, terms))
                 for hook in self.after_step:
                     hook(loss=loss, terms=terms, window=window)
-                if self.interrupted:
+                if self.interrupted and (self.world_size == 1 or (self.rank == 0 and window.last)):
+                    # Of several processes, rank 0 stops first, at the end of an accumulation window
+                    # (until then each holds its own gradients); the others stop at their next
+                    # collective, which it no longer joins (Distributed.failed says why).
                     raise Interrupted(self.interrupted)
             self.end_epoch()
 
@@ -512,7 +555,12 @@ class Trainer:
         rows, state.losses = state.losses, []
         names = ("loss", *rows[0][3]) if rows else ()
         values = [value for *_, loss, terms in rows for value in (loss, *terms.values())]
-        flat = torch.stack(values).tolist() if values else []  # host-device sync; stack promotes dtypes
+        flat: list[float] = []
+        if values:
+            stacked = torch.stack(values)  # stack promotes dtypes
+            if self.world_size > 1:
+                stacked = self.mean_over_processes(stacked, [step for _, step, *_ in rows])
+            flat = stacked.tolist()  # host-device sync
         table = [flat[i * len(names) : (i + 1) * len(names)] for i in range(len(rows))]
         for (epoch, step, *_), row in zip(rows, table):
             # The terms before the total ("loss"), so that the message names the term at fault.
@@ -539,6 +587,23 @@ class Trainer:
         state.metrics = metrics
         self.hooks.on_log(state=state, metrics=metrics, trainer=self)
 
+    def mean_over_processes(self, values: torch.Tensor, steps: list[int]) -> torch.Tensor:
+        """The step losses of every process averaged, each weighted by its share of its batch (so
+        that an uneven last batch of an epoch counts its samples): one collective per logging point."""
+        values = values.double().view(len(steps), -1)
+        if self.shares is not None and any(share != 1 for share in self.shares):
+            positions = [(step - 1) % self.batches_per_epoch for step in steps]  # a step is a batch
+            weights = values.new_tensor([self.shares[position] for position in positions])
+            values = values * weights[:, None]
+        dist.all_reduce(values)
+        return values.flatten() / self.world_size
+
+    def stopped(self, error: BaseException) -> BaseException:
+        """The error the run stops with: `error` explained; with several processes, the first error
+        any of them met (the one that met it shows it)."""
+        explained = self.explain(error)
+        return self.distributed.failed(explained) if self.distributed is not None else explained
+
     def explain(self, error: BaseException) -> BaseException:
         """A TrainingError naming the epoch, the step and, if one raised it, the plugin and hook;
         a ConfigError only while the run's directory does not exist yet."""
@@ -552,6 +617,8 @@ class Trainer:
             where = f"epoch {state.epoch}, step {state.step}"
         else:  # between epochs: the state already points at the next one
             where = f"end of epoch {state.epoch - 1}, step {state.step}"
+        if self.world_size > 1:
+            where = f"rank {self.rank}, {where}"
         if isinstance(error, TrainingError) and not error.located:
             return TrainingError(f"{where}: {error}", located=True)
         # A ConfigError once the run's directory exists is a failure of the run (exit 1): exit 2
@@ -735,6 +802,9 @@ def setup(
 ) -> Trainer:
     """A Trainer ready to `fit`, with a fresh plugin manager: the setup chain has run, nothing is written.
 
+    Its first link, the ``distributed`` component, joins the processes of a data-parallel run (under
+    torchrun); when a later link fails, the processes learn it and leave their group.
+
     Whatever fails here is a ConfigError naming what is at fault. `resume` continues a run: a run
     directory continues from its latest checkpoint (its config.toml is the job unless one is
     given); "auto", like the config's ``resume = "auto"``, continues the run named by ``run_name``
@@ -758,7 +828,20 @@ def setup(
     checkpoint = runs.latest_checkpoint(run_dir) if run_dir is not None else None
     if checkpoint is None and resume not in (None, "", "auto"):
         raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from")
-    return Trainer(config, found, run_dir=run_dir, checkpoint=checkpoint)
+    # The first link of the setup chain: joins the processes of a data-parallel run (None: one).
+    distributed: Distributed | None = build_component(
+        config, found, "distributed", device=resolve_device(config["device"])
+    )
+    if distributed is None:
+        return Trainer(config, found, run_dir=run_dir, checkpoint=checkpoint)
+    try:
+        return Trainer(config, found, run_dir=run_dir, checkpoint=checkpoint, distributed=distributed)
+    except BaseException as error:
+        stopped = distributed.failed(error)  # another process's error, if it came first
+        distributed.close()
+        if stopped is error:
+            raise
+        raise stopped from error
 
 
 def run(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -38,16 +38,20 @@ class Window(NamedTuple):
     scale: float
 
 
-def windows(batches: int, accumulation: int) -> tuple[Window, ...]:
+def windows(batches: int, accumulation: int, shares: Sequence[float] | None = None) -> tuple[Window, ...]:
     """The window of each batch position of an epoch: the one rule for gradient accumulation.
 
     Windows of `accumulation` batches; a window never spans two epochs, so the last one of an
-    epoch may be shorter (and its loss scale larger).
+    epoch may be shorter (and its loss scale larger). With several processes, `shares` is this
+    process's share of each batch (`Loaders.shares`): the loss scale is multiplied by it, so that
+    the mean of the processes' gradients (DDP's) is the gradient of the whole batch.
     """
     result = []
     for start in range(0, batches, accumulation):
         size = min(accumulation, batches - start)
         result += [Window(i == 0, i == size - 1, 1.0 / size) for i in range(size)]
+    if shares is not None:
+        result = [window._replace(scale=window.scale * share) for window, share in zip(result, shares, strict=True)]
     return tuple(result)
 
 
@@ -83,8 +87,10 @@ class Standardize(torch.nn.Module):
 class Loaders(Protocol):
     """Batch iterators over the training and validation data, built by `build_loaders`.
 
-    Batches come out on the run's device. ``standardize`` is the `Standardize` the loaders applied
-    to every input (train, validation, test), or None.
+    Batches come out on the run's device. With several processes, each process's loaders yield
+    its slice of every batch (a batch is the global one: its count and order are every process's)
+    and of the validation data; `info` describes the whole data. ``standardize`` is the
+    `Standardize` the loaders applied to every input (train, validation, test), or None.
     """
 
     info: DataInfo
@@ -103,8 +109,33 @@ class Loaders(Protocol):
     def val(self) -> Iterable[Batch] | None:
         """The validation batches, or None when there is no validation data."""
 
+    def shares(self) -> Sequence[float]:
+        """For each batch of an epoch, this process's samples x the number of processes / the
+        batch's samples: 1.0 where a batch splits evenly. Called only when the run has more than
+        one process."""
+
     def close(self) -> None:
         """Release what the loaders hold (worker processes); called once when the run ends."""
+
+
+class Distributed(Protocol):
+    """What a ``distributed`` factory returns when the run spans processes (None: one process).
+
+    The factory has joined torch.distributed's default process group; the core reads this
+    process's rank and the number of processes from it, and reduces the logged losses and the
+    validation sums with its collectives.
+    """
+
+    device: torch.device  # this process's device (on CUDA, the GPU of its local rank)
+
+    def failed(self, error: BaseException) -> BaseException:
+        """The error this process stops with; called on every process whose run fails or is
+        interrupted. `error` itself when it is the run's first (the others learn it from here, and
+        this process shows it), else the error another process reported first: that process
+        shows it, so here its ``shown`` is False."""
+
+    def close(self) -> None:
+        """Leave the process group: once, after `on_run_end`, or when the setup chain failed."""
 
 
 class RunLength(NamedTuple):
@@ -264,13 +295,17 @@ def _numpy_rng_back(saved: Any) -> tuple[Any, ...]:
 class TrainerView(Protocol):
     """The trainer's public surface: what hooks may read (and, where said, set).
 
-    Set by the setup chain, in this order: ``config``, ``device``, ``loaders``, ``info``,
-    ``module`` (the model as its factory built it: what is saved and exported), ``loss_fn``,
-    ``precision``, ``model`` (what the step calls: ``module`` after every `wrap_model`),
-    ``optimizer`` (after every `wrap_optimizer`), ``scheduler``, ``train_step`` (after every
-    `wrap_step`). ``state`` is the loop state; a plugin may set ``state.stop``.
+    Set by the setup chain, in this order: ``rank`` (this process's, 0 in a single process) and
+    ``world_size`` (the number of processes; rank 0 alone prints and writes files), ``config``,
+    ``device``, ``loaders``, ``info``, ``module`` (the model as its factory built it: what is
+    saved and exported), ``loss_fn``, ``precision``, ``model`` (what the step calls: ``module``
+    after every `wrap_model`), ``optimizer`` (after every `wrap_optimizer`), ``scheduler``,
+    ``train_step`` (after every `wrap_step`). ``state`` is the loop state; a plugin may set
+    ``state.stop``.
     """
 
+    rank: int
+    world_size: int
     config: Any
     device: torch.device
     epochs: int

@@ -11,6 +11,8 @@ per-step times. The trial steps are real training steps of the same maths, so tr
   measured, above ``compile_min_s`` (a compile costs seconds).
 - A candidate replaces eager only when it is faster by more than ``margin``, so that timing noise
   never leaves a run slower than eager.
+- With several processes, each candidate's time is the slowest process's (one all-reduce per
+  trial), so that every process makes the same choices; rank 0 prints it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
+import torch.distributed as dist
 
 import engine
 
@@ -134,7 +137,7 @@ class Auto:
 
     def finish(self, trial: Trial) -> None:
         """Record `trial`'s time; go on to the next trial, or choose."""
-        trial.seconds = min(self.rounds)
+        trial.seconds = self.slowest(min(self.rounds))
         self.rounds, self.count = [], 0
         if trial is self.trials[0] and "compile" in self.others:
             self.add_compile(trial.seconds)
@@ -148,7 +151,16 @@ class Auto:
         self.chosen = best.step
         times = ", ".join(f"{t.name} {t.seconds * 1e6:.1f} us" for t in self.trials)
         skipped = "".join(f"; {reason}" for reason in self.skipped)
-        print(f"accelerate auto: {best.name} (per step: {times}{skipped})", flush=True)
+        if self.trainer.rank == 0:
+            print(f"accelerate auto: {best.name} (per step: {times}{skipped})", flush=True)
+
+    def slowest(self, seconds: float) -> float:
+        """`seconds` of the slowest process of the run: the time every process then decides by."""
+        if self.trainer.world_size == 1:
+            return seconds
+        measured = torch.tensor([seconds], dtype=torch.float64, device=self.trainer.device)
+        dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+        return measured.item()
 
     def add_compile(self, eager_seconds: float) -> None:
         trainer = self.trainer

@@ -4,10 +4,16 @@ In-memory tensors are moved to the device once and batched by slicing one seeded
 epoch: no per-sample Python work, unlike a DataLoader. A ``torch.utils.data.Dataset`` goes through
 ``DataLoader``. Either way the order of epoch `e` depends only on (seed, e), so a resumed run can
 start at any batch.
+
+With several processes, ``data.batch_size`` is the global batch (it must divide by the number of
+processes), and each process takes its own contiguous piece of every batch of the same epoch
+order (`Part`), so that together they see the batches one process would; an epoch's last batch
+may split unevenly (`Loaders.shares`). The validation data is cut into one piece per process.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -15,7 +21,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 import engine
 
@@ -41,16 +47,17 @@ def register_settings():
 
 
 @engine.hookimpl(trylast=True)
-def build_loaders(data: Any, config: engine.Config, seed: int, device: torch.device) -> engine.Loaders:
+def build_loaders(
+    data: Any, config: engine.Config, seed: int, device: torch.device, rank: int, world_size: int
+) -> engine.Loaders:
     settings = config["data"]
     train, val = (data["train"], data.get("val")) if isinstance(data, Mapping) else (data, None)
     if isinstance(train, Dataset):
-        return DatasetLoaders(train, val, settings, seed, device)
+        return DatasetLoaders(train, val, settings, seed, device, rank, world_size)
     if val is not None and isinstance(val, Dataset):
         raise engine.ConfigError("data: the validation data is a Dataset but the training data is not")
-    return TensorLoaders(
-        tensors(train), tensors(val, "validation") if val is not None else None, settings, seed, device
-    )
+    pairs = tensors(train), tensors(val, "validation") if val is not None else None
+    return TensorLoaders(*pairs, settings, seed, device, rank, world_size)
 
 
 def tensors(pair: Any, split: str = "training") -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,6 +186,53 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def split(count: int, parts: int, part: int) -> tuple[int, int]:
+    """The bounds of piece `part` of `count` items cut into `parts` contiguous pieces (the first
+    ones one item larger where `count` does not divide)."""
+    base, extra = divmod(count, parts)
+    start = part * base + min(part, extra)
+    return start, start + base + (part < extra)
+
+
+class Part:
+    """This process's part of an epoch of `batches` global batches of `batch_size` out of `n`
+    samples: a contiguous piece of each (`split`), at the same place in every epoch's order."""
+
+    def __init__(self, n: int, batch_size: int, batches: int, rank: int, world_size: int) -> None:
+        self.world_size = world_size
+        self.sizes = [min(batch_size, n - i * batch_size) for i in range(batches)]  # the global batches
+        self.bounds = [split(size, world_size, rank) for size in self.sizes]
+        # This process's positions in an epoch's order, batch after batch, and where each batch's
+        # piece starts among them.
+        self.positions = torch.cat(
+            [torch.arange(i * batch_size + low, i * batch_size + high) for i, (low, high) in enumerate(self.bounds)]
+        )
+        self.offsets = [0, *itertools.accumulate(high - low for low, high in self.bounds)]
+
+    def shares(self) -> list[float]:
+        return [(high - low) * self.world_size / size for (low, high), size in zip(self.bounds, self.sizes)]
+
+
+def check_split(settings: engine.Section, batch_size: int, part: Part, n_val: int) -> None:
+    """ConfigErrors for data that several processes cannot share: a global batch that does not
+    divide by them, a batch or validation set with fewer samples than processes."""
+    world_size = part.world_size
+    if settings["batch_size"] and batch_size % world_size:
+        raise engine.ConfigError(
+            f"data.batch_size: {batch_size} is the global batch, split over {world_size} processes: "
+            f"it must divide by {world_size}"
+        )
+    if part.sizes[-1] < world_size:
+        raise engine.ConfigError(
+            f"data: the last batch of an epoch is smaller ({part.sizes[-1]}) than the number of processes "
+            f"({world_size}): set data.drop_last = true or another batch_size"
+        )
+    if 0 < n_val < world_size:
+        raise engine.ConfigError(
+            f"data: the validation set is smaller ({n_val}) than the number of processes ({world_size})"
+        )
+
+
 class TensorLoaders:
     """Batches sliced from tensors that live on the device."""
 
@@ -189,6 +243,8 @@ class TensorLoaders:
         settings: engine.Section,
         seed: int,
         device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         x, y = train
         if val is None and settings["val_fraction"] > 0:
@@ -209,11 +265,22 @@ class TensorLoaders:
         self.batch_size = settings["batch_size"] or len(x)
         self.shuffle = settings["shuffle"] and self.batch_size < len(x)  # one whole batch: order is moot
         self.drop_last, self.seed = settings["drop_last"], seed
-        self.whole = (engine.Batch(self.x, self.y),)  # the batch of every epoch when one holds the set
         if self.train_batches() == 0:
             raise engine.ConfigError(
                 f"data.batch_size: {self.batch_size} with drop_last leaves no batch of {len(x)} samples"
             )
+        self.part: Part | None = None
+        self.val_batch_size = self.batch_size
+        if world_size > 1:
+            self.part = Part(len(x), self.batch_size, self.train_batches(), rank, world_size)
+            check_split(settings, self.batch_size, self.part, len(val[0]) if val else 0)
+            self.val_batch_size = -(-self.batch_size // world_size)
+            if self.val_data is not None:
+                low, high = split(len(self.val_data[0]), world_size, rank)
+                self.val_data = (self.val_data[0][low:high], self.val_data[1][low:high])
+        # The batch of every epoch when one holds the set (with several processes, this one's piece).
+        low, high = self.part.bounds[0] if self.part is not None else (0, len(x))
+        self.whole = (engine.Batch(self.x[low:high], self.y[low:high]),)
 
     def train_batches(self) -> int:
         return batch_count(len(self.x), self.batch_size, self.drop_last)
@@ -221,11 +288,16 @@ class TensorLoaders:
     def sample(self) -> engine.Batch:
         return engine.Batch(self.x[: self.batch_size], self.y[: self.batch_size])  # the size of a batch
 
+    def shares(self) -> list[float]:
+        return self.part.shares() if self.part is not None else [1.0] * self.train_batches()
+
     def train(self, epoch: int, start: int = 0) -> Iterator[engine.Batch]:
         if self.batch_size >= len(self.x):
             # One batch of the whole set (the tutorial): there an epoch is one step, and a generator
             # with two slices per epoch cost 8 µs of its 70 (bench/RESULTS.md).
             return iter(self.whole[start:])
+        if self.part is not None:
+            return self.pieces(epoch, start, self.part)
         return self.slices(epoch, start)
 
     def slices(self, epoch: int, start: int) -> Iterator[engine.Batch]:
@@ -238,6 +310,17 @@ class TensorLoaders:
         for index in range(start, self.train_batches()):
             yield engine.Batch(x[index * size : (index + 1) * size], y[index * size : (index + 1) * size])
 
+    def pieces(self, epoch: int, start: int, part: Part) -> Iterator[engine.Batch]:
+        """This process's piece of each batch of the epoch's order (the order one process slices)."""
+        positions = part.positions
+        if self.shuffle:
+            positions = torch.randperm(len(self.x), generator=epoch_generator(self.seed, epoch))[positions]
+        # One gather of this process's samples per epoch, then views.
+        positions = positions.to(self.x.device)
+        x, y, offsets = self.x[positions], self.y[positions], part.offsets
+        for index in range(start, self.train_batches()):
+            yield engine.Batch(x[offsets[index] : offsets[index + 1]], y[offsets[index] : offsets[index + 1]])
+
     def close(self) -> None:
         pass  # nothing held but tensors
 
@@ -245,7 +328,7 @@ class TensorLoaders:
         if self.val_data is None:
             return None
         x, y = self.val_data
-        size = self.batch_size
+        size = self.val_batch_size
         return [engine.Batch(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
@@ -266,7 +349,14 @@ class DatasetLoaders:
     """Batches from a ``torch.utils.data.Dataset`` through ``DataLoader``."""
 
     def __init__(
-        self, train: Dataset, val: Dataset | None, settings: engine.Section, seed: int, device: torch.device
+        self,
+        train: Dataset,
+        val: Dataset | None,
+        settings: engine.Section,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if len(train) == 0:
             raise engine.ConfigError("data: the training Dataset is empty")
@@ -278,25 +368,35 @@ class DatasetLoaders:
         self.n, self.seed, self.shuffle = len(train), seed, settings["shuffle"]
         self.batch_size = settings["batch_size"] or self.n
         self.drop_last = settings["drop_last"]
+        if self.train_batches() == 0:
+            raise engine.ConfigError(
+                f"data.batch_size: {self.batch_size} with drop_last leaves no batch of {self.n} samples"
+            )
+        # The sampler takes this process's samples of the epoch's order: all of it in a single process.
+        self.part = Part(self.n, self.batch_size, self.train_batches(), rank, world_size)
+        n_val = len(val) if val is not None else 0
+        if world_size > 1:
+            check_split(settings, self.batch_size, self.part, n_val)
+            if val is not None:
+                val = Subset(val, range(*split(n_val, world_size, rank)))
         self.order = EpochOrder()
         options = {
-            "batch_size": self.batch_size,
+            "batch_size": -(-self.batch_size // world_size),
             "num_workers": settings["num_workers"],
             "pin_memory": settings["pin_memory"] and device.type == "cuda",
             "persistent_workers": settings["num_workers"] > 0,
         }
         # Each DataLoader draws its workers' base seed at `iter()`: from a generator of its own,
         # not the global torch RNG, so that a run resumed at another epoch draws the same dropout.
-        self.loader = DataLoader(
-            train, sampler=self.order, drop_last=self.drop_last, generator=epoch_generator(seed, -1), **options
-        )
+        # The sampler holds the samples of whole batches only (drop_last applies to the global ones).
+        self.loader = DataLoader(train, sampler=self.order, generator=epoch_generator(seed, -1), **options)
         self.val_loader = (
             DataLoader(val, shuffle=False, generator=epoch_generator(seed, -2), **options) if val is not None else None
         )
         self.device, self.dataset = device, train
         x, y = sample_tensors(train, 0)
         self.standardize: engine.Standardize | None = None
-        self.info = self._data_info(train, x, y, len(val) if val is not None else 0)
+        self.info = self._data_info(train, x, y, n_val)
         # Cast like in-memory data: float inputs and targets to float32 (numpy's float64 would
         # meet float32 weights), integer targets to int64 class indices; integer inputs (token
         # ids) stay as they are.
@@ -325,13 +425,17 @@ class DatasetLoaders:
     def train_batches(self) -> int:
         return batch_count(self.n, self.batch_size, self.drop_last)
 
+    def shares(self) -> list[float]:
+        return self.part.shares()
+
     def train(self, epoch: int, start: int = 0) -> Iterator[engine.Batch]:
+        positions = self.part.positions[self.part.offsets[start] :]
         order = (
-            torch.randperm(self.n, generator=epoch_generator(self.seed, epoch))
+            torch.randperm(self.n, generator=epoch_generator(self.seed, epoch))[positions]
             if self.shuffle
-            else torch.arange(self.n)
+            else positions
         )
-        self.order.indices = order[start * self.batch_size :].tolist()
+        self.order.indices = order.tolist()
         for x, y in self.loader:
             yield self.on_device(x, y)
 

@@ -12,6 +12,12 @@ fires, at a step boundary or an epoch's end:
 - the end of the run, and an interruption (SIGINT, SIGTERM), always; a failed run keeps the
   checkpoints it had (its last state may be what failed).
 
+Of a run's processes, rank 0 alone takes and writes checkpoints: the weights, optimizer state and
+data position are every process's (the position counts global batches, so a run resumes with
+another number of processes as well). A step trigger that fires inside a gradient-accumulation
+window waits for the window's last batch: until its all-reduce, each process holds its own part of
+the window's gradients.
+
 The training thread takes the checkpoint (a copy of every tensor, on the CPU: a few hundred
 microseconds for the MLP job) and one background thread writes it, so the loop does not wait for
 the disk; a checkpoint waits for the previous one to be written, and the run's end waits for the
@@ -65,6 +71,7 @@ class Checkpoints:
         self.monitor = ""
         self.due = math.inf  # the monotonic time the time trigger fires at
         self.saved: tuple[int, int, int] | None = None  # the (epoch, batch, step) last saved
+        self.waiting = False  # a step trigger fired inside an accumulation window (several processes)
         self.best: list[dict[str, Any]] = []  # the kept best checkpoints, best first: step, value, file
         self.writer: ThreadPoolExecutor | None = None
         self.writing: Future[None] | None = None
@@ -75,6 +82,8 @@ class Checkpoints:
 
     @engine.hookimpl
     def on_run_start(self, trainer: engine.Trainer) -> None:
+        if trainer.rank:
+            return  # no trigger is armed: rank 0 writes the checkpoints
         self.settings = trainer.config["checkpoint"]
         self.every_steps, self.every_epochs = self.settings["every_steps"], self.settings["every_epochs"]
         self.keep_best, self.monitor = self.settings["keep_best"], self.settings["monitor"]
@@ -83,9 +92,12 @@ class Checkpoints:
         self.forget_after(trainer, trainer.state.step)  # a directory reused by a resumed or restarted run
 
     @engine.hookimpl
-    def after_step(self, state: engine.State, trainer: engine.Trainer) -> None:
-        if (self.every_steps and state.step % self.every_steps == 0) or time.monotonic() >= self.due:
-            self.save(trainer)
+    def after_step(self, state: engine.State, window: engine.Window, trainer: engine.Trainer) -> None:
+        if (self.every_steps and state.step % self.every_steps == 0) or time.monotonic() >= self.due or self.waiting:
+            if window.last or trainer.world_size == 1:
+                self.save(trainer)
+            else:
+                self.waiting = True
 
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
@@ -146,7 +158,7 @@ class Checkpoints:
             self.best, dropped = self.best[: self.settings["keep_best"]], self.best[self.settings["keep_best"] :]
             ranking = ([dict(entry) for entry in self.best], [entry["file"] for entry in dropped], name)
         taken = snapshot(trainer.checkpoint())
-        self.saved = (state.epoch, state.batch, state.step)
+        self.saved, self.waiting = (state.epoch, state.batch, state.step), False
         self.wait()
         self.writing = self.writer.submit(self.write, taken, run_dir, path, ranking)
         self.rearm()

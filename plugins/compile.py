@@ -43,6 +43,10 @@ KNOWN = {
     "torch._dynamo.graph_break()": "torch.optim step boundary",
     "GradScaler": "GradScaler",
     "fused optimizer": "fused optimizer",
+    # DistributedDataParallel's forward, with several processes: its logger and bookkeeping.
+    "DistributedDataParallel": "DDP",
+    "set_runtime_stats_and_log": "DDP",
+    "_rebuild_buckets": "DDP",
 }
 
 
@@ -65,14 +69,14 @@ class Compile:
         explain: bool = False,
     ) -> Compiled:
         """The train step under torch.compile (see the module docstring)."""
-        built = Compiled(trainer.device, mode, fullgraph, dynamic, explain)
+        built = Compiled(trainer.device, mode, fullgraph, dynamic, explain, says=trainer.rank == 0)
         self.built.append(built)
         return built
 
     @engine.hookimpl
     def on_run_end(self) -> None:
         for built in self.built:
-            if built.graphs >= 0:
+            if built.graphs >= 0 and built.says:
                 more = dynamo_counters()["stats"]["unique_graphs"] - built.graphs
                 if more:
                     print(f"compile: {more} more graphs compiled after the first step (recompiles)", flush=True)
@@ -81,8 +85,11 @@ class Compile:
 class Compiled:
     """The compile acceleration: a traceable optimizer and the compiled step."""
 
-    def __init__(self, device: torch.device, mode: str, fullgraph: bool, dynamic: bool | None, explain: bool) -> None:
+    def __init__(
+        self, device: torch.device, mode: str, fullgraph: bool, dynamic: bool | None, explain: bool, says: bool = True
+    ) -> None:
         self.device, self.mode, self.fullgraph, self.dynamic, self.explain = device, mode, fullgraph, dynamic, explain
+        self.says = says  # prints its report: of a run's processes, rank 0 alone
         self.graphs = -1  # graphs compiled once the first compiled step ran; -1 until then
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -120,8 +127,9 @@ class Compiled:
             self.graphs = counters["stats"]["unique_graphs"]
             new = Counter(counters["graph_break"])
             new.subtract(breaks)
-            print(summary(+new, counters["stats"]["unique_graphs"] - graphs), flush=True)
-            if self.explain:
+            if self.says:
+                print(summary(+new, counters["stats"]["unique_graphs"] - graphs), flush=True)
+            if self.explain and self.says:
                 for reason, count in (+new).items():
                     print(f"  graph break x{count}: {' '.join(reason.split())}", flush=True)
             return result

@@ -1,4 +1,7 @@
-"""The tutorial's console line at each logging point, then the learned parameters of a small model."""
+"""The tutorial's console line at each logging point, then the learned parameters of a small model.
+
+Of a run's processes, rank 0 alone prints (the metrics are every process's).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ NOT_TERMS = ("epoch", "step", "loss", "lr")
 
 @engine.hookimpl
 def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
+    if trainer.rank:
+        return
     line = f"Epoch [{metrics['epoch']}/{trainer.epochs}]"
     if "loss" in metrics:
         line += f", Loss: {metrics['loss']:.4f}"
@@ -36,9 +41,9 @@ def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
 
 @engine.hookimpl
 def on_run_end(trainer: engine.Trainer, error: BaseException | None) -> None:
-    if error is not None:
+    if error is not None or trainer.rank:
         return
-    named = list(trainer.model.named_parameters())
+    named = list(trainer.module.named_parameters())  # the model as built, not a wrapper's names (DDP's module.*)
     count = sum(p.numel() for _, p in named)
     if count > PRINT_PARAMETERS_UP_TO:
         print(f"Model: {count:,} parameters")

@@ -43,6 +43,11 @@ Output = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 def cudagraph(trainer: engine.Trainer, warmup: Annotated[int, engine.Range(ge=1)] = 3) -> Graphed:
     """The train step as CUDA graphs (see the module docstring); `warmup` eager steps before each capture."""
+    if trainer.world_size > 1:
+        raise engine.ConfigError(
+            f"accelerate.name = 'cudagraph' runs in a single process, not {trainer.world_size}: DDP's "
+            "gradient all-reduce is not captured; use 'compile' or 'eager'"
+        )
     if trainer.device.type != "cuda":
         raise engine.ConfigError(
             f"accelerate.name = 'cudagraph' needs a CUDA device; this run's device is {trainer.device.type}"

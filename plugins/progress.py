@@ -1,5 +1,5 @@
 """A tqdm progress bar over the run's batches, on a terminal only, once the run has lasted two
-seconds, so that short jobs and logs stay clean.
+seconds, so that short jobs and logs stay clean; of a run's processes, by rank 0.
 
 While the bar is shown, the run's standard output goes through `tqdm.write`, so an epoch line
 never glues to the bar; the plugin restores ``sys.stdout`` when the run ends.
@@ -21,6 +21,10 @@ class Settings:
     progress: bool = True  # a tqdm bar on a terminal
 
 
+def shown(trainer: engine.Trainer) -> bool:
+    return trainer.config["log"]["progress"] and sys.stderr.isatty() and trainer.rank == 0
+
+
 class Progress:
     def __init__(self) -> None:
         self.bar: Any = None
@@ -32,11 +36,11 @@ class Progress:
 
     @engine.hookimpl
     def skip_per_step(self, trainer: engine.Trainer) -> bool:
-        return not (trainer.config["log"]["progress"] and sys.stderr.isatty())
+        return not shown(trainer)
 
     @engine.hookimpl
     def on_run_start(self, trainer: engine.Trainer) -> None:
-        if not (trainer.config["log"]["progress"] and sys.stderr.isatty()):
+        if not shown(trainer):
             return
         from tqdm import tqdm
 

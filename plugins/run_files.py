@@ -10,6 +10,9 @@ summary.json.
 - metrics.jsonl: one line per logging point, each reaching the file whole or not at all (a failed
   write is cut back to the last whole line and ends the run). A resumed run cuts the file back to
   where its checkpoint was taken, so no line is duplicated or lost.
+
+Of a run's processes, rank 0 alone writes them (the metrics are every process's; the error in the
+summary is the first any process met).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class RunFiles:
 
     @engine.hookimpl(tryfirst=True)  # the record exists before another plugin's start can fail
     def on_run_start(self, trainer: engine.Trainer) -> None:
+        if trainer.rank:
+            return
         run_dir = trainer.run_dir
         runs.write_text(run_dir / runs.CONFIG, engine.dump_toml(trainer.config))
         self.started, self.started_at = time.perf_counter(), now()
@@ -64,7 +69,8 @@ class RunFiles:
 
     @engine.hookimpl
     def on_log(self, metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
-        assert self.metrics is not None
+        if self.metrics is None:
+            return  # not rank 0
         line = json.dumps({**metrics, "time": round(self.seconds(), 4)}, allow_nan=False) + "\n"
         data = line.encode("utf-8")
         try:
@@ -89,7 +95,7 @@ class RunFiles:
     @engine.hookimpl(trylast=True)  # after every other plugin has reported
     def on_run_end(self, trainer: engine.Trainer, error: BaseException | None) -> None:
         if self.metrics is None:
-            return  # the run never started: there is no directory to write in
+            return  # the run never started (there is no directory to write in), or not rank 0
         os.close(self.metrics)
         self.metrics = None
         state, wall = trainer.state, self.seconds()

@@ -42,6 +42,7 @@ class Chain:
             return x, 2 * x + 3
 
         return {
+            "distributed": {"chain": recorded("distributed", lambda device: None)},
             "data": {"chain": recorded("data", data)},
             "model": {"chain": recorded("model", lambda info, device: nn.Linear(1, 1))},
             "loss": {"chain": recorded("loss", lambda info, device: nn.functional.mse_loss)},
@@ -95,7 +96,10 @@ class Wrapped(nn.Module):
 
 CHAIN_JOB = job(
     epochs=2,
-    **{kind: {"name": "chain"} for kind in ("data", "model", "loss", "optimizer", "precision", "accelerate")},
+    **{
+        kind: {"name": "chain"}
+        for kind in ("distributed", "data", "model", "loss", "optimizer", "precision", "accelerate")
+    },
     scheduler={"name": "chain"},
 )
 

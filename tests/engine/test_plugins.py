@@ -216,6 +216,7 @@ def test_components_have_a_kind_a_name_and_an_owner():
     assert {kind: sorted(table) for kind, table in plugins.components.items()} == {
         "accelerate": ["auto", "compile", "cudagraph", "eager"],
         "data": ["classification", "csv", "linear_regression", "npz"],
+        "distributed": ["ddp"],
         "export": ["aoti", "exported", "onnx", "tensorrt"],
         "predictions": ["csv", "npz"],
         "precision": ["16-mixed", "32", "bf16-mixed"],

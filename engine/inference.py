@@ -539,6 +539,9 @@ class _WithInfo:
     def val(self) -> Any:
         return self.loaders.val()
 
+    def shares(self) -> Sequence[float]:
+        return self.loaders.shares()
+
     def close(self) -> None:
         self.loaders.close()
 

@@ -22,7 +22,7 @@ def register_settings():
 
 @engine.hookimpl
 def on_run_end(trainer: engine.Trainer, error: BaseException | None) -> None:
-    if trainer.run_dir is None or not trainer.config["log"]["curves"]:
+    if trainer.run_dir is None or not trainer.config["log"]["curves"] or trainer.rank:
         return
     if importlib.util.find_spec("matplotlib") is None:
         return

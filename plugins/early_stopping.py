@@ -50,10 +50,10 @@ class EarlyStopping:
         if value is not None:
             self.judge(value, epoch, state, trainer, settings)
         if settings["restore_best"] and self.weights is not None and (state.stop or epoch == trainer.epochs):
-            trainer.module.load_state_dict(self.weights)
-            print(
-                f"early stopping: weights of epoch {self.best_epoch} restored ({settings['monitor']} {self.best:.4f})"
-            )
+            trainer.module.load_state_dict(self.weights)  # on every process: they hold the same weights
+            if trainer.rank == 0:
+                monitored = f"{settings['monitor']} {self.best:.4f}"
+                print(f"early stopping: weights of epoch {self.best_epoch} restored ({monitored})")
 
     def measured(self, epoch: int, state: engine.State, monitor: str) -> float | None:
         """The monitored value of this epoch, or None when it was not measured in it."""
@@ -82,12 +82,13 @@ class EarlyStopping:
             return
         self.waited += 1
         if self.waited >= settings["patience"]:
-            state.stop = True
-            print(
-                f"early stopping at epoch {epoch}: {settings['monitor']} has not improved for "
-                f"{self.waited} validations (best {self.best:.4f} at epoch {self.best_epoch})",
-                flush=True,
-            )
+            state.stop = True  # every process judges the same reduced metrics: all stop at this epoch
+            if trainer.rank == 0:
+                print(
+                    f"early stopping at epoch {epoch}: {settings['monitor']} has not improved for "
+                    f"{self.waited} validations (best {self.best:.4f} at epoch {self.best_epoch})",
+                    flush=True,
+                )
 
     @engine.hookimpl
     def state_dict(self, trainer: engine.Trainer) -> dict[str, Any] | None:

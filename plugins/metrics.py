@@ -74,7 +74,7 @@ class Metrics:
 
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
-        if self.matrix is not None and state.val_epoch == epoch:
+        if self.matrix is not None and state.val_epoch == epoch and trainer.rank == 0:
             record = {"epoch": epoch, "rows": "target", "columns": "prediction", "matrix": self.matrix}
             engine.runs.write_text(trainer.run_dir / "confusion_matrix.json", json.dumps(record) + "\n")
 

@@ -44,7 +44,7 @@ class MLflow:
     @engine.hookimpl
     def on_run_start(self, trainer: engine.Trainer) -> None:
         settings = trainer.config["mlflow"]
-        if not settings["enabled"]:
+        if not settings["enabled"] or trainer.rank:  # of a run's processes, rank 0 logs
             return
         import mlflow
 

@@ -42,7 +42,7 @@ class TensorBoard:
     @engine.hookimpl
     def on_run_start(self, trainer: engine.Trainer) -> None:
         settings = trainer.config["tensorboard"]
-        if not settings["enabled"]:
+        if not settings["enabled"] or trainer.rank:  # of a run's processes, rank 0 writes
             return
         from torch.utils.tensorboard import SummaryWriter
 

@@ -49,6 +49,16 @@ DATASET = {
 }
 
 
+# Early stopping with the best weights restored, TensorBoard, the whole-set metrics and their
+# confusion matrix: rank 0 writes, every process stops at the same epoch.
+WATCHED = {
+    "epochs": 30,
+    "optimizer": {"name": "adam", "lr": 0.05},
+    "early_stopping": {"patience": 2, "monitor": "val_loss", "restore_best": True},
+    "tensorboard": {"enabled": True},
+}
+
+
 def jobs_with(**changes: Any) -> dict[str, Any]:
     return {**MLP, **changes}
 
@@ -210,6 +220,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             {"plugins": [CrashAt(7)]},
         ),
         ("resumed", None, {"resume": str(tmp_path / "runs" / "resumed")}),
+        ("watched", jobs_with(run_name="watched", **WATCHED, **runs), {}),
     ]
     return in_processes(tmp_path, jobs)
 
@@ -284,6 +295,22 @@ def test_a_checkpoint_resumes_with_the_same_number_of_processes(two_processes):
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "completed" and summary["resumed_from"] == "checkpoints/step-000000006.pt"
     assert [line["step"] for line in read_jsonl(run_dir / "metrics.jsonl")] == [4, 8, 12, 16]
+
+
+def test_early_stopping_metrics_and_loggers_agree_across_processes_and_rank_0_writes(two_processes):
+    expected = one_process(jobs_with(**WATCHED))
+    ranks = two_processes["watched"]
+    for rank in ranks:
+        assert_close(rank["weights"], expected.model.state_dict())
+        assert rank["metrics"] == pytest.approx(expected.metrics, rel=1e-5)
+    # torchmetrics reduced the whole-set metrics over both processes' validation halves.
+    assert {"val_f1", "val_auroc", "val_precision"} <= ranks[0]["metrics"].keys()
+    run_dir = ranks[0]["run_dir"]
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "completed" and summary["epochs_completed"] < WATCHED["epochs"]  # stopped early
+    assert summary["epochs_completed"] == read_json(expected.run_dir / "summary.json")["epochs_completed"]
+    assert read_json(run_dir / "confusion_matrix.json") == read_json(expected.run_dir / "confusion_matrix.json")
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 # --- the CLI, as a user runs it -------------------------------------------------------------------

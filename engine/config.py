@@ -71,7 +71,7 @@ class InferredSettings:
 
     n_features: Annotated[int, Range(ge=0)] = 0
     n_outputs: Annotated[int, Range(ge=0)] = 0
-    task: Literal["", "regression", "classification"] = ""
+    task: Literal["", "regression", "classification", "binary"] = ""
 
 
 CORE_SECTIONS = {"": CoreSettings, "log": LogSettings, "inferred": InferredSettings}

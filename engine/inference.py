@@ -386,8 +386,8 @@ def _verified(path: Path, run: Run) -> bool:
 
 def predictions(backend: Backend, x: Any, batch_size: int = 1024) -> dict[str, torch.Tensor]:
     """The backend's predictions for the inputs `x` ([N, n_features], array or tensor), in batches:
-    ``class`` (indices) and ``probability`` ([N, classes]) for classification, ``value`` for
-    regression."""
+    ``class`` (indices) and ``probability`` ([N, classes]) for classification, ``class`` (0 or 1)
+    and ``probability`` ([N], of class 1) for binary labels, ``value`` for regression."""
     x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float().cpu()
     info = backend.info
     if x.dim() == 1 and info.n_features == 1:
@@ -400,6 +400,9 @@ def predictions(backend: Backend, x: Any, batch_size: int = 1024) -> dict[str, t
         # softmax turns logits into probabilities, and leaves log-probabilities' exp unchanged
         probability = torch.softmax(outputs.float(), dim=-1)
         return {"class": probability.argmax(dim=-1), "probability": probability}
+    if info.task == "binary":  # one logit: the probability of class 1, which wins from 0.5 on
+        probability = torch.sigmoid(outputs.float().reshape(-1))
+        return {"class": (probability >= 0.5).long(), "probability": probability}
     return {"value": outputs}
 
 
@@ -484,6 +487,10 @@ def _data_file_config(
     data.update(name=reader, path=str(file.absolute()))
     if "val_path" in params:
         data["val_path"] = str(file.absolute()) if labelled else ""
+    if "test_path" in params:
+        data["test_path"] = ""
+    # The whole file, raw: the saved model standardizes its inputs itself (engine.load).
+    data.update({key: value for key, value in (("standardize", False), ("test_fraction", 0.0)) if key in data})
     job["data"] = data
     job.update(changes or {})
     return run.load_config(job, overrides, plugins)
@@ -541,6 +548,9 @@ class _WithInfo:
 
     def shares(self) -> Sequence[float]:
         return self.loaders.shares()
+
+    def test(self) -> Any:
+        return self.loaders.test()
 
     def close(self) -> None:
         self.loaders.close()

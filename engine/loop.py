@@ -412,12 +412,13 @@ class Trainer:
         return step_scheduler
 
     @torch.inference_mode()
-    def validate(self) -> dict[str, float]:
-        """Mean loss terms and metrics over the validation data, with one host-device sync."""
+    def validate(self, batches: Iterable[Batch] | None = None, prefix: str = "val") -> dict[str, float]:
+        """Mean loss terms and metrics over the validation data (or `batches`, named with `prefix`:
+        the test at the end), with one host-device sync."""
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        for batch in self.loaders.val() or ():
+        for batch in (self.loaders.val() if batches is None else batches) or ():
             for hook in self.before_forward:
                 batch = hook(batch=batch) or batch
             with self.precision.autocast():
@@ -443,7 +444,7 @@ class Trainer:
                 if name in sums or name in whole:
                     raise TrainingError(f"plugin {plugin!r}: after_validation: a second metric named {name!r}")
                 whole[name] = float(value)  # a tensor is read back: once per validation
-        return {f"val_{name}": value for name, value in [*zip(sums, means), *whole.items()]}
+        return {f"{prefix}_{name}": value for name, value in [*zip(sums, means), *whole.items()]}
 
     def fit(self) -> Result:
         """Create the run directory (or continue the resumed one) and run the loop. `on_run_end`
@@ -456,6 +457,10 @@ class Trainer:
                 self.loop()
                 if self.state.losses:  # stopped early, between logging points
                     self.log()
+                test = self.loaders.test()
+                if test is not None:  # once, on the final model (after early stopping restored the best)
+                    self.state.test_metrics = self.validate(test, "test")
+                    self.check_finite(self.state.test_metrics, self.state.epoch - 1)
             except BaseException as raised:
                 error = self.stopped(raised)
             for on_run_end in self.plugins.bind("on_run_end", trainer=self):
@@ -470,7 +475,8 @@ class Trainer:
         if error is not None:
             raise error
         self.module.eval()
-        return Result(self.module, dict(self.state.metrics), self.run_dir, self.config, self.state)
+        metrics = {**self.state.metrics, **self.state.test_metrics}
+        return Result(self.module, metrics, self.run_dir, self.config, self.state)
 
     def start(self) -> None:
         """Create the run directory exclusively (or continue the resumed one), then `on_run_start`.
@@ -571,11 +577,7 @@ class Trainer:
                     raise TrainingError(
                         f"non-finite {what} at epoch {epoch}, step {step}; training stopped", located=True
                     )
-        for name, value in state.val_metrics.items():
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"non-finite {name} ({value}) at epoch {state.epoch}; training stopped", located=True
-                )
+        self.check_finite(state.val_metrics, state.epoch)
         epoch = rows[-1][0] if rows else state.epoch
         this_epoch = [row for (row_epoch, *_), row in zip(rows, table) if row_epoch == epoch]
         metrics: dict[str, float] = {"epoch": epoch, "step": state.step}
@@ -586,6 +588,12 @@ class Trainer:
         metrics.update(state.val_metrics)
         state.metrics = metrics
         self.hooks.on_log(state=state, metrics=metrics, trainer=self)
+
+    @staticmethod
+    def check_finite(metrics: Mapping[str, float], epoch: int) -> None:
+        for name, value in metrics.items():
+            if not math.isfinite(value):
+                raise TrainingError(f"non-finite {name} ({value}) at epoch {epoch}; training stopped", located=True)
 
     def mean_over_processes(self, values: torch.Tensor, steps: list[int]) -> torch.Tensor:
         """The step losses of every process averaged, each weighted by its share of its batch (so

@@ -61,9 +61,10 @@ class DataInfo:
 
     n_features: int  # width of one input sample (its last dimension)
     n_outputs: int  # target width for regression, number of classes for classification
-    task: str  # "regression" or "classification"
+    task: str  # "regression", "classification" (class indices) or "binary" (0/1 labels, one output)
     n_train: int
     n_val: int = 0
+    n_test: int = 0
 
 
 class Standardize(torch.nn.Module):
@@ -108,6 +109,9 @@ class Loaders(Protocol):
 
     def val(self) -> Iterable[Batch] | None:
         """The validation batches, or None when there is no validation data."""
+
+    def test(self) -> Iterable[Batch] | None:
+        """The test batches, evaluated once when the run completes; None when there is no test data."""
 
     def shares(self) -> Sequence[float]:
         """For each batch of an epoch, this process's samples x the number of processes / the
@@ -220,6 +224,7 @@ class State:
     stop: bool = False  # set by a plugin to end the run after the current epoch
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged metrics
     val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
+    test_metrics: dict[str, float] = field(default_factory=dict)  # the test at the end (data.test_fraction)
     val_epoch: int = 0  # the epoch the last validation ran at (0: none yet)
     # Each step's (epoch, step, loss, terms), on the device, since the last logging point.
     losses: list[tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=list)

@@ -5,6 +5,13 @@ epoch: no per-sample Python work, unlike a DataLoader. A ``torch.utils.data.Data
 ``DataLoader``. Either way the order of epoch `e` depends only on (seed, e), so a resumed run can
 start at any batch.
 
+Before batching: the target's task (``data.task``: class indices, values, or 0/1 labels for
+``binary``), the validation and test splits (``val_fraction``, ``test_fraction``), drawn with
+``split_seed`` (not ``seed``: changing the seed of the training does not move the split) and, for
+classification, stratified by class (in-memory data), and ``standardize``: each input feature
+scaled by the mean and standard deviation of the training split alone, applied to every split
+and recorded as the loaders' `engine.Standardize`, which the run saves with the model.
+
 With several processes, ``data.batch_size`` is the global batch (it must divide by the number of
 processes), and each process takes its own contiguous piece of every batch of the same epoch
 order (`Part`), so that together they see the batches one process would; an epoch's last batch
@@ -17,7 +24,7 @@ import itertools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -37,6 +44,12 @@ class Batching:
     shuffle: bool = True
     drop_last: bool = False
     val_fraction: Annotated[float, engine.Range(ge=0, lt=1)] = 0.0
+    test_fraction: Annotated[float, engine.Range(ge=0, lt=1)] = 0.0  # held out; evaluated once, at the end
+    split_seed: Annotated[int, engine.Range(ge=0)] = 0  # draws the validation and test splits
+    stratify: bool = True  # classification: each split keeps the class proportions (in-memory data)
+    standardize: bool = False  # inputs scaled by the training split's mean and standard deviation
+    # auto: integer targets are class indices, others values; binary: 0/1 labels (bce_with_logits)
+    task: Literal["auto", "regression", "classification", "binary"] = "auto"
     num_workers: Annotated[int, engine.Range(ge=0)] = 0
     pin_memory: bool = False
 
@@ -51,13 +64,18 @@ def build_loaders(
     data: Any, config: engine.Config, seed: int, device: torch.device, rank: int, world_size: int
 ) -> engine.Loaders:
     settings = config["data"]
-    train, val = (data["train"], data.get("val")) if isinstance(data, Mapping) else (data, None)
+    if isinstance(data, Mapping):
+        train, val, test = data["train"], data.get("val"), data.get("test")
+    else:
+        train, val, test = data, None, None
     if isinstance(train, Dataset):
-        return DatasetLoaders(train, val, settings, seed, device, rank, world_size)
-    if val is not None and isinstance(val, Dataset):
-        raise engine.ConfigError("data: the validation data is a Dataset but the training data is not")
-    pairs = tensors(train), tensors(val, "validation") if val is not None else None
-    return TensorLoaders(*pairs, settings, seed, device, rank, world_size)
+        return DatasetLoaders(train, val, settings, seed, device, rank, world_size, test)
+    for part, split_name in ((val, "validation"), (test, "test")):
+        if part is not None and isinstance(part, Dataset):
+            raise engine.ConfigError(f"data: the {split_name} data is a Dataset but the training data is not")
+    named = ((train, "training"), (val, "validation"), (test, "test"))
+    train_xy, val_xy, test_xy = (tensors(part, name) if part is not None else None for part, name in named)
+    return TensorLoaders(train_xy, val_xy, settings, seed, device, rank, world_size, test_xy)
 
 
 def tensors(pair: Any, split: str = "training") -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,41 +159,122 @@ def class_count(low: int, high: int, n_samples: int) -> int:
     if high + 1 > max(n_samples, 2**16):
         raise engine.ConfigError(
             f"data: the targets are whole numbers, read as class indices, but the largest ({high}) would make "
-            f"{high + 1} classes for {n_samples} samples; if they are values, not classes, give float targets "
-            '(for a csv file: data.task = "regression")'
+            f"{high + 1} classes for {n_samples} samples; if they are values, not classes, set "
+            'data.task = "regression"'
         )
     return high + 1
 
 
-def data_info(x: torch.Tensor, y: torch.Tensor, n_train: int, n_val: int) -> engine.DataInfo:
-    if y.is_floating_point():
-        return engine.DataInfo(x.shape[-1] if x.dim() > 1 else 1, y.shape[-1], "regression", n_train, n_val)
-    classes = class_count(int(y.min()), int(y.max()), len(y))
-    return engine.DataInfo(x.shape[-1] if x.dim() > 1 else 1, classes, "classification", n_train, n_val)
+def data_info(x: torch.Tensor, y: torch.Tensor, task: str, n_train: int, n_val: int, n_test: int) -> engine.DataInfo:
+    width = x.shape[-1] if x.dim() > 1 else 1
+    if task == "classification":
+        return engine.DataInfo(width, class_count(int(y.min()), int(y.max()), len(y)), task, n_train, n_val, n_test)
+    return engine.DataInfo(width, y.shape[-1], task, n_train, n_val, n_test)
 
 
-def split_off(n: int, fraction: float) -> int:
-    """How many of `n` samples `val_fraction` sets aside for validation (at least 1); at least one
-    must be left to train on."""
-    n_val = max(1, int(n * fraction))
-    if n_val >= n:
+def task_of(y: torch.Tensor, task: str) -> str:
+    """What the targets are: ``data.task``, or for "auto" class indices when they are integers and
+    values when they are floats."""
+    if task != "auto":
+        return task
+    return "regression" if y.is_floating_point() else "classification"
+
+
+def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:
+    """The targets of `split` as `task` takes them: values as float [N, k], class indices as int64
+    [N], binary labels as float [N, 1] of 0 and 1; a ConfigError naming data.task otherwise."""
+    if task == "regression":
+        return y.float().reshape(len(y), -1)
+    flat = y.reshape(len(y), -1)
+    if flat.shape[1] != 1:
         raise engine.ConfigError(
-            f"data.val_fraction: {fraction} of {n} sample{'s' if n > 1 else ''} leaves none to train on"
+            f"data.task = {task!r}: the {split} targets have {flat.shape[1]} columns; labels are one column"
         )
-    return n_val
+    flat = flat[:, 0]
+    if flat.is_floating_point() and not torch.equal(flat, flat.round()):
+        raise engine.ConfigError(
+            f"data.task = {task!r}: the {split} targets are not whole numbers "
+            f'(e.g. {float(flat[flat != flat.round()][0])}); for values set data.task = "regression"'
+        )
+    if task == "binary":
+        outside = (flat != 0) & (flat != 1)
+        if outside.any():
+            raise engine.ConfigError(
+                f"data.task = 'binary': the {split} targets hold {float(flat[outside][0]):g}; binary labels are "
+                '0 and 1 (for more classes: data.task = "classification")'
+            )
+        return flat.float().reshape(-1, 1)
+    return flat.long()
 
 
-def same_rows(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """The validation samples must have the training samples' shapes and kind of target."""
-    for part, a, b in (("inputs", train[0], val[0]), ("targets", train[1], val[1])):
+def split_indices(
+    n: int, labels: torch.Tensor | None, settings: engine.Section
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The training, validation and test samples of `n`, as indices: a permutation drawn with
+    ``split_seed`` cut into ``val_fraction`` and ``test_fraction`` (at least one sample each when
+    set, and one left to train on). With `labels` (classification), each held-out split takes
+    every class in proportion (largest remainders), so that a rare class is not left out of it."""
+    fractions = {"test_fraction": settings["test_fraction"], "val_fraction": settings["val_fraction"]}
+    counts = {key: max(1, int(n * fraction)) if fraction > 0 else 0 for key, fraction in fractions.items()}
+    if sum(counts.values()) >= n:
+        given = [f"data.{key}: {fractions[key]}" for key in counts if counts[key]]
+        samples = f"{n} sample{'s' if n > 1 else ''}"
+        verb = "leaves" if len(given) == 1 else "leave"
+        raise engine.ConfigError(f"{' and '.join(given)} of {samples} {verb} none to train on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(settings["split_seed"]))
+    held: dict[str, torch.Tensor] = {}
+    if labels is None:
+        start = 0
+        for key, count in counts.items():
+            if count:
+                held[key], start = order[start : start + count], start + count
+        train = order[start:]
+    else:
+        taken = torch.zeros(n, dtype=torch.bool)  # by position in `order`
+        ordered = labels[order]
+        classes, sizes = ordered.unique(return_counts=True)
+        for key, count in counts.items():
+            if not count:
+                continue
+            available = torch.stack([(~taken & (ordered == c)).sum() for c in classes])
+            quota = sizes.double() * count / n
+            share = torch.minimum(quota.floor().long(), available)
+            for index in torch.argsort(quota - quota.floor(), descending=True, stable=True).tolist() * 2:
+                if share.sum() >= count:
+                    break
+                if share[index] < available[index]:
+                    share[index] += 1
+            picked = torch.zeros(n, dtype=torch.bool)
+            for c, k in zip(classes, share.tolist()):
+                positions = (~taken & (ordered == c)).nonzero()[:k, 0]
+                picked[positions] = True
+            taken |= picked
+            held[key] = order[picked]
+        train = order[~taken]
+    return train, held.get("val_fraction"), held.get("test_fraction")
+
+
+def statistics(x: torch.Tensor) -> engine.Standardize:
+    """Each feature's mean and standard deviation over the training inputs `x` (float64 sums); a
+    feature that does not vary keeps its scale (std 1), so that it does not become inf or NaN."""
+    flat = x.double().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.double().reshape(-1, 1)
+    mean, std = flat.mean(dim=0), flat.std(dim=0, correction=0)
+    return engine.Standardize(mean.float(), torch.where(std > 0, std, torch.ones_like(std)).float())
+
+
+def same_rows(
+    train: tuple[torch.Tensor, torch.Tensor], held: tuple[torch.Tensor, torch.Tensor], split: str = "validation"
+) -> None:
+    """The samples of a held-out `split` must have the training samples' shapes and kind of target."""
+    for part, a, b in (("inputs", train[0], held[0]), ("targets", train[1], held[1])):
         if a.shape[1:] != b.shape[1:]:
             raise engine.ConfigError(
-                f"data: the validation {part} have samples of shape {tuple(b.shape[1:])}, "
+                f"data: the {split} {part} have samples of shape {tuple(b.shape[1:])}, "
                 f"the training {part} {tuple(a.shape[1:])}"
             )
-    if train[1].is_floating_point() != val[1].is_floating_point():
+    if train[1].is_floating_point() != held[1].is_floating_point():
         kinds = ("values", "class indices") if train[1].is_floating_point() else ("class indices", "values")
-        raise engine.ConfigError(f"data: the training targets are {kinds[0]} but the validation targets {kinds[1]}")
+        raise engine.ConfigError(f"data: the training targets are {kinds[0]} but the {split} targets {kinds[1]}")
 
 
 def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
@@ -213,7 +312,7 @@ class Part:
         return [(high - low) * self.world_size / size for (low, high), size in zip(self.bounds, self.sizes)]
 
 
-def check_split(settings: engine.Section, batch_size: int, part: Part, n_val: int) -> None:
+def check_split(settings: engine.Section, batch_size: int, part: Part, n_val: int, n_test: int = 0) -> None:
     """ConfigErrors for data that several processes cannot share: a global batch that does not
     divide by them, a batch or validation set with fewer samples than processes."""
     world_size = part.world_size
@@ -227,10 +326,11 @@ def check_split(settings: engine.Section, batch_size: int, part: Part, n_val: in
             f"data: the last batch of an epoch is smaller ({part.sizes[-1]}) than the number of processes "
             f"({world_size}): set data.drop_last = true or another batch_size"
         )
-    if 0 < n_val < world_size:
-        raise engine.ConfigError(
-            f"data: the validation set is smaller ({n_val}) than the number of processes ({world_size})"
-        )
+    for name, count in (("validation", n_val), ("test", n_test)):
+        if 0 < count < world_size:
+            raise engine.ConfigError(
+                f"data: the {name} set is smaller ({count}) than the number of processes ({world_size})"
+            )
 
 
 class TensorLoaders:
@@ -245,23 +345,48 @@ class TensorLoaders:
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        test: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         x, y = train
-        if val is None and settings["val_fraction"] > 0:
-            order = torch.randperm(len(x), generator=epoch_generator(seed, 0))
-            n_val = split_off(len(x), settings["val_fraction"])
-            val, (x, y) = (x[order[:n_val]], y[order[:n_val]]), (x[order[n_val:]], y[order[n_val:]])
-        elif val is not None:
-            same_rows((x, y), val)
-        self.standardize: engine.Standardize | None = None
+        task = task_of(y, settings["task"])
+        y = as_task(y, task, "training")
+        given = {"validation": val, "test": test}
+        for name, pair in given.items():
+            if pair is not None:
+                same_rows((x, train[1]), pair, name)
+                given[name] = (pair[0], as_task(pair[1], task, name))
+        val, test = given["validation"], given["test"]
+        if (val is None and settings["val_fraction"] > 0) or (test is None and settings["test_fraction"] > 0):
+            wanted = {
+                "val_fraction": settings["val_fraction"] if val is None else 0.0,
+                "test_fraction": settings["test_fraction"] if test is None else 0.0,
+            }
+            stratified = settings["stratify"] and task != "regression"
+            labels = y.reshape(-1).long() if stratified else None
+            kept, val_order, test_order = split_indices(len(x), labels, {**settings, **wanted})
+            if val_order is not None:
+                val = (x[val_order], y[val_order])
+            if test_order is not None:
+                test = (x[test_order], y[test_order])
+            x, y = x[kept], y[kept]
+        self.standardize: engine.Standardize | None = statistics(x) if settings["standardize"] else None
+        if self.standardize is not None:
+            scale = self.standardize
+            x = scale(x)
+            val = (scale(val[0]), val[1]) if val is not None else None
+            test = (scale(test[0]), test[1]) if test is not None else None
+        every = [pair for pair in ((x, y), val, test) if pair is not None]
         self.info = data_info(
-            torch.cat([x, val[0]]) if val else x,
-            torch.cat([y, val[1]]) if val else y,
+            torch.cat([pair[0] for pair in every]),
+            torch.cat([pair[1] for pair in every]),
+            task,
             len(x),
             len(val[0]) if val else 0,
+            len(test[0]) if test else 0,
         )
         self.x, self.y = x.to(device), y.to(device)
         self.val_data = (val[0].to(device), val[1].to(device)) if val else None
+        self.test_data = (test[0].to(device), test[1].to(device)) if test else None
         self.batch_size = settings["batch_size"] or len(x)
         self.shuffle = settings["shuffle"] and self.batch_size < len(x)  # one whole batch: order is moot
         self.drop_last, self.seed = settings["drop_last"], seed
@@ -273,11 +398,13 @@ class TensorLoaders:
         self.val_batch_size = self.batch_size
         if world_size > 1:
             self.part = Part(len(x), self.batch_size, self.train_batches(), rank, world_size)
-            check_split(settings, self.batch_size, self.part, len(val[0]) if val else 0)
+            check_split(settings, self.batch_size, self.part, self.info.n_val, self.info.n_test)
             self.val_batch_size = -(-self.batch_size // world_size)
-            if self.val_data is not None:
-                low, high = split(len(self.val_data[0]), world_size, rank)
-                self.val_data = (self.val_data[0][low:high], self.val_data[1][low:high])
+            for name in ("val_data", "test_data"):
+                held = getattr(self, name)
+                if held is not None:
+                    low, high = split(len(held[0]), world_size, rank)
+                    setattr(self, name, (held[0][low:high], held[1][low:high]))
         # The batch of every epoch when one holds the set (with several processes, this one's piece).
         low, high = self.part.bounds[0] if self.part is not None else (0, len(x))
         self.whole = (engine.Batch(self.x[low:high], self.y[low:high]),)
@@ -325,9 +452,15 @@ class TensorLoaders:
         pass  # nothing held but tensors
 
     def val(self) -> list[engine.Batch] | None:
-        if self.val_data is None:
+        return self.held_out(self.val_data)
+
+    def test(self) -> list[engine.Batch] | None:
+        return self.held_out(self.test_data)
+
+    def held_out(self, data: tuple[torch.Tensor, torch.Tensor] | None) -> list[engine.Batch] | None:
+        if data is None:
             return None
-        x, y = self.val_data
+        x, y = data
         size = self.val_batch_size
         return [engine.Batch(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
@@ -357,14 +490,19 @@ class DatasetLoaders:
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        test: Dataset | None = None,
     ) -> None:
         if len(train) == 0:
             raise engine.ConfigError("data: the training Dataset is empty")
-        if val is None and settings["val_fraction"] > 0:
-            n_val = split_off(len(train), settings["val_fraction"])
-            val, train = torch.utils.data.random_split(
-                train, [n_val, len(train) - n_val], generator=epoch_generator(seed, 0)
-            )
+        wanted = {
+            "val_fraction": settings["val_fraction"] if val is None else 0.0,
+            "test_fraction": settings["test_fraction"] if test is None else 0.0,
+        }
+        if any(wanted.values()):  # not stratified: a Dataset's labels are not read ahead
+            kept, val_order, test_order = split_indices(len(train), None, {**settings, **wanted})
+            val = Subset(train, val_order.tolist()) if val_order is not None else val
+            test = Subset(train, test_order.tolist()) if test_order is not None else test
+            train = Subset(train, kept.tolist())
         self.n, self.seed, self.shuffle = len(train), seed, settings["shuffle"]
         self.batch_size = settings["batch_size"] or self.n
         self.drop_last = settings["drop_last"]
@@ -374,11 +512,13 @@ class DatasetLoaders:
             )
         # The sampler takes this process's samples of the epoch's order: all of it in a single process.
         self.part = Part(self.n, self.batch_size, self.train_batches(), rank, world_size)
-        n_val = len(val) if val is not None else 0
+        n_val, n_test = (len(held) if held is not None else 0 for held in (val, test))
         if world_size > 1:
-            check_split(settings, self.batch_size, self.part, n_val)
+            check_split(settings, self.batch_size, self.part, n_val, n_test)
             if val is not None:
                 val = Subset(val, range(*split(n_val, world_size, rank)))
+            if test is not None:
+                test = Subset(test, range(*split(n_test, world_size, rank)))
         self.order = EpochOrder()
         options = {
             "batch_size": -(-self.batch_size // world_size),
@@ -390,30 +530,58 @@ class DatasetLoaders:
         # not the global torch RNG, so that a run resumed at another epoch draws the same dropout.
         # The sampler holds the samples of whole batches only (drop_last applies to the global ones).
         self.loader = DataLoader(train, sampler=self.order, generator=epoch_generator(seed, -1), **options)
-        self.val_loader = (
-            DataLoader(val, shuffle=False, generator=epoch_generator(seed, -2), **options) if val is not None else None
+        self.val_loader, self.test_loader = (
+            DataLoader(held, shuffle=False, generator=epoch_generator(seed, -2), **options)
+            if held is not None
+            else None
+            for held in (val, test)
         )
         self.device, self.dataset = device, train
         x, y = sample_tensors(train, 0)
-        self.standardize: engine.Standardize | None = None
-        self.info = self._data_info(train, x, y, n_val)
-        # Cast like in-memory data: float inputs and targets to float32 (numpy's float64 would
-        # meet float32 weights), integer targets to int64 class indices; integer inputs (token
-        # ids) stay as they are.
+        self.task = task_of(y, settings["task"])
+        # Cast like in-memory data: float inputs to float32 (numpy's float64 would meet float32
+        # weights), targets as the task takes them; integer inputs (token ids) stay as they are.
         self.x_dtype = torch.float32 if x.is_floating_point() else None
-        self.y_dtype = torch.float32 if y.is_floating_point() else torch.int64
+        self.y_dtype = torch.int64 if self.task == "classification" else torch.float32
+        self.info = self._data_info(train, x, y, n_val, n_test)
+        self.standardize: engine.Standardize | None = None
+        self.scale: engine.Standardize | None = None  # the same, on the device
+        if settings["standardize"]:
+            if self.x_dtype is None:
+                raise engine.ConfigError(
+                    "data.standardize: the Dataset's inputs are integers (token ids?), not features"
+                )
+            self.standardize = self.statistics(train, settings["num_workers"])
+            self.scale = engine.Standardize(self.standardize.mean, self.standardize.std).to(device)
 
-    def _data_info(self, dataset: Dataset, x: torch.Tensor, y: torch.Tensor, n_val: int) -> engine.DataInfo:
+    def _data_info(
+        self, dataset: Dataset, x: torch.Tensor, y: torch.Tensor, n_val: int, n_test: int
+    ) -> engine.DataInfo:
         n_features = x.shape[-1] if x.dim() else 1
-        if y.is_floating_point():
-            return engine.DataInfo(n_features, y.shape[-1] if y.dim() else 1, "regression", self.n, n_val)
+        if self.task == "binary":
+            return engine.DataInfo(n_features, 1, "binary", self.n, n_val, n_test)
+        if self.task == "regression":
+            return engine.DataInfo(n_features, y.shape[-1] if y.dim() else 1, "regression", self.n, n_val, n_test)
         classes = getattr(dataset, "classes", None)
         if classes is not None:
-            return engine.DataInfo(n_features, len(classes), "classification", self.n, n_val)
+            return engine.DataInfo(n_features, len(classes), "classification", self.n, n_val, n_test)
         labels = [int(dataset[i][1]) for i in range(self.n)]
-        return engine.DataInfo(
-            n_features, class_count(min(labels), max(labels), self.n), "classification", self.n, n_val
-        )
+        count = class_count(min(labels), max(labels), self.n)
+        return engine.DataInfo(n_features, count, "classification", self.n, n_val, n_test)
+
+    def statistics(self, train: Dataset, workers: int) -> engine.Standardize:
+        """The training inputs' mean and standard deviation per feature, in one pass over them."""
+        total = squares = None
+        count = 0
+        for x, _ in DataLoader(train, batch_size=1024, num_workers=workers):
+            flat = x.double().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.double().reshape(-1, 1)
+            total = flat.sum(0) if total is None else total + flat.sum(0)
+            squares = (flat * flat).sum(0) if squares is None else squares + (flat * flat).sum(0)
+            count += len(flat)
+        assert total is not None and squares is not None
+        mean = total / count
+        std = (squares / count - mean * mean).clamp_min(0).sqrt()
+        return engine.Standardize(mean.float(), torch.where(std > 0, std, torch.ones_like(std)).float())
 
     def sample(self) -> engine.Batch:
         # Read here, not through the DataLoader: its workers and their seeds belong to the epochs.
@@ -444,11 +612,16 @@ class DatasetLoaders:
             return None
         return (self.on_device(x, y) for x, y in self.val_loader)
 
+    def test(self) -> Iterator[engine.Batch] | None:
+        if self.test_loader is None:
+            return None
+        return (self.on_device(x, y) for x, y in self.test_loader)
+
     def close(self) -> None:
         """Stop the persistent worker processes now, not when the loaders are garbage collected
         (a Trainer's bound hooks form a reference cycle: that can be at interpreter exit, which
         then waits for them). torch has no public call for it; the iterator's own is used."""
-        for loader in (self.loader, self.val_loader):
+        for loader in (self.loader, self.val_loader, self.test_loader):
             iterator = getattr(loader, "_iterator", None)
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):
                 iterator._shutdown_workers()
@@ -456,9 +629,11 @@ class DatasetLoaders:
 
     def on_device(self, x: torch.Tensor, y: torch.Tensor) -> engine.Batch:
         """A collated batch on the run's device (non-blocking from pinned memory), as a Batch."""
-        return engine.Batch(
-            x.to(self.device, self.x_dtype, non_blocking=True), y.to(self.device, self.y_dtype, non_blocking=True)
-        )
+        x = x.to(self.device, self.x_dtype, non_blocking=True)
+        y = y.to(self.device, self.y_dtype, non_blocking=True)
+        if self.task != "classification" and y.dim() == 1:  # values and binary labels: [N, 1]
+            y = y.reshape(-1, 1)
+        return engine.Batch(self.scale(x) if self.scale is not None else x, y)
 
 
 def sample_tensors(dataset: Dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:

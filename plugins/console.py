@@ -43,6 +43,8 @@ def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
 def on_run_end(trainer: engine.Trainer, error: BaseException | None) -> None:
     if error is not None or trainer.rank:
         return
+    if trainer.state.test_metrics:
+        print("Test: " + ", ".join(f"{name[5:]} {value:.4f}" for name, value in trainer.state.test_metrics.items()))
     named = list(trainer.module.named_parameters())  # the model as built, not a wrapper's names (DDP's module.*)
     count = sum(p.numel() for _, p in named)
     if count > PRINT_PARAMETERS_UP_TO:

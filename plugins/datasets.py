@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -54,13 +54,18 @@ def classification(
 
 
 def npz(
-    path: engine.FilePath = "", val_path: engine.FilePath = "", x: str = "x", y: str = "y", labelled: bool = True
+    path: engine.FilePath = "",
+    val_path: engine.FilePath = "",
+    test_path: engine.FilePath = "",
+    x: str = "x",
+    y: str = "y",
+    labelled: bool = True,
 ) -> Any:
-    """Arrays `x` and `y` from a ``.npz`` file (and from `val_path` for validation); `x` alone
-    when not `labelled`."""
+    """Arrays `x` and `y` from a ``.npz`` file (and from `val_path` for validation, `test_path`
+    for the test at the end); `x` alone when not `labelled`."""
     if not labelled:
         return _npz_arrays(path, "path", (x,))[0]
-    return _splits(lambda file, key: tuple(_npz_arrays(file, key, (x, y))), path, val_path)
+    return _splits(lambda file, key: tuple(_npz_arrays(file, key, (x, y))), path, val_path, test_path)
 
 
 def _npz_arrays(file: str, key: str, names: tuple[str, ...]) -> list[np.ndarray]:
@@ -98,17 +103,19 @@ def _npz_arrays(file: str, key: str, names: tuple[str, ...]) -> list[np.ndarray]
 def csv(
     path: engine.FilePath = "",
     val_path: engine.FilePath = "",
+    test_path: engine.FilePath = "",
     target: str = "",
     features: tuple[str, ...] = (),
     delimiter: str = ",",
-    task: Literal["auto", "regression", "classification"] = "auto",
     labelled: bool = True,
 ) -> Any:
     """Columns of a ``.csv`` file with a header row: `features` (default: all but `target`) and `target`.
 
-    `task` "auto" reads a target of whole numbers as class indices, any other as regression. Blank
-    lines are skipped; a row with more or fewer values than the header is an error. When not
-    `labelled`, the feature columns alone (all but `target`, if the file has it).
+    Text has no dtype, so the target's is chosen over every file read (train, validation, test):
+    whole numbers of 0 or more with few distinct values (`looks_like_classes`) become class
+    indices, anything else values; ``data.task`` overrides it either way. Blank lines are
+    skipped; a row with more or fewer values than the header is an error. When not `labelled`,
+    the feature columns alone (all but `target`, if the file has it).
     """
     if not labelled:
         header, rows = _read_csv(path, "path", delimiter)
@@ -123,15 +130,29 @@ def csv(
         header, rows = _read_csv(file, key, delimiter)
         wanted = list(features) or [name for name in header if name != target]
         table = _columns(file, key, header, rows, [*wanted, target])
-        labels = table[:, -1]
-        whole = np.all(np.isfinite(labels) & (labels == np.round(labels)))
-        if task == "classification" or (task == "auto" and whole):
-            if not whole:
-                raise engine.ConfigError(f"data.task: '{file}' target {target!r} is not whole numbers")
-            labels = labels.astype(np.int64)
-        return table[:, :-1].astype(np.float32), labels
+        return table[:, :-1].astype(np.float32), table[:, -1]
 
-    return _splits(load, path, val_path)
+    splits = _splits(load, path, val_path, test_path)
+    parts = splits if isinstance(splits, dict) else {"train": splits}
+    if looks_like_classes(np.concatenate([labels for _, labels in parts.values()])):
+        parts = {name: (inputs, labels.astype(np.int64)) for name, (inputs, labels) in parts.items()}
+    return parts if isinstance(splits, dict) else parts["train"]
+
+
+# Whole-number targets with more distinct values than this, or than a fifth of the rows, are read
+# as values: the diabetes set's disease progression (25 to 346, 214 values in 442 rows) is not 347
+# classes.
+MAX_CLASSES_FROM_TEXT = 100
+
+
+def looks_like_classes(labels: np.ndarray) -> bool:
+    """Whether targets read from text are class indices: whole numbers of 0 or more, with at most
+    `MAX_CLASSES_FROM_TEXT` distinct values and at most a fifth as many as rows (each class seen
+    five times on average)."""
+    if not (np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)) and np.all(labels >= 0)):
+        return False
+    distinct = len(np.unique(labels))
+    return distinct <= max(2, min(MAX_CLASSES_FROM_TEXT, len(labels) // 5))
 
 
 def _read_csv(file: str, key: str, delimiter: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -210,9 +231,13 @@ def _existing(file: str, key: str) -> Path:
     return path
 
 
-def _splits(load, path: str, val_path: str) -> Any:
+def _splits(load, path: str, val_path: str, test_path: str) -> Any:
+    """What `load` reads of each file given: the training data alone, or ``{"train", "val", "test"}``."""
     train = load(path, "path")
-    return {"train": train, "val": load(val_path, "val_path")} if val_path else train
+    if not (val_path or test_path):
+        return train
+    held = {"val": (val_path, "val_path"), "test": (test_path, "test_path")}
+    return {"train": train, **{name: load(file, key) for name, (file, key) in held.items() if file}}
 
 
 # --- what `predict` writes ------------------------------------------------------------------------

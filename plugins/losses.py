@@ -71,10 +71,11 @@ def _weights(values: tuple[float, ...], device: torch.device, key: str, expected
 def _values(name: str, info: engine.DataInfo) -> None:
     """A loss that compares outputs with values refuses class indices, at setup."""
     if info.task == "classification":
+        binary = ' For 0/1 labels: data.task = "binary".' if name == "bce_with_logits" else ""
         raise engine.ConfigError(
             f"loss.name: {name!r} compares outputs with values, but the targets were read as class indices "
-            f"({info.n_outputs} classes): use loss cross_entropy (or nll), or if they are values, read them as "
-            'values (float targets; for a csv file, data.task = "regression")'
+            f"({info.n_outputs} classes): use loss cross_entropy (or nll), or if they are values, set "
+            f'data.task = "regression".{binary}'
         )
 
 
@@ -142,6 +143,11 @@ def nll(
 
 
 def _classes(info: engine.DataInfo) -> int:
+    if info.task == "binary":
+        raise engine.ConfigError(
+            'loss.name: takes class indices, but data.task = "binary" gives 0/1 labels with one output: use '
+            'loss bce_with_logits, or data.task = "classification" for two classes'
+        )
     return info.n_outputs if info.task == "classification" else 0
 
 

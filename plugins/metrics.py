@@ -56,6 +56,8 @@ class Metrics:
         output, target = output.float(), batch.y
         if trainer.info.task == "classification":
             output = output.softmax(dim=1)
+        elif trainer.info.task == "binary":  # torchmetrics' binary metrics take [N] probabilities and labels
+            output, target = output.sigmoid().reshape(-1), target.reshape(-1).long()
         if self.collection is not None:
             self.collection.update(output, target)
         if self.confusion is not None:
@@ -98,6 +100,16 @@ class Metrics:
             chosen = {name: made[name]() for name in settings["classification"]}
             if settings["confusion_matrix"]:
                 self.confusion = classification.MulticlassConfusionMatrix(**common).to(trainer.device)
+        elif info.task == "binary":  # a probability of 0.5 or more predicts 1
+            made = {
+                "precision": classification.BinaryPrecision,
+                "recall": classification.BinaryRecall,
+                "f1": classification.BinaryF1Score,
+                "auroc": classification.BinaryAUROC,
+            }
+            chosen = {name: made[name]() for name in settings["classification"]}
+            if settings["confusion_matrix"]:
+                self.confusion = classification.BinaryConfusionMatrix().to(trainer.device)
         else:
             made = {
                 "mae": regression.MeanAbsoluteError,

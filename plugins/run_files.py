@@ -111,6 +111,7 @@ class RunFiles:
             "train_loss": state.metrics.get("loss"),
         }
         summary.update({name: value for name, value in state.metrics.items() if name.startswith("val_")})
+        summary.update(state.test_metrics)  # the test at the end (data.test_fraction, data.test_path)
         if error is not None:
             summary["error"] = str(error) or type(error).__name__
         write_json(trainer.run_dir / runs.SUMMARY, summary)

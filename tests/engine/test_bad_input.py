@@ -128,14 +128,14 @@ def with_path(option: tuple[str, ...], file: str) -> list[str]:
         (
             [*with_path(NPZ, "huge_labels.npz"), "--set", "loss.name=cross_entropy"],
             "data: the targets are whole numbers, read as class indices, but the largest (1000000000000000) would "
-            "make 1000000000000001 classes for 10 samples; if they are values, not classes, give float targets",
+            "make 1000000000000001 classes for 10 samples; if they are values, not classes, set "
+            'data.task = "regression"',
         ),
         (["--set", "optimizer.betas=[0.9]"], "optimizer.betas: expected 2 values, got 1: [0.9]"),
         (
-            [*with_path(CSV, "prices.csv"), "--set", "data.target=price"],
+            [*with_path(CSV, "prices.csv"), "--set", "data.target=price", "--set", "data.task=classification"],
             "loss.name: 'mse' compares outputs with values, but the targets were read as class indices (350 "
-            "classes): use loss cross_entropy (or nll), or if they are values, read them as values (float targets; "
-            'for a csv file, data.task = "regression")',
+            'classes): use loss cross_entropy (or nll), or if they are values, set data.task = "regression".',
         ),
         # Nonsense accepted before.
         (["--set", "optimizer.lr=0"], "optimizer.lr: must be > 0, got 0"),

@@ -18,7 +18,7 @@ from torch import nn
 
 import engine
 from engine.cli import main
-from tests.helpers import classification_data, epoch_order, read_json, tutorial_data
+from tests.helpers import read_json, tutorial_data
 
 CLASSIFY = {
     "epochs": 3,
@@ -61,12 +61,10 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 
 def validation_split(tmp_path: Path) -> Path:
     """The classification run's validation samples, in its order, as an npz file."""
-    data = CLASSIFY["data"]
-    x, y = classification_data(7, data["n_samples"], data["n_features"], data["n_classes"], 0.5)
-    n_val = int(len(x) * VAL_FRACTION)
-    val = epoch_order(7, 0, len(x))[:n_val]
+    job = {**CLASSIFY, "runs_dir": str(tmp_path / "runs"), "data": {**CLASSIFY["data"], "val_fraction": VAL_FRACTION}}
+    x, y = engine.setup(job).loaders.val_data
     path = tmp_path / "val.npz"
-    np.savez(path, x=x[val].numpy(), y=y[val].numpy())
+    np.savez(path, x=x.numpy(), y=y.numpy())
     return path
 
 

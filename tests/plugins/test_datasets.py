@@ -131,10 +131,14 @@ def test_csv_task_and_delimiter(csv_files):
         ({"path": "train.csv"}, "data.target: name the target column of the csv file"),
         ({"path": "train.csv", "target": "nope"}, "data: column 'nope' is not in 'train.csv' (columns: a, b, noise"),
         ({"path": "bad.csv", "target": "label"}, "data.path: 'bad.csv' line 3, column 'a' is 'x', not a number"),
-        ({"path": "train.csv", "target": "price", "task": "classification"}, "data.task: 'train.csv' target 'price'"),
+        (
+            {"path": "train.csv", "target": "price", "task": "classification"},
+            "data.task = 'classification': the training targets are not whole numbers (e.g. ",
+        ),
         (
             {"path": "train.csv", "target": "label", "task": "auto-ish"},
-            "data.task: expected one of 'auto', 'regression', 'classification', got 'auto-ish' (did you mean 'auto'?)",
+            "data.task: expected one of 'auto', 'regression', 'classification', 'binary', got 'auto-ish' "
+            "(did you mean 'auto'?)",
         ),
     ],
 )

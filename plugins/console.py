@@ -44,7 +44,11 @@ def on_run_end(trainer: engine.Trainer, error: BaseException | None) -> None:
     if error is not None or trainer.rank:
         return
     if trainer.state.test_metrics:
-        print("Test: " + ", ".join(f"{name[5:]} {value:.4f}" for name, value in trainer.state.test_metrics.items()))
+        logged = trainer.state.metrics
+        terms = [name for name in logged if name not in NOT_TERMS and not name.startswith(("val_", "train_"))]
+        hidden = {f"test_{terms[0]}"} if len(terms) == 1 else set()  # a single term is the loss itself
+        shown = [(name[5:], value) for name, value in trainer.state.test_metrics.items() if name not in hidden]
+        print("Test: " + ", ".join(f"{name} {value:.4f}" for name, value in shown))
     named = list(trainer.module.named_parameters())  # the model as built, not a wrapper's names (DDP's module.*)
     count = sum(p.numel() for _, p in named)
     if count > PRINT_PARAMETERS_UP_TO:

@@ -239,11 +239,9 @@ def split_indices(
             available = torch.stack([(~taken & (ordered == c)).sum() for c in classes])
             quota = sizes.double() * count / n
             share = torch.minimum(quota.floor().long(), available)
-            for index in torch.argsort(quota - quota.floor(), descending=True, stable=True).tolist() * 2:
-                if share.sum() >= count:
-                    break
-                if share[index] < available[index]:
-                    share[index] += 1
+            while share.sum() < count:  # the rest, one each, to the classes furthest below their quota
+                short = torch.where(share < available, quota - share, torch.full_like(quota, -math.inf))
+                share[int(short.argmax())] += 1
             picked = torch.zeros(n, dtype=torch.bool)
             for c, k in zip(classes, share.tolist()):
                 positions = (~taken & (ordered == c)).nonzero()[:k, 0]

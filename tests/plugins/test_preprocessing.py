@@ -208,3 +208,21 @@ def test_whole_number_csv_targets_with_many_values_are_regression(tmp_path):
     assert looks_like_classes(np.array([0, 1, 2, 1, 0, 2, 2, 1, 0, 1.0] * 3))
     assert not looks_like_classes(np.array([0.5, 1, 2]))
     assert not looks_like_classes(np.array([-1, 0, 1] * 10))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stratified_splits_have_their_exact_sizes_and_each_class_within_one_of_its_share(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 300))
+    labels = torch.as_tensor(rng.integers(0, int(rng.integers(1, 8)), size=n))
+    val_fraction, test_fraction = rng.uniform(0, 0.45, size=2).round(2)
+    settings = {"val_fraction": float(val_fraction), "test_fraction": float(test_fraction), "split_seed": seed}
+    train, val, test = split_indices(n, labels, settings)
+    held = [part for part in (val, test) if part is not None]
+    assert sorted(torch.cat([train, *held]).tolist()) == list(range(n))
+    for part, fraction in ((val, val_fraction), (test, test_fraction)):
+        if part is None:
+            continue
+        assert len(part) == max(1, int(n * fraction))
+        expected = torch.bincount(labels, minlength=8).double() * len(part) / n
+        assert (torch.bincount(labels[part], minlength=8) - expected).abs().max() < 2

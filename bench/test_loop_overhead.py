@@ -4,7 +4,10 @@ Contenders, for the tutorial and the MLP job:
 
 - hand-written: the tutorial's loop with torch's default Adam (the group's baseline);
 - hand-written, fused Adam: the same loop with the optimizer the engine picks by default;
-- engine: its defaults (fused Adam where the device has it), compared with the fused loop above;
+- engine: its defaults (fused Adam where the device has it), compared with the fused loop above,
+  without the training metrics (which the hand-written loop does not compute);
+- engine, training accuracy: the same with ``log.train_metrics`` on (the default), on the MLP job
+  (the tutorial's regression has no training metric);
 - engine, torch-default Adam: the engine with the baseline's optimizer, compared with the baseline;
 - engine + 10 no-op plugins: every per-step hook implemented ten times, to price hook dispatch;
 - ignite and lightning (lean), when installed, on the baseline's optimizer and data.
@@ -41,6 +44,14 @@ def test_engine(contenders: Contenders, loop_overhead: Group) -> None:
     trainer, run_round = contenders.engine()
     assert trainer.optimizer.defaults["fused"], "the engine's default Adam is expected to be fused here"
     loop_overhead.measure(run_round, "engine", reference="hand-written, fused Adam")
+
+
+@pytest.mark.parametrize("job", ["mlp"], indirect=True)
+def test_engine_training_accuracy(contenders: Contenders, loop_overhead: Group) -> None:
+    trainer, run_round = contenders.engine(overrides=["log.train_metrics=true"])
+    loop_overhead.measure(run_round, "engine, training accuracy logged", reference="engine")
+    run_round()
+    assert "train_accuracy" in trainer.state.metrics
 
 
 def test_engine_torch_default_adam(contenders: Contenders, loop_overhead: Group, device: str) -> None:

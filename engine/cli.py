@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -122,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "run" and args.nproc is not None:
                 return launch(args.nproc, without_nproc(argv))
-            return command(args)
+            try:
+                return command(args)
+            finally:
+                release_process_group()
         except EngineError as error:
             if not shown(error):  # another process of the run prints it
                 return error.exit_code
@@ -173,6 +177,15 @@ def command(args: argparse.Namespace) -> int:
                 print(f"{interrupted}; continue with: {resume}", file=sys.stderr)
             return interrupted.exit_code
     return 0
+
+
+def release_process_group() -> None:
+    """Collect the finished run's objects while the interpreter is alive. A data-parallel run's DDP
+    module holds torch.distributed's gloo group through its reducer, and the Trainer's reference
+    cycles keep it until the garbage collector runs: collected during interpreter shutdown
+    instead, gloo aborted a process now and then after a completed run ("terminate called without
+    an active exception", exit 134; 3 runs in 20 of a job with a test split, none in 40 since)."""
+    gc.collect()
 
 
 def report(error: BaseException, message: str, code: int, debug: bool) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import math
 import os
@@ -867,7 +868,13 @@ def run(
     job. `plugins` are extra plugin objects or module names; `blocked` names plugins to skip;
     `resume` and `imports` are as for `setup`.
     """
-    return setup(job, overrides=overrides, plugins=plugins, blocked=blocked, resume=resume, imports=imports).fit()
+    trainer = setup(job, overrides=overrides, plugins=plugins, blocked=blocked, resume=resume, imports=imports)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.world_size > 1:  # its DDP module and gloo group, freed now (see engine.cli.release_process_group)
+            del trainer
+            gc.collect()
 
 
 def load(run_dir: str | Path, which: Literal["final", "best", "last"] = "final") -> torch.nn.Module:

@@ -163,7 +163,7 @@ def build_loaders(
     Called once per run, after the data component. ``data`` is the data component's return value,
     ``config`` the resolved config. With ``world_size`` processes (1: a single one), the loaders
     of process ``rank`` yield its slice of every batch of the seeded epoch order, and of the
-    validation data. Return a :class:`Loaders`; the first non-None result wins.
+    validation and test data. Return a :class:`Loaders`; the first non-None result wins.
     """
 
 

@@ -122,18 +122,14 @@ def pytest_configure(config: pytest.Config) -> None:
 # --- what runs where --------------------------------------------------------------------------
 
 
-@pytest.fixture(
-    params=[
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.cuda,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine"),
-            ],
-        ),
-    ]
-)
+def devices(gpus: int = 1) -> list[Any]:
+    """The CPU, and CUDA marked ``cuda``, skipped on a machine with fewer than `gpus` GPUs."""
+    reason = "no CUDA GPU on this machine" if gpus == 1 else f"needs {gpus} CUDA GPUs"
+    skip = pytest.mark.skipif(torch.cuda.device_count() < gpus, reason=reason)
+    return ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, skip])]
+
+
+@pytest.fixture(params=devices())
 def device(request: pytest.FixtureRequest) -> str:
     """Every benchmark runs on the CPU, and on CUDA where a GPU is present."""
     return request.param

@@ -20,8 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-import torch
-from conftest import Group, Job
+from conftest import Group, Job, devices
 from ddp import DISTRIBUTED_JOBS, Processes
 
 
@@ -30,18 +29,7 @@ def job(request: pytest.FixtureRequest) -> Job:
     return DISTRIBUTED_JOBS[request.param]
 
 
-@pytest.fixture(
-    params=[
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.cuda,
-                pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
-            ],
-        ),
-    ]
-)
+@pytest.fixture(params=devices(2))
 def device(request: pytest.FixtureRequest) -> str:
     return request.param
 

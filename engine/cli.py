@@ -120,22 +120,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     with quiet_on_closed_pipe():
-        try:
-            if args.command == "run" and args.nproc is not None:
-                return launch(args.nproc, without_nproc(argv))
-            try:
-                return command(args)
-            finally:
-                release_process_group()
-        except EngineError as error:
-            if not shown(error):  # another process of the run prints it
-                return error.exit_code
-            return report(error, f"error: {error}", error.exit_code, args.debug)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-        except Exception as error:  # a defect that escaped every check: still one line, not a traceback
-            return report(error, f"error: internal error: {one_line(error)} (--debug shows where)", 1, args.debug)
+        code = exit_code_of(args, argv)
+    release_process_group()  # after the error, and the traceback that holds the run, are gone
+    return code
+
+
+def exit_code_of(args: argparse.Namespace, argv: list[str]) -> int:
+    """The command run, its errors reported in one line: the exit code (see `main`)."""
+    try:
+        if args.command == "run" and args.nproc is not None:
+            return launch(args.nproc, without_nproc(argv))
+        return command(args)
+    except EngineError as error:
+        if not shown(error):  # another process of the run prints it
+            return error.exit_code
+        return report(error, f"error: {error}", error.exit_code, args.debug)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a defect that escaped every check: still one line, not a traceback
+        return report(error, f"error: internal error: {one_line(error)} (--debug shows where)", 1, args.debug)
 
 
 def command(args: argparse.Namespace) -> int:

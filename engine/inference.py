@@ -489,6 +489,8 @@ def _data_file_config(
         data["val_path"] = str(file.absolute()) if labelled else ""
     if "test_path" in params:
         data["test_path"] = ""
+    if data.get("task") == "auto":  # the run's task, not a guess from this file's few rows
+        data["task"] = run.info.task
     # The whole file, raw: the saved model standardizes its inputs itself (engine.load).
     data.update({key: value for key, value in (("standardize", False), ("test_fraction", 0.0)) if key in data})
     job["data"] = data

@@ -351,8 +351,10 @@ class TensorLoaders:
         given = {"validation": val, "test": test}
         for name, pair in given.items():
             if pair is not None:
-                same_rows((x, train[1]), pair, name)
+                if settings["task"] == "auto":  # the targets' kind decides the task: the same in every file
+                    same_rows((x, train[1]), pair, name)
                 given[name] = (pair[0], as_task(pair[1], task, name))
+                same_rows((x, y), given[name], name)
         val, test = given["validation"], given["test"]
         if (val is None and settings["val_fraction"] > 0) or (test is None and settings["test_fraction"] > 0):
             wanted = {
@@ -360,7 +362,7 @@ class TensorLoaders:
                 "test_fraction": settings["test_fraction"] if test is None else 0.0,
             }
             stratified = settings["stratify"] and task != "regression"
-            labels = y.reshape(-1).long() if stratified else None
+            labels = y.reshape(-1).long().cpu() if stratified else None
             kept, val_order, test_order = split_indices(len(x), labels, {**settings, **wanted})
             if val_order is not None:
                 val = (x[val_order], y[val_order])
@@ -511,6 +513,7 @@ class DatasetLoaders:
         # The sampler takes this process's samples of the epoch's order: all of it in a single process.
         self.part = Part(self.n, self.batch_size, self.train_batches(), rank, world_size)
         n_val, n_test = (len(held) if held is not None else 0 for held in (val, test))
+        splits = {"training": train, "validation": val, "test": test}  # whole, before each process takes its piece
         if world_size > 1:
             check_split(settings, self.batch_size, self.part, n_val, n_test)
             if val is not None:
@@ -541,7 +544,7 @@ class DatasetLoaders:
         # weights), targets as the task takes them; integer inputs (token ids) stay as they are.
         self.x_dtype = torch.float32 if x.is_floating_point() else None
         self.y_dtype = torch.int64 if self.task == "classification" else torch.float32
-        self.info = self._data_info(train, x, y, n_val, n_test)
+        self.info = self._data_info(splits, x, y, n_val, n_test)
         self.standardize: engine.Standardize | None = None
         self.scale: engine.Standardize | None = None  # the same, on the device
         if settings["standardize"]:
@@ -553,18 +556,26 @@ class DatasetLoaders:
             self.scale = engine.Standardize(self.standardize.mean, self.standardize.std).to(device)
 
     def _data_info(
-        self, dataset: Dataset, x: torch.Tensor, y: torch.Tensor, n_val: int, n_test: int
+        self, splits: Mapping[str, Dataset | None], x: torch.Tensor, y: torch.Tensor, n_val: int, n_test: int
     ) -> engine.DataInfo:
+        """What the data is. Class labels are read once from every split (a class may appear in
+        the held-out ones only) and checked as `data.task` takes them, unless the Dataset (or the
+        one a split was cut from) names its ``classes``."""
         n_features = x.shape[-1] if x.dim() else 1
-        if self.task == "binary":
-            return engine.DataInfo(n_features, 1, "binary", self.n, n_val, n_test)
         if self.task == "regression":
             return engine.DataInfo(n_features, y.shape[-1] if y.dim() else 1, "regression", self.n, n_val, n_test)
-        classes = getattr(dataset, "classes", None)
-        if classes is not None:
+        classes = named_classes(splits["training"])
+        if classes is not None and self.task == "classification":
             return engine.DataInfo(n_features, len(classes), "classification", self.n, n_val, n_test)
-        labels = [int(dataset[i][1]) for i in range(self.n)]
-        count = class_count(min(labels), max(labels), self.n)
+        labels = []
+        for name, dataset in splits.items():
+            if dataset is not None:
+                read = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
+                labels.append(as_task(read, self.task, name))
+        if self.task == "binary":
+            return engine.DataInfo(n_features, 1, "binary", self.n, n_val, n_test)
+        every = torch.cat(labels)
+        count = class_count(int(every.min()), int(every.max()), len(every))
         return engine.DataInfo(n_features, count, "classification", self.n, n_val, n_test)
 
     def statistics(self, train: Dataset, workers: int) -> engine.Standardize:
@@ -632,6 +643,13 @@ class DatasetLoaders:
         if self.task != "classification" and y.dim() == 1:  # values and binary labels: [N, 1]
             y = y.reshape(-1, 1)
         return engine.Batch(self.scale(x) if self.scale is not None else x, y)
+
+
+def named_classes(dataset: Dataset) -> Any:
+    """The ``classes`` a Dataset names (torchvision's do), looked up through the Subsets a split makes."""
+    while isinstance(dataset, Subset) and not hasattr(dataset, "classes"):
+        dataset = dataset.dataset
+    return getattr(dataset, "classes", None)
 
 
 def sample_tensors(dataset: Dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ class Metrics:
 
     @engine.hookimpl
     def skip_per_step(self, trainer: engine.Trainer) -> bool:
-        return trainer.loaders.val() is None
+        return trainer.loaders.val() is None and trainer.loaders.test() is None
 
     @engine.hookimpl
     def compute_metrics(self, batch: engine.Batch, output: torch.Tensor, trainer: engine.Trainer) -> None:

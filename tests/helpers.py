@@ -198,3 +198,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def labelled_dataset(seed: int, labels: tuple[float, ...] = (0, 1, 2), n_samples: int = 40) -> Pairs:
+    """A Dataset whose targets cycle through `labels` (as given: ints or floats); the last sample
+    alone has label 3, a class that a split may hold without the training data."""
+    y = torch.tensor([labels[i % len(labels)] for i in range(n_samples - 1)] + [3])
+    x = torch.randn(n_samples, 4, generator=torch.Generator().manual_seed(seed))
+    return Pairs(x, y)

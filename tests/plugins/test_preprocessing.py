@@ -226,3 +226,55 @@ def test_stratified_splits_have_their_exact_sizes_and_each_class_within_one_of_i
         assert len(part) == max(1, int(n * fraction))
         expected = torch.bincount(labels, minlength=8).double() * len(part) / n
         assert (torch.bincount(labels[part], minlength=8) - expected).abs().max() < 2
+
+
+# --- a Dataset's labels are checked like in-memory targets; the evaluate of a csv run ------------
+
+
+def test_a_class_held_out_only_is_counted_on_the_dataset_path_too():
+    data = {"name": "tests.helpers:labelled_dataset", "batch_size": 8, "test_fraction": 0.25, "split_seed": 0}
+    setup = engine.setup(job(epochs=2, data=data, loss={"name": "cross_entropy"}))
+    held_out = [int(y) for batch in setup.loaders.test() for y in batch.y]
+    assert 3 in held_out and setup.info.n_outputs == 4  # the only class-3 sample is in the test split
+    assert "test_accuracy" in setup.fit().state.test_metrics
+
+
+@pytest.mark.parametrize(
+    ("labels", "task", "message"),
+    [
+        ((0, 1, 2), "binary", "data.task = 'binary': the training targets hold 2"),
+        ((0, 0.5, 1), "classification", "data.task = 'classification': the training targets are not whole"),
+    ],
+)
+def test_a_datasets_labels_are_checked_as_data_task_takes_them(labels, task, message):
+    data = {"name": "tests.helpers:labelled_dataset", "labels": list(labels), "task": task, "batch_size": 8}
+    with pytest.raises(engine.ConfigError, match=re.escape(message)):
+        engine.setup(job(data=data, loss={"name": "bce_with_logits" if task == "binary" else "cross_entropy"}))
+
+
+def test_test_metrics_without_a_validation_split():
+    path = scaled_classes(Path("data.npz"))
+    metrics = engine.run({**npz_job(path, test_fraction=0.2), "epochs": 2}).state.test_metrics
+    assert {"test_accuracy", "test_f1", "test_auroc"} <= metrics.keys()
+
+
+def test_a_test_file_with_float_labels_meets_int_training_labels_under_an_explicit_task(tmp_path):
+    train = binary_file(tmp_path / "train.npz")
+    loaded = np.load(train)
+    np.savez(tmp_path / "test.npz", x=loaded["x"][:20], y=loaded["y"][:20].astype(np.float32))
+    data = {"name": "npz", "path": str(train), "test_path": str(tmp_path / "test.npz"), "task": "binary"}
+    trainer = engine.setup(job(data=data, loss={"name": "bce_with_logits"}))
+    assert trainer.info.n_test == 20 and trainer.loaders.test_data[1].shape == (20, 1)
+
+
+def test_evaluate_of_a_csv_classification_run_on_a_few_rows(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, size=400)
+    rows = [f"{rng.normal() + label:.4f},{label}" for label in labels]
+    (tmp_path / "train.csv").write_text("a,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "few.csv").write_text("a,label\n" + "\n".join(rows[:10]) + "\n")  # 10 rows: no longer "few values"
+    data = {"name": "csv", "path": str(tmp_path / "train.csv"), "target": "label"}
+    result = engine.run(job(epochs=2, data=data, loss={"name": "cross_entropy"}))
+    assert result.config["inferred"]["task"] == "classification"
+    code = main(["evaluate", str(result.run_dir), "--data", str(tmp_path / "few.csv"), "--backend", "eager"])
+    assert code == 0, capsys.readouterr().err

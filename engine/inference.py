@@ -39,10 +39,10 @@ from . import runs
 from .config import CORE_KINDS, Config, load_config
 from .errors import ConfigError, TrainingError, one_line, suggest
 from .hookspecs import hookimpl
-from .loop import Trainer, build_component, load
+from .loop import Trainer, build_component, open_run, trained_module
 from .plugins import Plugins
 from .schema import settings_of
-from .types import Batch, DataInfo, ExportFormat, Loaders, Runner
+from .types import DataInfo, ExportFormat, Runner
 
 EXPORTS = "exports"  # in the run directory: what `export` and `--backend auto` write
 EVALUATIONS = "evaluations"  # in the run directory: what `evaluate` writes
@@ -120,6 +120,7 @@ class Run:
     info: DataInfo
     which: str
     weights: Path
+    weights_format: str  # engine.runs' format of the weights file: model.pt's or a checkpoint's
     extra: list[Any]  # plugins beyond the run's own (--plugin), for every config built from it
     blocked: list[str]
 
@@ -129,15 +130,9 @@ class Run:
     ) -> Run:
         run_dir = Path(run_dir)
         plugins, blocked = list(plugins), list(blocked)
-        if not (run_dir / runs.CONFIG).is_file():
-            raise ConfigError(f"'{run_dir}' is not a run directory (it has no {runs.CONFIG})")
-        config, found = load_config(run_dir / runs.CONFIG, plugins=plugins, blocked=blocked)
-        inferred = config["inferred"]
-        if not inferred["task"]:
-            raise ConfigError(f"'{run_dir / runs.CONFIG}' records no [inferred] sizes: the run never started")
-        info = DataInfo(inferred["n_features"], inferred["n_outputs"], inferred["task"], n_train=0)
-        weights, _ = runs.model_file(run_dir, which)
-        return cls(run_dir, config, found, info, which, weights, plugins, blocked)
+        config, found, info = open_run(run_dir, plugins, blocked)
+        weights, weights_format = runs.model_file(run_dir, which)
+        return cls(run_dir, config, found, info, which, weights, weights_format, plugins, blocked)
 
     def load_config(
         self, job: Any = None, overrides: Sequence[str] = (), plugins: Iterable[Any] = ()
@@ -147,7 +142,8 @@ class Run:
         return load_config(job, overrides, [*self.extra, *plugins], self.blocked)
 
     def module(self) -> torch.nn.Module:
-        return load(self.run_dir, self.which)  # type: ignore[arg-type]
+        """The trained model, built with this run's plugins (`--plugin`, `--block`)."""
+        return trained_module(self.config, self.plugins, self.info, self.weights, self.weights_format)
 
     def fingerprint(self) -> str:
         """The sha256 of the config and the weights: an export of other weights is stale."""
@@ -388,12 +384,9 @@ def predictions(backend: Backend, x: Any, batch_size: int = 1024) -> dict[str, t
     """The backend's predictions for the inputs `x` ([N, n_features], array or tensor), in batches:
     ``class`` (indices) and ``probability`` ([N, classes]) for classification, ``class`` (0 or 1)
     and ``probability`` ([N], of class 1) for binary labels, ``value`` for regression."""
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float().cpu()
     info = backend.info
-    if x.dim() == 1 and info.n_features == 1:
-        x = x[:, None]
-    if x.dim() < 2 or x.shape[-1] != info.n_features:
-        width = x.shape[-1] if x.dim() else 0
+    x, width = inputs(x, info.n_features)
+    if width != info.n_features:
         raise ConfigError(f"inputs have {width} features per sample, but the model was trained on {info.n_features}")
     outputs = torch.cat([backend(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]).detach()
     if info.task == "classification":
@@ -424,14 +417,20 @@ def read_inputs(run: Run, file: str | Path, overrides: Sequence[str] = ()) -> to
     labels where the component can do without), checked against the run's input width."""
     config, found = _data_file_config(run, Path(file), overrides, labelled=False)
     data = build_component(config, found, "data", seed=config["seed"], device=torch.device("cpu"), labelled=False)
-    x = data[0] if isinstance(data, tuple) else data
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
-    if x.dim() == 1 and run.info.n_features == 1:
-        x = x[:, None]
-    width = x.shape[-1] if x.dim() > 1 else 1
+    x, width = inputs(data[0] if isinstance(data, tuple) else data, run.info.n_features)
     if width != run.info.n_features:
         raise _wrong_width(file, width, run)
     return x
+
+
+def inputs(x: Any, n_features: int) -> tuple[torch.Tensor, int]:
+    """`x` (an array or tensor) as a float32 CPU tensor of samples, one feature a column when the
+    model takes one; and its features per sample, for the caller to check (1 for a flat array: a
+    value per sample; 0 for a single number)."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float().cpu()
+    if x.dim() == 1 and n_features == 1:
+        x = x[:, None]
+    return x, x.shape[-1] if x.dim() > 1 else x.dim()
 
 
 def _wrong_width(file: str | Path, width: int, run: Run) -> ConfigError:
@@ -526,36 +525,8 @@ class _EvaluationData:
             raise ConfigError(
                 f"{where}: {found.n_outputs} target columns, but run '{run.run_dir}' predicts {info.n_outputs}"
             )
-        return _WithInfo(loaders, replace(info, n_train=found.n_train, n_val=found.n_val))
-
-
-class _WithInfo:
-    """`loaders` with another DataInfo."""
-
-    def __init__(self, loaders: Loaders, info: DataInfo) -> None:
-        self.loaders, self.info = loaders, info
-        self.standardize = loaders.standardize
-
-    def sample(self) -> Batch:
-        return self.loaders.sample()
-
-    def train(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        return self.loaders.train(epoch, start)
-
-    def train_batches(self) -> int:
-        return self.loaders.train_batches()
-
-    def val(self) -> Any:
-        return self.loaders.val()
-
-    def shares(self) -> Sequence[float]:
-        return self.loaders.shares()
-
-    def test(self) -> Any:
-        return self.loaders.test()
-
-    def close(self) -> None:
-        self.loaders.close()
+        loaders.info = replace(info, n_train=found.n_train, n_val=found.n_val)  # the run's classes and sizes
+        return loaders
 
 
 class _Runs(torch.nn.Module):
@@ -592,7 +563,7 @@ def evaluate(
     trainer = Trainer(config, found)
     try:
         # compute_loss hooks (a regularizer) read the trained weights from the trainer's module.
-        trainer.module.load_state_dict(runs.load(*runs.model_file(run.run_dir, which))["model"])
+        trainer.module.load_state_dict(runs.load(run.weights, run.weights_format)["model"])
         trainer.model = _Runs(chosen)
         metrics = trainer.validate()
     finally:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.utils.data
 
 from . import runs
-from .config import CORE_KINDS, Config, load_config
+from .config import CORE_KINDS, OPTIONAL_KINDS, Config, load_config
 from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
 from .plugins import Plugins
 from .schema import MISSING, settings_of
@@ -292,7 +292,7 @@ class Trainer:
         return {**state, "standardize": self.standardize_state()}
 
     def standardize_state(self) -> dict[str, torch.Tensor] | None:
-        standardize = getattr(self.loaders, "standardize", None)
+        standardize = self.loaders.standardize
         return None if standardize is None else {"mean": standardize.mean, "std": standardize.std}
 
     def restore(self, saved: Mapping[str, Any], source: Path) -> None:
@@ -438,14 +438,15 @@ class Trainer:
             totals = torch.cat([totals.double(), totals.new_tensor([count], dtype=torch.float64)])
             dist.all_reduce(totals)
             totals, count = totals[:-1], totals[-1]
-        means = (totals / count).tolist()  # host-device sync
-        whole: dict[str, Any] = {}
+        means = (totals / count).double()
+        whole: dict[str, torch.Tensor] = {}
         for plugin, after_validation in self.plugins.bind_by_plugin("after_validation", trainer=self):
             for name, value in (after_validation() or {}).items():
                 if name in sums or name in whole:
                     raise TrainingError(f"plugin {plugin!r}: after_validation: a second metric named {name!r}")
-                whole[name] = float(value)  # a tensor is read back: once per validation
-        return {f"{prefix}_{name}": value for name, value in [*zip(sums, means), *whole.items()]}
+                whole[name] = torch.as_tensor(value, device=means.device).detach().double().reshape(1)
+        values = torch.cat([means, *whole.values()]).tolist()  # the host-device sync
+        return {f"{prefix}_{name}": value for name, value in zip([*sums, *whole], values)}
 
     def fit(self) -> Result:
         """Create the run directory (or continue the resumed one) and run the loop. `on_run_end`
@@ -573,8 +574,7 @@ class Trainer:
             # The terms before the total ("loss"), so that the message names the term at fault.
             for name, value in [*zip(names[1:], row[1:]), ("loss", row[0])]:
                 if not math.isfinite(value):
-                    what = name if name.startswith("train_") else f"loss ({value}) in term {name!r}"
-                    what = f"{what} ({value})" if name.startswith("train_") else what
+                    what = f"{name} ({value})" if name.startswith("train_") else f"loss ({value}) in term {name!r}"
                     raise TrainingError(
                         f"non-finite {what} at epoch {epoch}, step {step}; training stopped", located=True
                     )
@@ -762,7 +762,7 @@ def build_component(config: Config, plugins: Plugins, kind: str, name: str | Non
     except Exception as error:
         raise ConfigError(f"{kind} {chosen!r}{source} cannot be built: {one_line(error)}") from error
     expected = BUILT_TYPES.get(kind)
-    if expected is not None and not isinstance(built, expected) and not (built is None and kind in OPTIONAL):
+    if expected is not None and not isinstance(built, expected) and not (built is None and kind in OPTIONAL_KINDS):
         raise ConfigError(
             f"{kind} {chosen!r}{source}: the factory returned a {type(built).__name__}, not a {expected.__name__}"
         )
@@ -778,7 +778,6 @@ BUILT_TYPES: dict[str, type] = {
     "accelerate": Acceleration,
     "scheduler": Scheduled,
 }
-OPTIONAL = frozenset({"scheduler", "precision", "accelerate"})
 # What each chained setup hook must return (or None), for the next link and the loop.
 CHAINED_TYPES: dict[str, type] = {
     "wrap_model": torch.nn.Module,
@@ -883,16 +882,28 @@ def load(run_dir: str | Path, which: Literal["final", "best", "last"] = "final")
     interrupted run), ``best`` (by the checkpoints' monitored metric) or ``last`` (the latest
     checkpoint). It takes raw input features: a run that standardized its inputs gets its
     `Standardize` in front. Nothing in the files is executed."""
-    run_dir = Path(run_dir)
+    config, plugins, info = open_run(Path(run_dir))
+    return trained_module(config, plugins, info, *runs.model_file(Path(run_dir), which))
+
+
+def open_run(
+    run_dir: Path, plugins: Iterable[Any] = (), blocked: Iterable[str] = ()
+) -> tuple[Config, Plugins, DataInfo]:
+    """A finished run's config.toml (with `plugins` and without `blocked`) and what the run
+    inferred from its data, or a ConfigError saying why the directory holds no trained run."""
     if not (run_dir / runs.CONFIG).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (it has no {runs.CONFIG})")
-    config, plugins = load_config(run_dir / runs.CONFIG)
+    config, found = load_config(run_dir / runs.CONFIG, plugins=plugins, blocked=blocked)
     inferred = config["inferred"]
     if not inferred["task"]:
         raise ConfigError(f"'{run_dir / runs.CONFIG}' records no [inferred] sizes: the run never started")
-    info = DataInfo(inferred["n_features"], inferred["n_outputs"], inferred["task"], n_train=0)
+    return config, found, DataInfo(inferred["n_features"], inferred["n_outputs"], inferred["task"], n_train=0)
+
+
+def trained_module(config: Config, plugins: Plugins, info: DataInfo, path: Path, expected: str) -> torch.nn.Module:
+    """The run's model rebuilt on the CPU in eval mode with the weights of the file `path` (of
+    format `expected`), behind its `Standardize` if the run standardized its inputs."""
     module = build_component(config, plugins, "model", info=info, device=torch.device("cpu"))
-    path, expected = runs.model_file(run_dir, which)
     saved = runs.load(path, expected)
     module.load_state_dict(saved["model"])
     if saved.get("standardize") is not None:  # the inputs were standardized in training: so here

@@ -256,7 +256,11 @@ def statistics(x: torch.Tensor) -> engine.Standardize:
     """Each feature's mean and standard deviation over the training inputs `x` (float64 sums); a
     feature that does not vary keeps its scale (std 1), so that it does not become inf or NaN."""
     flat = x.double().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.double().reshape(-1, 1)
-    mean, std = flat.mean(dim=0), flat.std(dim=0, correction=0)
+    return standardize(flat.mean(dim=0), flat.std(dim=0, correction=0))
+
+
+def standardize(mean: torch.Tensor, std: torch.Tensor) -> engine.Standardize:
+    """The Standardize of per-feature `mean` and `std` (float64); a constant feature keeps std 1."""
     return engine.Standardize(mean.float(), torch.where(std > 0, std, torch.ones_like(std)).float())
 
 
@@ -589,8 +593,7 @@ class DatasetLoaders:
             count += len(flat)
         assert total is not None and squares is not None
         mean = total / count
-        std = (squares / count - mean * mean).clamp_min(0).sqrt()
-        return engine.Standardize(mean.float(), torch.where(std > 0, std, torch.ones_like(std)).float())
+        return standardize(mean, (squares / count - mean * mean).clamp_min(0).sqrt())
 
     def sample(self) -> engine.Batch:
         # Read here, not through the DataLoader: its workers and their seeds belong to the epochs.

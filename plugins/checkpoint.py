@@ -92,6 +92,10 @@ class Checkpoints:
         self.forget_after(trainer, trainer.state.step)  # a directory reused by a resumed or restarted run
 
     @engine.hookimpl
+    def skip_per_step(self, trainer: engine.Trainer) -> bool:
+        return trainer.rank != 0  # rank 0 alone takes checkpoints
+
+    @engine.hookimpl
     def after_step(self, state: engine.State, window: engine.Window, trainer: engine.Trainer) -> None:
         if (self.every_steps and state.step % self.every_steps == 0) or time.monotonic() >= self.due or self.waiting:
             if window.last or trainer.world_size == 1:

@@ -7,7 +7,6 @@ never glues to the bar; the plugin restores ``sys.stdout`` when the run ends.
 
 from __future__ import annotations
 
-import io
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,12 +42,14 @@ class Progress:
         if not shown(trainer):
             return
         from tqdm import tqdm
+        from tqdm.contrib import DummyTqdmFile
 
         total = trainer.epochs * trainer.batches_per_epoch
         self.bar = tqdm(
             total=total, initial=trainer.state.step, unit="step", delay=2.0, leave=False, dynamic_ncols=True
         )
-        self.stdout, sys.stdout = sys.stdout, AboveTheBar(self.bar, sys.stdout)
+        # Whole lines go through tqdm.write: above the bar, which tqdm clears and redraws.
+        self.stdout, sys.stdout = sys.stdout, DummyTqdmFile(sys.stdout)
 
     @engine.hookimpl
     def after_step(self) -> None:
@@ -62,26 +63,6 @@ class Progress:
     @engine.hookimpl
     def on_run_end(self) -> None:
         if self.bar is not None:
-            sys.stdout.flush()
-            sys.stdout = self.stdout
+            above, sys.stdout = sys.stdout, self.stdout
+            del above  # DummyTqdmFile writes a last partial line when it goes
             self.bar.close()
-
-
-class AboveTheBar(io.TextIOBase):
-    """A text stream whose whole lines are written above the bar (tqdm clears and redraws it)."""
-
-    def __init__(self, bar: Any, stream: TextIO) -> None:
-        self.bar, self.stream, self.pending = bar, stream, ""
-
-    def write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            self.bar.write(line, file=self.stream)
-        return len(text)
-
-    def flush(self) -> None:
-        if self.pending:
-            self.bar.write(self.pending, file=self.stream, end="")
-            self.pending = ""
-        self.stream.flush()

@@ -32,3 +32,26 @@ def test_the_bar_can_be_switched_off(monkeypatch):
     trainer = engine.setup(job(log={"progress": False}))
     trainer.fit()
     assert progress_of(trainer).bar is None
+
+
+class PrintsHalfALine:
+    """Prints a partial line at each logging point: the rest comes with the console's line."""
+
+    def __init__(self) -> None:
+        self.streams: list[str] = []
+
+    @engine.hookimpl(tryfirst=True)
+    def on_log(self) -> None:
+        self.streams.append(type(sys.stdout).__name__)
+        print("half ", end="")
+
+
+def test_lines_printed_during_the_run_go_above_the_bar_whole(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    stdout = sys.stdout
+    plugin = PrintsHalfALine()
+    engine.run(job(epochs=4, log={"every": 2}), plugins=[plugin])
+    assert plugin.streams == ["DummyTqdmFile", "DummyTqdmFile"]  # tqdm.write: the bar is cleared first
+    assert sys.stdout is stdout  # given back at the end
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("half Epoch [2/4], Loss: ") and lines[1].startswith("half Epoch [4/4], Loss: ")

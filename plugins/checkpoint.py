@@ -107,10 +107,13 @@ class Checkpoints:
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
         measured = self.keep_best and (state.val_epoch == epoch or state.metrics.get("epoch") == epoch)
         improved = self.improved(epoch, state) if measured else None
+        # The last epoch's end is the run's end: taken here, before a plugin that runs later in this
+        # hook (early stopping's restore_best) changes the weights that go with the optimizer.
         if (
             improved is not None
             or (self.every_epochs and epoch % self.every_epochs == 0)
             or time.monotonic() >= self.due
+            or epoch == trainer.epochs
         ):
             self.save(trainer, best=improved)
 

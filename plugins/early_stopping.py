@@ -6,7 +6,10 @@ than ``min_delta`` in the direction of ``mode`` resets the count; ``patience`` v
 one end the run after that epoch. With ``restore_best`` the model gets the best epoch's weights
 back when the run ends (early or not), so ``model.pt`` and `engine.load` hold them; the
 checkpoints keep the weights that go with the optimizer's state, so a resumed run continues the
-same training. ``patience = 0`` (the default) switches it off.
+same training. One gap: a run stopped early takes its end-of-run checkpoint after the restore
+(the checkpoint plugin learns that the run ends from ``state.stop``, set here, later in the same
+hook), so that checkpoint holds the best weights with the last optimizer state. ``patience = 0``
+(the default) switches it off.
 """
 
 from __future__ import annotations

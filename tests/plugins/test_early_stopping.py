@@ -86,3 +86,16 @@ def test_off_by_default_and_then_never_called():
     on = engine.setup({**OVERFIT, "epochs": 3, "run_name": "on", "early_stopping": {"patience": 2}})
     assert len(on.epoch_end) == len(off.epoch_end) + 1  # bound only when switched on
     assert off.fit().state.epoch == 4
+
+
+def test_a_run_that_ends_without_stopping_checkpoints_its_trained_weights_and_saves_the_best():
+    seen = Weights()
+    result = engine.run({**OVERFIT, "epochs": 12, "early_stopping": {"patience": 50}}, plugins=[seen])
+    losses = {epoch: loss for epoch, (loss, _) in seen.by_epoch.items()}
+    best = min(losses, key=losses.get)
+    assert best != 12  # the run overfits: the best epoch is not the last
+    last = engine.runs.latest_checkpoint(result.run_dir)
+    checkpointed = engine.runs.load(last, engine.runs.CHECKPOINT_FORMAT)["model"]
+    assert all(torch.equal(checkpointed[name], seen.by_epoch[12][1][name]) for name in checkpointed)
+    saved = torch.load(result.run_dir / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[name], seen.by_epoch[best][1][name]) for name in saved)

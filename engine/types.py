@@ -17,6 +17,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .errors import TrainingError
+
 
 class Batch(NamedTuple):
     """One batch: the model's input and the loss's target."""
@@ -228,6 +230,20 @@ class State:
     val_epoch: int = 0  # the epoch the last validation ran at (0: none yet)
     # Each step's (epoch, step, loss, terms), on the device, since the last logging point.
     losses: list[tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+    def monitored(self, epoch: int, name: str, key: str) -> float | None:
+        """The metric `name` as measured at the end of `epoch`: a validation metric (``val_*``) by
+        that epoch's validation, any other by its logging point; None when that epoch measured
+        none. A name the run does not produce, once it has validated (``val_*``) or logged (the
+        others), is a TrainingError naming the setting `key` it came from (``checkpoint.monitor``)."""
+        validated = name.startswith("val_")
+        found, measured = (self.val_metrics, self.val_epoch) if validated else (self.metrics, self.metrics.get("epoch"))
+        if name in found:
+            return found[name] if measured == epoch else None
+        if found:
+            names = ", ".join(sorted({*self.metrics, *self.val_metrics} - {"epoch", "step"}))
+            raise TrainingError(f"{key}: {name!r} is not a metric of this run ({names})")
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """The loop position, the unlogged losses and every RNG state (python, numpy, torch, CUDA)."""

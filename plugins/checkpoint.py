@@ -105,8 +105,7 @@ class Checkpoints:
 
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
-        measured = self.keep_best and (state.val_epoch == epoch or state.metrics.get("epoch") == epoch)
-        improved = self.improved(epoch, state) if measured else None
+        improved = self.improved(epoch, state) if self.keep_best else None
         # The last epoch's end is the run's end: taken here, before a plugin that runs later in this
         # hook (early stopping's restore_best) changes the weights that go with the optimizer.
         if (
@@ -141,14 +140,10 @@ class Checkpoints:
 
     def improved(self, epoch: int, state: engine.State) -> float | None:
         """The monitored value of this epoch if it ranks among the best kept, else None."""
-        keep, monitor = self.keep_best, self.monitor
-        if state.val_epoch == epoch and monitor in state.val_metrics:
-            value = state.val_metrics[monitor]
-        elif state.metrics.get("epoch") == epoch and monitor in state.metrics:
-            value = state.metrics[monitor]
-        else:
+        value = state.monitored(epoch, self.monitor, "checkpoint.monitor")
+        if value is None:
             return None
-        if len(self.best) < keep:
+        if len(self.best) < self.keep_best:
             return value
         worst = self.best[-1]["value"]
         return value if (value < worst if self.settings["mode"] == "min" else value > worst) else None

@@ -49,7 +49,7 @@ class EarlyStopping:
     @engine.hookimpl(trylast=True)  # after the checkpoint plugin took the epoch's trained weights
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
         settings = trainer.config["early_stopping"]
-        value = self.measured(epoch, state, settings["monitor"])
+        value = state.monitored(epoch, settings["monitor"], "early_stopping.monitor")
         if value is not None:
             self.judge(value, epoch, state, trainer, settings)
         if settings["restore_best"] and self.weights is not None and (state.stop or epoch == trainer.epochs):
@@ -57,21 +57,6 @@ class EarlyStopping:
             if trainer.rank == 0:
                 monitored = f"{settings['monitor']} {self.best:.4f}"
                 print(f"early stopping: weights of epoch {self.best_epoch} restored ({monitored})")
-
-    def measured(self, epoch: int, state: engine.State, monitor: str) -> float | None:
-        """The monitored value of this epoch, or None when it was not measured in it."""
-        if state.val_epoch == epoch:
-            found = state.val_metrics
-        elif state.metrics.get("epoch") == epoch:
-            found = state.metrics
-        else:
-            return None
-        if monitor not in found:
-            if monitor.startswith("val_") and state.val_epoch != epoch:
-                return None  # validation runs every val_every epochs: this one had none
-            names = ", ".join(sorted({*state.metrics, *state.val_metrics} - {"epoch", "step"}))
-            raise engine.TrainingError(f"early_stopping.monitor: {monitor!r} is not a metric of this run ({names})")
-        return found[monitor]
 
     def judge(self, value: float, epoch: int, state: engine.State, trainer: engine.Trainer, settings: Any) -> None:
         delta = settings["min_delta"]

@@ -197,3 +197,9 @@ def test_the_best_index_is_json_a_reader_can_use():
     result = engine.run({**BEST_JOB, "checkpoint": {"keep_best": 2}})
     index = json.loads((result.run_dir / "checkpoints" / "best.json").read_text())
     assert index["monitor"] == "val_loss" and index["mode"] == "min" and len(index["ranking"]) == 2
+
+
+def test_a_monitor_the_run_does_not_produce_is_named():
+    job = {"epochs": 3, "run_name": "typo", "data": {"val_fraction": 0.2}, "checkpoint": {"keep_best": 1}}
+    with pytest.raises(engine.TrainingError, match=r"checkpoint.monitor: 'val_los' is not a metric of this run \("):
+        engine.run({**job, "checkpoint": {"keep_best": 1, "monitor": "val_los"}})

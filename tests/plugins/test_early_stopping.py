@@ -99,3 +99,11 @@ def test_a_run_that_ends_without_stopping_checkpoints_its_trained_weights_and_sa
     assert all(torch.equal(checkpointed[name], seen.by_epoch[12][1][name]) for name in checkpointed)
     saved = torch.load(result.run_dir / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[name], seen.by_epoch[best][1][name]) for name in saved)
+
+
+def test_a_training_metric_is_monitored_at_logging_points_in_a_run_that_validates():
+    # The training loss only falls: nothing stops the run, and monitoring it is no error.
+    result = engine.run(
+        {**OVERFIT, "epochs": 6, "run_name": "loss", "early_stopping": {"patience": 2, "monitor": "loss"}}
+    )
+    assert result.state.epoch - 1 == 6

@@ -181,6 +181,21 @@ def test_predict_on_auto_uses_the_fastest_verified_export_and_agrees_with_eager(
     np.testing.assert_allclose(np.load("p.npz")["probability"], expected["probability"].numpy(), atol=1e-6)
 
 
+def test_an_export_of_other_weights_is_not_reused():
+    pytest.importorskip("onnxruntime")
+    run = engine.run({"epochs": 20, "run_name": "retrained"}).run_dir
+    first = engine.load_backend(run, backend="onnx")
+    assert "verified export" not in first.description  # exported and checked now
+    saved = engine.runs.load(run / "model.pt", engine.runs.MODEL_FORMAT)
+    saved["model"] = {name: weight + 1.0 for name, weight in saved["model"].items()}  # as if trained on
+    engine.runs.save(saved, run / "model.pt")
+    again = engine.load_backend(run, backend="onnx")
+    assert "verified export" not in again.description  # stale: exported again
+    x = torch.randn(5, 1)
+    np.testing.assert_allclose(again(x).numpy(), engine.load(run)(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(first(x).numpy(), again(x).numpy())
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 

@@ -246,6 +246,14 @@ class Contenders:
         )
         trainer.start()
         self._teardown.append(lambda: trainer.hooks.on_run_end(trainer=trainer, error=None))
+        # A round is `epochs` epochs in the middle of a long run, never its last one (whose end
+        # takes the run's final checkpoint): the loop runs on, and the round stops itself.
+        trainer.epochs = 2**62
+
+        def end_round(epoch: int) -> None:
+            trainer.state.stop = epoch == epochs
+
+        trainer.epoch_end.append(end_round)
 
         def run_round() -> None:
             state = trainer.state

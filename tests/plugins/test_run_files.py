@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import engine
+import engine.runs
 from tests.helpers import job, read_json, read_jsonl
 
 
@@ -89,12 +92,19 @@ def test_metrics_lines_are_flushed_as_they_are_logged():
     assert peek.seen == [1, 2, 3]  # the epoch's logging point comes before on_epoch_end
 
 
-def test_unnamed_runs_get_distinct_timestamped_directories():
+def test_unnamed_runs_get_distinct_timestamped_directories(monkeypatch):
+    # Both runs within one second of the clock, whatever the machine's speed.
+    monkeypatch.setattr(engine.runs, "time", SimpleNamespace(strftime=lambda fmt: "20261126-023532"))
     first = engine.run({"epochs": 1})
     second = engine.run({"epochs": 1})
-    assert first.run_dir != second.run_dir
-    assert first.run_dir.parent == second.run_dir.parent == Path("runs")
-    assert second.run_dir.name.startswith(first.run_dir.name[:15])  # YYYYmmdd-HHMMSS
+    assert first.run_dir == Path("runs/20261126-023532")
+    assert second.run_dir == Path("runs/20261126-023532-2")
+
+
+def test_an_unnamed_run_is_named_by_the_time_it_started():
+    result = engine.run({"epochs": 1})
+    assert result.run_dir.parent == Path("runs")
+    assert re.fullmatch(r"\d{8}-\d{6}", result.run_dir.name)
 
 
 def test_runs_dir_and_run_name(tmp_path):

@@ -106,13 +106,15 @@ class Checkpoints:
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
         improved = self.improved(epoch, state) if self.keep_best else None
-        # The last epoch's end is the run's end: taken here, before a plugin that runs later in this
-        # hook (early stopping's restore_best) changes the weights that go with the optimizer.
+        # The run's end (its last epoch, or a stop asked for earlier in this hook) is taken here,
+        # before a plugin that runs later in it (early stopping's restore_best) changes the
+        # weights that go with the optimizer.
         if (
             improved is not None
             or (self.every_epochs and epoch % self.every_epochs == 0)
             or time.monotonic() >= self.due
             or epoch == trainer.epochs
+            or state.stop
         ):
             self.save(trainer, best=improved)
 

@@ -6,10 +6,9 @@ than ``min_delta`` in the direction of ``mode`` resets the count; ``patience`` v
 one end the run after that epoch. With ``restore_best`` the model gets the best epoch's weights
 back when the run ends (early or not), so ``model.pt`` and `engine.load` hold them; the
 checkpoints keep the weights that go with the optimizer's state, so a resumed run continues the
-same training. One gap: a run stopped early takes its end-of-run checkpoint after the restore
-(the checkpoint plugin learns that the run ends from ``state.stop``, set here, later in the same
-hook), so that checkpoint holds the best weights with the last optimizer state. ``patience = 0``
-(the default) switches it off.
+same training. The judgement comes first in ``on_epoch_end`` and the restore last: in between,
+the checkpoint plugin takes the end-of-run checkpoint (it sees ``state.stop``) of the trained
+weights. ``patience = 0`` (the default) switches it off.
 """
 
 from __future__ import annotations
@@ -46,12 +45,16 @@ class EarlyStopping:
     def skip_per_step(self, trainer: engine.Trainer) -> bool:
         return trainer.config["early_stopping"]["patience"] == 0
 
-    @engine.hookimpl(trylast=True)  # after the checkpoint plugin took the epoch's trained weights
-    def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
+    @engine.hookimpl(specname="on_epoch_end", tryfirst=True)  # the stop known to the epoch's other plugins
+    def judge_epoch(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
         settings = trainer.config["early_stopping"]
         value = state.monitored(epoch, settings["monitor"], "early_stopping.monitor")
         if value is not None:
             self.judge(value, epoch, state, trainer, settings)
+
+    @engine.hookimpl(specname="on_epoch_end", trylast=True)  # after the checkpoint took the trained weights
+    def restore_at_the_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
+        settings = trainer.config["early_stopping"]
         if settings["restore_best"] and self.weights is not None and (state.stop or epoch == trainer.epochs):
             trainer.module.load_state_dict(self.weights)  # on every process: they hold the same weights
             if trainer.rank == 0:

@@ -54,6 +54,11 @@ def test_it_stops_after_patience_validations_without_improvement_and_restores_th
         assert torch.equal(weight, seen.by_epoch[best][1][name])
     saved = torch.load(result.run_dir / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[name], seen.by_epoch[best][1][name]) for name in saved)
+    # The end-of-run checkpoint: the last epoch's trained weights, which go with its optimizer state.
+    end = engine.runs.latest_checkpoint(result.run_dir)
+    assert end.name == f"step-{last * 3:09d}.pt"
+    checkpointed = engine.runs.load(end, engine.runs.CHECKPOINT_FORMAT)["model"]
+    assert all(torch.equal(checkpointed[name], seen.by_epoch[last][1][name]) for name in checkpointed)
     out = capsys.readouterr().out
     assert f"early stopping at epoch {last}: val_loss has not improved for 4 validations" in out
     assert f"weights of epoch {best} restored" in out
@@ -84,7 +89,7 @@ def test_min_delta_mode_and_an_unknown_monitor():
 def test_off_by_default_and_then_never_called():
     off = engine.setup({**OVERFIT, "epochs": 3})
     on = engine.setup({**OVERFIT, "epochs": 3, "run_name": "on", "early_stopping": {"patience": 2}})
-    assert len(on.epoch_end) == len(off.epoch_end) + 1  # bound only when switched on
+    assert len(on.epoch_end) == len(off.epoch_end) + 2  # judge and restore, bound only when switched on
     assert off.fit().state.epoch == 4
 
 

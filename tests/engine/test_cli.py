@@ -169,7 +169,11 @@ def test_plugins_lists_origin_hooks_components_and_call_order(capsys, write_plug
     ]
     assert "  progress  [built-in]" not in lines
     order = lines[lines.index("hook call order:") + 1 :]
-    assert "  on_epoch_end: listed_plugin (tryfirst) -> metrics -> checkpoint -> early_stopping (trylast)" in order
+    # Early stopping judges first and restores the best weights last.
+    epoch_end = " -> ".join(
+        ["listed_plugin (tryfirst)", "early_stopping (tryfirst)", "metrics", "checkpoint", "early_stopping (trylast)"]
+    )
+    assert f"  on_epoch_end: {epoch_end}" in order
     assert any(line.startswith("  on_run_end: ") and line.endswith("run_files (trylast)") for line in order)
     chain = lines[
         lines.index(next(line for line in lines if line.startswith("setup chain"))) + 1 : lines.index(

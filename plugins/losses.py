@@ -122,11 +122,12 @@ def cross_entropy(
     ignore_index: int = -100,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Cross-entropy on raw logits (no softmax in the model) against class indices."""
-    weights = _weights(weight, device, "loss.weight", _classes(info), "classes")
+    classes = _classes("cross_entropy", info)
+    weights = _weights(weight, device, "loss.weight", classes, "classes")
     loss = nn.CrossEntropyLoss(
         weight=weights, reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index
     )
-    return _class_indices("cross_entropy", loss, _classes(info))
+    return _class_indices("cross_entropy", loss, classes)
 
 
 def nll(
@@ -137,16 +138,24 @@ def nll(
     ignore_index: int = -100,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Negative log-likelihood: the model must end in log_softmax."""
-    weights = _weights(weight, device, "loss.weight", _classes(info), "classes")
+    classes = _classes("nll", info)
+    weights = _weights(weight, device, "loss.weight", classes, "classes")
     loss = nn.NLLLoss(weight=weights, reduction=reduction, ignore_index=ignore_index)
-    return _class_indices("nll", loss, _classes(info))
+    return _class_indices("nll", loss, classes)
 
 
-def _classes(info: engine.DataInfo) -> int:
+def _classes(name: str, info: engine.DataInfo) -> int:
+    """The number of classes; a loss on class indices refuses other targets, at setup."""
     if info.task == "binary":
         raise engine.ConfigError(
-            'loss.name: takes class indices, but data.task = "binary" gives 0/1 labels with one output: use '
-            'loss bce_with_logits, or data.task = "classification" for two classes'
+            f'loss.name: {name!r} takes class indices, but data.task = "binary" gives 0/1 labels with one output: '
+            'use loss bce_with_logits, or data.task = "classification" for two classes'
+        )
+    if info.task == "regression":
+        raise engine.ConfigError(
+            f"loss.name: {name!r} takes class indices, but the targets were read as values "
+            f'(data.task = "regression"): use a loss on values (mse, l1, huber), or if they are classes, set '
+            'data.task = "classification"'
         )
     return info.n_outputs if info.task == "classification" else 0
 

@@ -125,6 +125,20 @@ def test_losses_on_values_refuse_class_indices_at_setup(name):
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "nll"])
+def test_losses_on_class_indices_refuse_values_at_setup(name, tmp_path):
+    # Whole-number values in a csv, read as values (the diabetes case): the loss names data.task.
+    (tmp_path / "values.csv").write_text("x,y\n" + "".join(f"{i},{i * 7 + 25}\n" for i in range(40)))
+    data = {"name": "csv", "path": str(tmp_path / "values.csv"), "target": "y"}
+    with pytest.raises(engine.ConfigError) as raised:
+        engine.setup(job(data=data, loss={"name": name}))
+    assert str(raised.value) == (
+        f"loss.name: {name!r} takes class indices, but the targets were read as values "
+        '(data.task = "regression"): use a loss on values (mse, l1, huber), or if they are classes, set '
+        'data.task = "classification"'
+    )
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll"])
 def test_class_losses_check_logits_and_index_range(name):
     loss = getattr(losses, name)(CLASSES, CPU)
     with pytest.raises(engine.TrainingError, match=rf"loss '{name}': expects logits \[N, C\] and class indices \[N\]"):

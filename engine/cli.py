@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
         help="refuse a job file that imports code (plugins, module:attr names): for job files from elsewhere",
     )
     top = argparse.ArgumentParser(prog="python -m engine", description="A plugin-based PyTorch training engine.")
-    top.add_argument("--version", action="version", version=f"%(prog)s {own_version()}")
+    top.add_argument("--version", action="version", version=f"{OWN_DISTRIBUTION} {own_version()}")
     commands = top.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[job, common], help="train a job")
     run.add_argument(

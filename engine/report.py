@@ -151,7 +151,8 @@ def plot(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
                     axis.plot(*zip(*points), style, marker="o", markersize=3, color=f"C{index % 10}", label=label)
         axis.set_title(metric, fontsize="medium")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
+        if axis.get_legend_handles_labels()[0]:  # a run that failed before its first logging point has none
+            axis.legend(fontsize="small")
     for axis in axes.flat[len(metrics) :]:
         axis.set_visible(False)
     for axis in axes[-1]:

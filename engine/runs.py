@@ -181,7 +181,10 @@ def model_file(run_dir: Path, which: str) -> tuple[Path, str]:
     if which == "final":
         path = run_dir / MODEL
         if not path.is_file():
-            raise ConfigError(f"run '{run_dir}' has no {MODEL}: it did not complete or stop cleanly (try which='last')")
+            raise ConfigError(
+                f"run '{run_dir}' has no {MODEL}: it did not complete or stop cleanly (its latest checkpoint: "
+                "which='last', on the command line --which last)"
+            )
         return path, MODEL_FORMAT
     found = {"best": best_checkpoint, "last": latest_checkpoint}.get(which)
     if found is None:

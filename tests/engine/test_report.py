@@ -46,7 +46,7 @@ def test_version_and_quiet(capsys):
 
     with pytest.raises(SystemExit) as done:
         main(["--version"])
-    assert done.value.code == 0 and capsys.readouterr().out.startswith("python -m engine 0.")
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("torch-plugin-engine 0.")
     assert main(["run", "--quiet", "--set", "epochs=3", "--set", "run_name=silent"]) == 0
     assert capsys.readouterr() == ("", "")
     assert Path("runs/silent/model.pt").is_file()

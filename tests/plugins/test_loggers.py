@@ -3,6 +3,8 @@ reader; plugins/curves.py and `python -m engine plot`: the picture, read back.""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 import engine
@@ -82,6 +84,16 @@ def test_a_run_leaves_its_curves_and_plot_overlays_runs(tmp_path, monkeypatch):
     orange = (both[..., 0] > 0.9) & (both[..., 1] > 0.4) & (both[..., 1] < 0.6) & (both[..., 2] < 0.2)  # C1
     assert orange.sum() > 50  # the second run's curves are drawn
     assert second.run_dir.joinpath("curves.png").is_file()
+
+
+def test_a_run_that_failed_before_its_first_logging_point_plots_without_a_warning(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "metrics.jsonl").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
+        engine.report.plot([tmp_path / "early"], tmp_path / "early.png")
+    assert (tmp_path / "early.png").is_file()
 
 
 def test_plot_names_a_missing_run(capsys):

@@ -319,6 +319,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         blocked=args.block,
     )
     write_evaluation(result)
+    if result.get("not_finite"):
+        print(f"warning: not finite on this data (null below): {', '.join(result['not_finite'])}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -553,7 +554,8 @@ def evaluate(
     """The loss terms and metrics of a run's model on a labelled data file, by the run's own
     validation: a Trainer built from the run's config (nothing is written, nothing trained) with
     the file as its validation data and `backend` as the model. On the run's validation data it
-    gives the run's final validation figures."""
+    gives the run's final validation figures. A figure that is not finite (the model's outputs
+    overflow on this data) is None, and named in ``not_finite``."""
     run = Run.open(run_dir, which, plugins, blocked)
     file = Path(data)
     # On the CPU, where the backends run; no accelerate component: the train step is never called.
@@ -576,6 +578,9 @@ def evaluate(
         "backend": chosen.name,
     }
     result.update({name.removeprefix("val_"): value for name, value in metrics.items()})
+    not_finite = [name for name, value in result.items() if isinstance(value, float) and not math.isfinite(value)]
+    if not_finite:  # JSON has no inf or nan
+        result.update(dict.fromkeys(not_finite), not_finite=not_finite)
     return result
 
 

@@ -119,6 +119,15 @@ def test_evaluate_a_regression_run_on_a_csv_file_matches_the_loss_by_hand(traine
     assert "accuracy" not in result
 
 
+def test_figures_that_overflow_on_the_data_are_null_and_named(trained, tmp_path, capsys):
+    np.savez(tmp_path / "huge.npz", x=np.full((4, 1), 1e30, np.float32), y=np.zeros((4, 1), np.float32))
+    code, out, err = run_cli(capsys, "evaluate", trained["default"], "--data", tmp_path / "huge.npz")
+    assert code == 0 and err.splitlines()[-1] == "warning: not finite on this data (null below): loss, mse, rmse"
+    result = json.loads(out)
+    assert result["loss"] is result["mse"] is result["rmse"] is None and result["not_finite"] == ["loss", "mse", "rmse"]
+    assert read_json(trained["default"] / "evaluations" / "huge-final.json") == result
+
+
 # --- predict --------------------------------------------------------------------------------------
 
 

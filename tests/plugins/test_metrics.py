@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +86,15 @@ def test_no_validation_data_no_metrics_and_no_per_step_call():
     trainer = engine.setup({"epochs": 2, "run_name": "plain"})
     assert trainer.compute_metrics == []
     assert not any(name.startswith("val_") for name in trainer.fit().metrics)
+
+
+def test_a_class_absent_from_the_validation_set_scores_zero_without_a_warning(tmp_path):
+    generator = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=generator.normal(size=(30, 2)), y=np.array([0, 1, 2] * 10))
+    np.savez(tmp_path / "val.npz", x=generator.normal(size=(10, 2)), y=np.array([0, 1] * 5))  # no class 2
+    data = {"name": "npz", "path": str(tmp_path / "train.npz"), "val_path": str(tmp_path / "val.npz")}
+    job = {**CLASSES, "data": data}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchmetrics' "No positive samples in targets", at every validation
+        result = engine.run(job)
+    assert 0 <= result.metrics["val_recall"] < 1

@@ -116,10 +116,30 @@ class Metrics:
             if settings["confusion_matrix"]:
                 self.confusion = classification.BinaryConfusionMatrix().to(trainer.device)
         else:
+            if "r2" in settings["regression"]:
+                for split, count, key in (
+                    ("validation", info.n_val, "val_fraction"),
+                    ("test", info.n_test, "test_fraction"),
+                ):
+                    if count == 1:
+                        raise engine.ConfigError(
+                            f"metrics.regression: r2 needs at least 2 samples, but the {split} split has 1: "
+                            f"a larger data.{key}, or metrics.regression without r2"
+                        )
+
+            class R2Score(regression.R2Score):
+                """NaN below 2 samples, where torchmetrics raises: only the setup's check of a batch
+                of 1 sees it (a split of 1 is refused above). The count is every process's."""
+
+                def compute(self) -> torch.Tensor:
+                    if self.total < 2:
+                        return torch.tensor(float("nan"), device=self.total.device)
+                    return super().compute()
+
             made = {
                 "mae": regression.MeanAbsoluteError,
                 "rmse": lambda: regression.MeanSquaredError(squared=False),
-                "r2": lambda: regression.R2Score(multioutput="uniform_average"),
+                "r2": lambda: R2Score(multioutput="uniform_average"),
             }
             chosen = {name: made[name]() for name in settings["regression"]}
         if chosen:

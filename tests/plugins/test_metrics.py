@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,19 @@ def test_regression_metrics():
     assert result.metrics["val_rmse"] == pytest.approx(error.pow(2).mean().sqrt().item(), rel=1e-5)
     r2 = 1 - error.pow(2).sum() / (y - y.mean()).pow(2).sum()
     assert result.metrics["val_r2"] == pytest.approx(r2.item(), rel=1e-4)
+
+
+def test_r2_with_batches_of_one_and_a_split_of_one():
+    # The setup's check runs the metrics on one batch: of 1 sample here, where r2 is undefined.
+    result = engine.run({"epochs": 2, "run_name": "ones", "data": {"batch_size": 1, "val_fraction": 0.2}})
+    assert result.metrics["val_r2"] > -1 and result.state.step == 2 * 80
+    with pytest.raises(engine.ConfigError) as raised:
+        engine.run({"run_name": "one", "data": {"n_samples": 5, "test_fraction": 0.2}})
+    assert str(raised.value) == (
+        "metrics.regression: r2 needs at least 2 samples, but the test split has 1: a larger data.test_fraction, "
+        "or metrics.regression without r2"
+    )
+    assert not Path("runs/one").exists()
 
 
 def test_the_choice_of_metrics_and_their_average_are_settings():

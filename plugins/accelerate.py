@@ -1,9 +1,11 @@
 """The ``[accelerate]`` components ``eager`` (the default: the core's step as it is) and ``auto``.
 
 ``auto`` builds every other candidate of ``candidates`` that applies here (``compile``, and
-``cudagraph`` on CUDA: components of the ``accelerate`` kind, from whichever plugins provide
-them), measures each on the run's first steps, keeps the fastest and prints the choice with the
-per-step times. The trial steps are real training steps of the same maths, so trying costs no work.
+``cudagraph`` on CUDA, by default; any component of the ``accelerate`` kind, from whichever
+plugin provides it, a third party's too), measures each on the run's first steps, keeps the
+fastest and prints the choice with the per-step times. A candidate that cannot be built here (its
+plugin blocked, a device it needs) is reported as skipped, with the reason. The trial steps are
+real training steps of the same maths, so trying costs no work.
 
 - The optimizer is the chain of every candidate's optimizer (a graph-safe one on CUDA, a tensor
   learning rate), so that each candidate can run the same optimizer from the same state.
@@ -19,14 +21,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 import torch.distributed as dist
 
 import engine
 
-Candidate = Literal["eager", "compile", "cudagraph"]
+Candidate = str  # an accelerate component: eager, compile, cudagraph or another plugin's
 ROUNDS = 4  # timed rounds per candidate; the fastest round counts (as timeit does)
 # Steps a candidate other than eager runs before its timing starts: compiling, or cudagraph's
 # default warm-up and capture.
@@ -50,6 +52,8 @@ def auto(
     others: dict[str, engine.Acceleration] = {}
     skipped: list[str] = []
     for name in dict.fromkeys(candidates):
+        if name == "auto":
+            raise engine.ConfigError("accelerate.candidates: 'auto' cannot be a candidate of itself")
         if name == "eager":
             continue
         if name == "cudagraph" and trainer.device.type != "cuda":
@@ -108,8 +112,9 @@ class Auto:
     def step(self, step: engine.Step) -> engine.Step:
         self.eager = step
         self.trials = [Trial("eager", step, 1)]
-        if "cudagraph" in self.others:
-            self.trials.append(Trial("cudagraph", self.others["cudagraph"].step(step), UNTIMED))
+        for name, acceleration in self.others.items():
+            if name != "compile":  # compile joins once eager's time says the run is long enough for it
+                self.trials.append(Trial(name, acceleration.step(step), UNTIMED))
         self.index, self.count, self.rounds, self.started = 0, 0, [], 0.0
         self.chosen: engine.Step | None = None
         return self.run

@@ -267,6 +267,39 @@ def test_auto_takes_its_candidates_from_the_component_table(capsys):
     assert len(recorder.values()) == 50
 
 
+class Counted:
+    """A third party's accelerate component: the eager step, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @engine.hookimpl
+    def register_components(self):
+        return {"accelerate": {"counted": lambda: self}}
+
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def step(self, step: engine.Step) -> engine.Step:
+        def counted(batch: engine.Batch, window: engine.Window) -> Any:
+            self.calls += 1
+            return step(batch, window)
+
+        return counted
+
+
+def test_auto_tries_a_third_partys_candidate_and_refuses_itself(capsys):
+    eager, _ = train(TUTORIAL)
+    plugin = Counted()
+    chosen, _ = train(TUTORIAL, plugin, accelerate={"name": "auto", "steps": 8, "candidates": ["eager", "counted"]})
+    assert chosen == eager  # the same maths, whichever ran each step
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("accelerate auto:"))
+    assert re.fullmatch(r"accelerate auto: (eager|counted) \(per step: eager [\d.]+ us, counted [\d.]+ us\)", line)
+    assert plugin.calls >= 5 + 8  # its untimed steps and its timed rounds, at least
+    with pytest.raises(engine.ConfigError, match=r"^accelerate.candidates: 'auto' cannot be a candidate of itself$"):
+        train(TUTORIAL, accelerate={"name": "auto", "candidates": ["eager", "auto"]})
+
+
 # --- CUDA ------------------------------------------------------------------------------------
 
 CUDA_SMALL = {**SMALL, "device": "cuda"}

@@ -117,14 +117,11 @@ class Metrics:
                 self.confusion = classification.BinaryConfusionMatrix().to(trainer.device)
         else:
             if "r2" in settings["regression"]:
-                for split, count, key in (
-                    ("validation", info.n_val, "val_fraction"),
-                    ("test", info.n_test, "test_fraction"),
-                ):
-                    if count == 1:
+                for split, count in (("validation", info.n_val), ("test", info.n_test)):
+                    if count == 1:  # (evaluate's file is the validation data)
                         raise engine.ConfigError(
-                            f"metrics.regression: r2 needs at least 2 samples, but the {split} split has 1: "
-                            f"a larger data.{key}, or metrics.regression without r2"
+                            f"metrics.regression: r2 needs at least 2 samples, but the {split} data has 1: "
+                            "more samples, or metrics.regression without r2"
                         )
 
             class R2Score(regression.R2Score):

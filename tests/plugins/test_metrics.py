@@ -74,7 +74,7 @@ def test_r2_with_batches_of_one_and_a_split_of_one():
     with pytest.raises(engine.ConfigError) as raised:
         engine.run({"run_name": "one", "data": {"n_samples": 5, "test_fraction": 0.2}})
     assert str(raised.value) == (
-        "metrics.regression: r2 needs at least 2 samples, but the test split has 1: a larger data.test_fraction, "
+        "metrics.regression: r2 needs at least 2 samples, but the test data has 1: more samples, "
         "or metrics.regression without r2"
     )
     assert not Path("runs/one").exists()

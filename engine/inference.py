@@ -394,9 +394,9 @@ def predictions(backend: Backend, x: Any, batch_size: int = 1024) -> dict[str, t
         # softmax turns logits into probabilities, and leaves log-probabilities' exp unchanged
         probability = torch.softmax(outputs.float(), dim=-1)
         return {"class": probability.argmax(dim=-1), "probability": probability}
-    if info.task == "binary":  # one logit: the probability of class 1, which wins from 0.5 on
+    if info.task == "binary":  # one logit: the probability of class 1, which wins above the threshold
         probability = torch.sigmoid(outputs.float().reshape(-1))
-        return {"class": (probability >= 0.5).long(), "probability": probability}
+        return {"class": (probability > info.threshold).long(), "probability": probability}
     return {"value": outputs}
 
 

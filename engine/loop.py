@@ -11,7 +11,7 @@ import random
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -897,7 +897,11 @@ def open_run(
     inferred = config["inferred"]
     if not inferred["task"]:
         raise ConfigError(f"'{run_dir / runs.CONFIG}' records no [inferred] sizes: the run never started")
-    return config, found, DataInfo(inferred["n_features"], inferred["n_outputs"], inferred["task"], n_train=0)
+    info = DataInfo(inferred["n_features"], inferred["n_outputs"], inferred["task"], n_train=0)
+    data = config["data"]
+    if "threshold" in data:  # the batching plugin's setting of a binary run, for predict and evaluate
+        info = replace(info, threshold=data["threshold"])
+    return config, found, info
 
 
 def trained_module(config: Config, plugins: Plugins, info: DataInfo, path: Path, expected: str) -> torch.nn.Module:

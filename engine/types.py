@@ -67,6 +67,7 @@ class DataInfo:
     n_train: int
     n_val: int = 0
     n_test: int = 0
+    threshold: float = 0.5  # binary: a sample whose probability of class 1 is above it is predicted 1
 
 
 class Standardize(torch.nn.Module):

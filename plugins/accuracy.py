@@ -1,8 +1,10 @@
 """Accuracy for classification: the share of samples whose arg-max logit is the target (binary
-labels: whose logit is on the target's side of 0, a probability of 0.5); logged as
-``val_accuracy`` and, inside each train step, ``train_accuracy``."""
+labels: whose probability of class 1 is on the target's side of ``data.threshold``, 0.5 by
+default); logged as ``val_accuracy`` and, inside each train step, ``train_accuracy``."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -15,7 +17,9 @@ def skip_per_step(trainer: engine.Trainer) -> bool:
 
 
 @engine.hookimpl
-def compute_metrics(batch: engine.Batch, output: torch.Tensor) -> dict[str, torch.Tensor]:
+def compute_metrics(batch: engine.Batch, output: torch.Tensor, trainer: engine.Trainer) -> dict[str, torch.Tensor]:
     if batch.y.is_floating_point():  # binary: 0/1 labels [N, 1], one logit each
-        return {"accuracy": ((output > 0).float() == batch.y).float().mean()}
+        threshold = trainer.info.threshold
+        logit = math.log(threshold / (1 - threshold))  # 0.0 for 0.5: the sigmoid is not computed
+        return {"accuracy": ((output > logit).float() == batch.y).float().mean()}
     return {"accuracy": (output.argmax(dim=1) == batch.y).float().mean()}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -50,6 +50,8 @@ class Batching:
     standardize: bool = False  # inputs scaled by the training split's mean and standard deviation
     # auto: integer targets are class indices, others values; binary: 0/1 labels (bce_with_logits)
     task: Literal["auto", "regression", "classification", "binary"] = "auto"
+    # binary: a probability of class 1 above it predicts 1 (accuracy, the metrics, predict)
+    threshold: Annotated[float, engine.Range(gt=0, lt=1)] = 0.5
     num_workers: Annotated[int, engine.Range(ge=0)] = 0
     pin_memory: bool = False
 
@@ -388,6 +390,7 @@ class TensorLoaders:
             len(val[0]) if val else 0,
             len(test[0]) if test else 0,
         )
+        self.info = replace(self.info, threshold=settings["threshold"])
         self.x, self.y = x.to(device), y.to(device)
         self.val_data = (val[0].to(device), val[1].to(device)) if val else None
         self.test_data = (test[0].to(device), test[1].to(device)) if test else None
@@ -548,7 +551,7 @@ class DatasetLoaders:
         # weights), targets as the task takes them; integer inputs (token ids) stay as they are.
         self.x_dtype = torch.float32 if x.is_floating_point() else None
         self.y_dtype = torch.int64 if self.task == "classification" else torch.float32
-        self.info = self._data_info(splits, x, y, n_val, n_test)
+        self.info = replace(self._data_info(splits, x, y, n_val, n_test), threshold=settings["threshold"])
         self.standardize: engine.Standardize | None = None
         self.scale: engine.Standardize | None = None  # the same, on the device
         if settings["standardize"]:

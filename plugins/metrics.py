@@ -105,16 +105,17 @@ class Metrics:
             chosen = {name: made[name]() for name in settings["classification"]}
             if settings["confusion_matrix"]:
                 self.confusion = classification.MulticlassConfusionMatrix(**common).to(trainer.device)
-        elif info.task == "binary":  # a probability of 0.5 or more predicts 1
+        elif info.task == "binary":  # a probability above data.threshold predicts 1
+            threshold = {"threshold": info.threshold}
             made = {
-                "precision": classification.BinaryPrecision,
-                "recall": classification.BinaryRecall,
-                "f1": classification.BinaryF1Score,
-                "auroc": classification.BinaryAUROC,
+                "precision": lambda: classification.BinaryPrecision(**threshold),
+                "recall": lambda: classification.BinaryRecall(**threshold),
+                "f1": lambda: classification.BinaryF1Score(**threshold),
+                "auroc": classification.BinaryAUROC,  # over every threshold
             }
             chosen = {name: made[name]() for name in settings["classification"]}
             if settings["confusion_matrix"]:
-                self.confusion = classification.BinaryConfusionMatrix().to(trainer.device)
+                self.confusion = classification.BinaryConfusionMatrix(**threshold).to(trainer.device)
         else:
             if "r2" in settings["regression"]:
                 for split, count in (("validation", info.n_val), ("test", info.n_test)):

@@ -31,6 +31,7 @@ EXPECTED_DEFAULTS = {
         "stratify": True,
         "standardize": False,
         "task": "auto",
+        "threshold": 0.5,
         "num_workers": 0,
         "pin_memory": False,
         "n_samples": 100,

@@ -18,7 +18,7 @@ class Fake:
 def test_accuracy_is_the_share_of_arg_max_hits():
     output = torch.tensor([[0.9, 0.1, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 3.0], [5.0, 0.0, 0.0]])
     target = torch.tensor([0, 1, 1, 0])
-    assert accuracy.compute_metrics(engine.Batch(None, target), output)["accuracy"].item() == 0.75
+    assert accuracy.compute_metrics(engine.Batch(None, target), output, Fake())["accuracy"].item() == 0.75
 
 
 def test_no_accuracy_for_regression_and_no_call_per_step():

@@ -179,7 +179,32 @@ def test_binary_labels_with_bce_with_logits_have_accuracy_metrics_and_prediction
     assert len(matrix) == 2 and sum(map(sum, matrix)) == 50
     predicted = engine.predict(result.run_dir, x.numpy(), backend="eager")
     assert predicted["probability"].shape == (50,)
-    assert torch.equal(predicted["class"], (torch.sigmoid(logits[:, 0]) >= 0.5).long())
+    assert torch.equal(predicted["class"], (torch.sigmoid(logits[:, 0]) > 0.5).long())
+
+
+def test_the_binary_threshold_decides_accuracy_metrics_confusion_and_predictions(tmp_path):
+    path = binary_file(tmp_path / "binary.npz")
+    data = {"name": "npz", "path": str(path), "task": "binary", "val_fraction": 0.25, "batch_size": 50}
+    trainer = engine.setup(job(epochs=3, data={**data, "threshold": 0.8}, loss={"name": "bce_with_logits"}))
+    result = trainer.fit()
+    x, y = trainer.loaders.val_data
+    with torch.inference_mode():
+        probability = torch.sigmoid(result.model(x)[:, 0])
+    predicted = (probability > 0.8).long()
+    assert predicted.sum() < (probability > 0.5).sum()  # the threshold changes some predictions here
+    truth = y[:, 0].long()
+    true_positives = ((predicted == 1) & (truth == 1)).sum().item()
+    assert result.metrics["val_accuracy"] == pytest.approx((predicted == truth).float().mean().item())
+    assert result.metrics["val_precision"] == pytest.approx(true_positives / max(predicted.sum().item(), 1))
+    assert result.metrics["val_recall"] == pytest.approx(true_positives / truth.sum().item())
+    matrix = read_json(result.run_dir / "confusion_matrix.json")["matrix"]
+    assert matrix[1][1] == true_positives and matrix[0][1] == ((predicted == 1) & (truth == 0)).sum().item()
+    assert torch.equal(engine.predict(result.run_dir, x.numpy(), backend="eager")["class"], predicted)
+    np.savez(tmp_path / "val.npz", x=x.numpy(), y=truth.numpy())
+    evaluated = engine.evaluate(result.run_dir, tmp_path / "val.npz", backend="eager")
+    assert evaluated["accuracy"] == pytest.approx(result.metrics["val_accuracy"])
+    with pytest.raises(engine.ConfigError, match=r"^data.threshold: "):
+        engine.setup(job(run_name="one", data={**data, "threshold": 1.0}, loss={"name": "bce_with_logits"}))
 
 
 @pytest.mark.parametrize(

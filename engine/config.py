@@ -243,8 +243,6 @@ def _check(section: str, values: Mapping[str, Any], plugins: Plugins) -> None:
     for settings_class, owner, keys in plugins.checks.get(section, []):
         try:
             settings_class(**{key: values[key] for key in keys})
-        except ConfigError:
-            raise
         except ValueError as error:
             raise ConfigError(f"[{section}] (plugin {owner!r}): {error}") from None
 

@@ -160,6 +160,7 @@ class Trainer:
         self.before_optimizer_step = self.plugins.bind("before_optimizer_step", trainer=self, without=off)
         self.after_step = self.plugins.bind("after_step", trainer=self, state=self.state, without=off)
         self.compute_metrics = self.plugins.bind("compute_metrics", trainer=self, without=off)
+        self.after_validation = self.plugins.bind_by_plugin("after_validation", trainer=self)
         self.epoch_end = self.plugins.bind("on_epoch_end", trainer=self, state=self.state, without=off)
         self.train_step: Step = self.chain("wrap_step", "step", self.build_step())
         if acceleration is not None:
@@ -212,7 +213,7 @@ class Trainer:
                     numbers(hook(batch=batch, output=output), f"plugin {plugin!r}: hook compute_metrics")
                 # Ended as a validation is: what plugins accumulated for the sample is reported (and
                 # checked) and gone before the first real validation.
-                for plugin, hook in self.plugins.bind_by_plugin("after_validation", trainer=self):
+                for plugin, hook in self.after_validation:
                     numbers(hook(), f"plugin {plugin!r}: hook after_validation")
             finally:
                 for module, mode in zip(modules, modes):
@@ -440,7 +441,7 @@ class Trainer:
             totals, count = totals[:-1], totals[-1]
         means = (totals / count).double()
         whole: dict[str, torch.Tensor] = {}
-        for plugin, after_validation in self.plugins.bind_by_plugin("after_validation", trainer=self):
+        for plugin, after_validation in self.after_validation:
             for name, value in (after_validation() or {}).items():
                 if name in sums or name in whole:
                     raise TrainingError(f"plugin {plugin!r}: after_validation: a second metric named {name!r}")
@@ -563,12 +564,17 @@ class Trainer:
         rows, state.losses = state.losses, []
         names = ("loss", *rows[0][3]) if rows else ()
         values = [value for *_, loss, terms in rows for value in (loss, *terms.values())]
+        lr = self.optimizer.param_groups[0]["lr"]  # the first group's; a tensor under compile and cudagraph
         flat: list[float] = []
         if values:
             stacked = torch.stack(values)  # stack promotes dtypes
             if self.world_size > 1:
                 stacked = self.mean_over_processes(stacked, [step for _, step, *_ in rows])
+            if isinstance(lr, torch.Tensor):  # read back with the losses, in the same sync
+                stacked = torch.cat([stacked.double(), lr.detach().double().reshape(1).to(stacked.device)])
             flat = stacked.tolist()  # host-device sync
+            if isinstance(lr, torch.Tensor):
+                lr = flat.pop()
         table = [flat[i * len(names) : (i + 1) * len(names)] for i in range(len(rows))]
         for (epoch, step, *_), row in zip(rows, table):
             # The terms before the total ("loss"), so that the message names the term at fault.
@@ -585,7 +591,7 @@ class Trainer:
         for column, name in enumerate(names):
             if this_epoch:
                 metrics[name] = sum(row[column] for row in this_epoch) / len(this_epoch)
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])  # the first group's (a tensor: read back)
+        metrics["lr"] = float(lr)
         metrics.update(state.val_metrics)
         state.metrics = metrics
         self.hooks.on_log(state=state, metrics=metrics, trainer=self)

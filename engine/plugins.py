@@ -116,21 +116,19 @@ class Plugins:
         Each returned callable takes the hook's remaining arguments by keyword and passes each
         implementation only those it declares.
         """
-        caller = getattr(self.pm.hook, hook_name)
-        passed = {name for name in caller.spec.argnames if name not in constants}  # what each call gives
-        return [
-            _bound(impl.function, impl.argnames, constants, passed)
-            for impl in reversed(caller.get_hookimpls())
-            if impl.plugin_name not in without
-        ]
+        return [bound for _, bound in self.bind_by_plugin(hook_name, without=without, **constants)]
 
     def bind_by_plugin(
         self, hook_name: str, *, without: Collection[str] = (), **constants: Any
     ) -> list[tuple[str, Callable[..., Any]]]:
         """Like `bind`, with the name of the plugin of each implementation."""
         caller = getattr(self.pm.hook, hook_name)
-        names = [impl.plugin_name for impl in reversed(caller.get_hookimpls()) if impl.plugin_name not in without]
-        return list(zip(names, self.bind(hook_name, without=without, **constants)))
+        passed = {name for name in caller.spec.argnames if name not in constants}  # what each call gives
+        return [
+            (impl.plugin_name, _bound(impl.function, impl.argnames, constants, passed))
+            for impl in reversed(caller.get_hookimpls())
+            if impl.plugin_name not in without
+        ]
 
     def blame(self, tb: TracebackType | None) -> tuple[str, str] | None:
         """(plugin, hook) of the innermost plugin frame in a traceback, or None."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import engine
+from tests.helpers import read_jsonl
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -118,11 +119,14 @@ def test_compile_matches_eager_on_the_tutorial_job_without_unexpected_graph_brea
 
 
 def test_compile_matches_eager_with_a_user_loss_a_regularizer_accumulation_and_a_short_batch(capsys):
-    eager, _ = train(SMALL, PenalizedCrossEntropy(), L2())
+    eager, eager_result = train(SMALL, PenalizedCrossEntropy(), L2())
     compiled, result = train(SMALL, PenalizedCrossEntropy(), L2(), accelerate=COMPILE)
     assert len(eager) == 13 * 4
     close(compiled, eager, rtol=1e-5)
     assert "l2" in result.metrics
+    # The compiled step's learning rate is a tensor, read back with the losses at each logging point.
+    logged = [[line["lr"] for line in read_jsonl(run.run_dir / "metrics.jsonl")] for run in (result, eager_result)]
+    assert len(logged[0]) == 2 and logged[0][0] > 0 and logged[0] == pytest.approx(logged[1], rel=1e-6)
     out = capsys.readouterr().out
     assert "other" not in out  # the user's loss and the regularizer compile without a break
     # Each accumulation window compiles once (a graph before and after backward), not once per epoch.

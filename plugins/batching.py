@@ -383,8 +383,8 @@ class TensorLoaders:
             test = (scale(test[0]), test[1]) if test is not None else None
         every = [pair for pair in ((x, y), val, test) if pair is not None]
         self.info = data_info(
-            torch.cat([pair[0] for pair in every]),
-            torch.cat([pair[1] for pair in every]),
+            x,
+            torch.cat([pair[1] for pair in every]),  # a class may appear in a held-out split only
             task,
             len(x),
             len(val[0]) if val else 0,
@@ -423,7 +423,7 @@ class TensorLoaders:
         return engine.Batch(self.x[: self.batch_size], self.y[: self.batch_size])  # the size of a batch
 
     def shares(self) -> list[float]:
-        return self.part.shares() if self.part is not None else [1.0] * self.train_batches()
+        return self.part.shares()  # called with several processes only, where there is a part
 
     def train(self, epoch: int, start: int = 0) -> Iterator[engine.Batch]:
         if self.batch_size >= len(self.x):

@@ -22,6 +22,11 @@ LABELS = {
 NOT_TERMS = ("epoch", "step", "loss", "lr")
 
 
+def loss_terms(metrics: Mapping[str, float]) -> list[str]:
+    """The names of the loss terms among a logging point's metrics."""
+    return [name for name in metrics if name not in NOT_TERMS and not name.startswith(("val_", "train_"))]
+
+
 @engine.hookimpl
 def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
     if trainer.rank:
@@ -29,7 +34,7 @@ def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
     line = f"Epoch [{metrics['epoch']}/{trainer.epochs}]"
     if "loss" in metrics:
         line += f", Loss: {metrics['loss']:.4f}"
-    terms = [name for name in metrics if name not in NOT_TERMS and not name.startswith(("val_", "train_"))]
+    terms = loss_terms(metrics)
     if len(terms) > 1:
         line += "".join(f", {name}: {metrics[name]:.4f}" for name in terms)
     for name, value in metrics.items():
@@ -45,7 +50,7 @@ def on_run_end(trainer: engine.Trainer, error: BaseException | None) -> None:
         return
     if trainer.state.test_metrics:
         logged = trainer.state.metrics
-        terms = [name for name in logged if name not in NOT_TERMS and not name.startswith(("val_", "train_"))]
+        terms = loss_terms(logged)
         hidden = {f"test_{terms[0]}"} if len(terms) == 1 else set()  # a single term is the loss itself
         shown = [(name[5:], value) for name, value in trainer.state.test_metrics.items() if name not in hidden]
         print("Test: " + ", ".join(f"{name} {value:.4f}" for name, value in shown))

@@ -38,7 +38,7 @@ class Metrics:
         self.built = False  # at the first validation
         self.collection: Any = None  # a torchmetrics MetricCollection
         self.confusion: Any = None
-        self.matrix: list[list[int]] | None = None  # the last validation's confusion matrix
+        self.matrix: torch.Tensor | None = None  # the last validation's confusion matrix, on the device
 
     @engine.hookimpl
     def register_settings(self):
@@ -75,14 +75,14 @@ class Metrics:
                 found = dict(self.collection.compute())
             self.collection.reset()
         if self.confusion is not None:
-            self.matrix = self.confusion.compute().tolist()
+            self.matrix = self.confusion.compute()  # read back by rank 0 alone, when it writes the file
             self.confusion.reset()
         return found
 
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
         if self.matrix is not None and state.val_epoch == epoch and trainer.rank == 0:
-            record = {"epoch": epoch, "rows": "target", "columns": "prediction", "matrix": self.matrix}
+            record = {"epoch": epoch, "rows": "target", "columns": "prediction", "matrix": self.matrix.tolist()}
             engine.runs.write_text(trainer.run_dir / "confusion_matrix.json", json.dumps(record) + "\n")
 
     def build(self, trainer: engine.Trainer) -> None:

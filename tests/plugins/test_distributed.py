@@ -18,11 +18,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing
+from engine_plugins import accelerate
 from engine_plugins.batching import build_loaders, split
 
 import engine
@@ -147,6 +149,52 @@ class CrashAt:
             raise RuntimeError("gone")
 
 
+class SlowerOnOneRank:
+    """An accelerate candidate, "rival", of the eager step's maths, and a clock for `auto` that says
+    the eager trial is fast on rank 0 and slow on rank 1, the rival the other way round: each
+    process alone would choose differently. Records what ran each step."""
+
+    def __init__(self) -> None:
+        self.now, self.rank, self.in_rival, self.ran = 0.0, 0, False, []
+
+    @engine.hookimpl
+    def register_components(self):
+        return {"accelerate": {"rival": lambda: self}}
+
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def step(self, step: engine.Step) -> engine.Step:
+        def rival(batch: engine.Batch, window: engine.Window) -> Any:
+            self.in_rival = True
+            try:
+                return step(batch, window)
+            finally:
+                self.in_rival = False
+
+        return rival
+
+    @engine.hookimpl
+    def on_run_start(self, trainer):
+        self.rank = trainer.rank
+        accelerate.time = SimpleNamespace(perf_counter=lambda: self.now)
+
+    @engine.hookimpl
+    def before_forward(self, trainer):
+        if not trainer.model.training:
+            return  # the setup's check, validation
+        slow = self.in_rival if self.rank == 0 else not self.in_rival
+        self.now += 1.0 if slow else 0.1
+        self.ran.append("rival" if self.in_rival else "eager")
+
+    @engine.hookimpl
+    def on_run_end(self):
+        accelerate.time = time
+
+    def report(self) -> list[str]:
+        return self.ran
+
+
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
@@ -169,6 +217,7 @@ def worker(rank: int, out: Path, jobs: Jobs, ports: list[int]) -> None:
         try:
             result = engine.run(job, **options)
             record = {"weights": result.model.state_dict(), "metrics": result.metrics, "run_dir": result.run_dir}
+            record["reports"] = [plugin.report() for plugin in options.get("plugins", ()) if hasattr(plugin, "report")]
         except engine.EngineError as error:
             record = {"error": str(error), "shown": error.shown, "exit_code": error.exit_code}
         torch.save(record, out / f"{name}-{rank}.pt")
@@ -207,8 +256,12 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     jobs += [
         ("dataset", {**DATASET, **runs}, {}),
         ("compile", jobs_with(epochs=1, accelerate={"name": "compile"}, optimizer=ADAM, **runs), {}),
-        # auto's eager trial takes the first 20 steps; compile is skipped (the run is short).
-        ("auto", jobs_with(epochs=6, accelerate={"name": "auto"}, optimizer=ADAM, **runs), {}),
+        # auto's trials: eager's first step and 4 timed ones, the rival's 5 untimed and 4 timed.
+        (
+            "auto",
+            jobs_with(epochs=6, accelerate={"name": "auto", "steps": 4, "candidates": ["eager", "rival"]}, **runs),
+            {"plugins": [SlowerOnOneRank()]},
+        ),
         ("cudagraph", jobs_with(accelerate={"name": "cudagraph"}, **runs), {}),
         ("nan", jobs_with(optimizer=ADAM, **runs), {"plugins": [NanOnRankOne()]}),
         ("odd batch", jobs_with(data={**MLP["data"], "batch_size": 63}, **runs), {}),
@@ -255,7 +308,11 @@ def test_compile_works_with_ddp(two_processes):
 
 
 def test_auto_makes_one_choice_on_every_process(two_processes):
-    expected = one_process(jobs_with(epochs=6, optimizer=ADAM))
+    # Each candidate is timed by its slowest process: 1.0 a step for both, a tie that keeps eager.
+    ran = [rank["reports"][0] for rank in two_processes["auto"]]
+    trials = ["eager"] * 5 + ["rival"] * 9
+    assert ran[0] == ran[1] == trials + ["eager"] * (6 * 4 - len(trials))
+    expected = one_process(jobs_with(epochs=6))
     for rank in two_processes["auto"]:
         assert_close(rank["weights"], expected.model.state_dict())
 

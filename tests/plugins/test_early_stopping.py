@@ -107,8 +107,8 @@ def test_a_run_that_ends_without_stopping_checkpoints_its_trained_weights_and_sa
 
 
 def test_a_training_metric_is_monitored_at_logging_points_in_a_run_that_validates():
-    # The training loss only falls: nothing stops the run, and monitoring it is no error.
-    result = engine.run(
-        {**OVERFIT, "epochs": 6, "run_name": "loss", "early_stopping": {"patience": 2, "monitor": "loss"}}
-    )
-    assert result.state.epoch - 1 == 6
+    # The training loss only falls: as "min" nothing stops the run, as "max" it stops 2 epochs in.
+    job = {**OVERFIT, "epochs": 6, "run_name": "loss", "early_stopping": {"patience": 2, "monitor": "loss"}}
+    assert engine.run(job).state.epoch - 1 == 6
+    job = {**job, "run_name": "loss-max", "early_stopping": {**job["early_stopping"], "mode": "max"}}
+    assert engine.run(job).state.epoch - 1 == 3

@@ -104,7 +104,7 @@ def test_split_indices_share_every_sample_once():
     train, val, test = split_indices(len(labels), labels, settings)
     assert sorted(torch.cat([train, val, test]).tolist()) == list(range(len(labels)))
     assert (len(val), len(test)) == (16, 8)
-    assert torch.bincount(labels[val], minlength=3).tolist() == [10, 6, 0] or 2 in labels[val].tolist()
+    assert torch.bincount(labels[val], minlength=3).tolist() == [10, 6, 0]  # 20% of 50, 30 and 3, rounded
     message = "data.test_fraction: 0.5 and data.val_fraction: 0.9 of 83 samples leave none to train on"
     with pytest.raises(engine.ConfigError, match=re.escape(message)):
         split_indices(len(labels), None, {**settings, "val_fraction": 0.9, "test_fraction": 0.5})

@@ -245,7 +245,7 @@ class Contenders:
             plugins=plugins,
         )
         trainer.start()
-        self._teardown.append(lambda: trainer.hooks.on_run_end(trainer=trainer, error=None))
+        self._teardown.append(lambda: finish(trainer))
         # A round is `epochs` epochs in the middle of a long run, never its last one (whose end
         # takes the run's final checkpoint): the loop runs on, and the round stops itself.
         trainer.epochs = 2**62
@@ -268,6 +268,12 @@ class Contenders:
     def close(self) -> None:
         while self._teardown:
             self._teardown.pop()()
+
+
+def finish(trainer: engine.Trainer) -> None:
+    """The end of a run whose rounds were timed: `on_run_end`, the summary, the loaders released."""
+    trainer.final_module = trainer.module
+    trainer.end(None)
 
 
 @pytest.fixture

@@ -202,9 +202,8 @@ def engine_round(
         trainer.loop()
 
     def finish() -> None:
-        trainer.hooks.on_run_end(trainer=trainer, error=None)
-        if trainer.distributed is not None:
-            trainer.distributed.close()
+        trainer.final_module = trainer.module
+        trainer.end(None)  # on_run_end, the summary, and the processes' group left
 
     return run_round, finish
 

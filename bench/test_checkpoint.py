@@ -15,6 +15,7 @@ import pytest
 from conftest import Contenders, Group
 
 import engine
+from engine.chain import restore
 
 QUIET = ["checkpoint.every_seconds=0", "checkpoint.keep_best=0"]
 # About 10M parameters: 1024 -> 2048 -> 2048 -> 2048 -> 10.
@@ -30,7 +31,7 @@ BIG = {
 def test_epoch_without_checkpoints(contenders: Contenders, checkpoint_group: Group) -> None:
     trainer, run_round = contenders.engine(overrides=QUIET)
     checkpoint_group.measure(run_round, "epoch, no checkpoint", baseline=True)
-    assert not engine.runs.numbered(trainer.run_dir, "step")
+    assert not list((trainer.run_dir / "checkpoints").glob("step-*.pt"))
 
 
 @pytest.mark.parametrize("job", ["mlp"], indirect=True)
@@ -38,7 +39,7 @@ def test_epoch_with_a_checkpoint(contenders: Contenders, checkpoint_group: Group
     trainer, run_round = contenders.engine(overrides=[*QUIET, "checkpoint.every_epochs=1"])
     checkpoint_group.measure(run_round, "epoch + checkpoint", reference="epoch, no checkpoint")
     trainer.plugins.pm.get_plugin("checkpoint").wait()  # the last one is written in the background
-    assert engine.runs.numbered(trainer.run_dir, "step")
+    assert list((trainer.run_dir / "checkpoints").glob("step-*.pt"))
 
 
 @pytest.mark.parametrize("job", ["mlp"], indirect=True)
@@ -64,6 +65,6 @@ def test_load_10m(checkpoint_group: Group, tmp_path: Path) -> None:
     engine.runs.save(trainer.checkpoint(), path)
 
     def load() -> None:
-        trainer.restore(engine.runs.load(path, engine.runs.CHECKPOINT_FORMAT), path)
+        restore(trainer, engine.runs.load(path, engine.runs.CHECKPOINT_FORMAT), path)
 
     checkpoint_group.measure(load, "load, 10M parameters + Adam", steps_per_round=1, rounds=5)

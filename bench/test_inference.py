@@ -11,9 +11,9 @@ CPU contenders:
 - torch.compile: the module compiled (Inductor's default mode), under inference mode;
 - AOTInductor, package call: ``torch._inductor.aoti_load_package(path)(x)``, the package's own
   Python wrapper;
-- AOTInductor, engine backend: ``engine.load_backend(run, backend="aoti")``, which calls the
+- AOTInductor, engine backend: ``inference.load_backend(run, backend="aoti")``, which calls the
   compiled runner directly (what `predict` and `evaluate` use);
-- ONNX Runtime, engine backend: ``engine.load_backend(run, backend="onnx")`` (what ``auto`` picks on
+- ONNX Runtime, engine backend: ``inference.load_backend(run, backend="onnx")`` (what ``auto`` picks on
   the CPU).
 
 CUDA contenders (skipped without a GPU; ``pytest bench/test_inference.py -m cuda`` on one): eager,
@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import JOBS, Group, Job
+from engine_plugins.inference.exporting import trace
 from test_compiled import WIDE
 
 import engine
@@ -127,7 +128,7 @@ def test_aoti_package_call(job: Job, device: str, trained, inference: Group) -> 
     _cpu_only(device)
     _skip_compiling(inference)
     run = trained(_model_and_batch(job)[0])
-    engine.load_backend(run, backend="aoti")  # exported and verified once per run
+    inference.load_backend(run, backend="aoti")  # exported and verified once per run
     package = torch._inductor.aoti_load_package(str(run / "exports" / "final-aoti.pt2"))
     _measure(inference, job, package, _inputs(job, device), "AOTInductor, package call")
 
@@ -135,14 +136,14 @@ def test_aoti_package_call(job: Job, device: str, trained, inference: Group) -> 
 def test_aoti_engine_backend(job: Job, device: str, trained, inference: Group) -> None:
     _cpu_only(device)
     _skip_compiling(inference)
-    backend = engine.load_backend(trained(_model_and_batch(job)[0]), backend="aoti")
+    backend = inference.load_backend(trained(_model_and_batch(job)[0]), backend="aoti")
     _measure(inference, job, backend, _inputs(job, device), "AOTInductor, engine backend")
 
 
 def test_onnx_runtime_engine_backend(job: Job, device: str, trained, inference: Group) -> None:
     _cpu_only(device)
     pytest.importorskip("onnxruntime")
-    backend = engine.load_backend(trained(_model_and_batch(job)[0]), backend="onnx")
+    backend = inference.load_backend(trained(_model_and_batch(job)[0]), backend="onnx")
     _measure(inference, job, backend, _inputs(job, device), "ONNX Runtime, engine backend")
 
 
@@ -181,7 +182,7 @@ def test_aoti_cuda(job: Job, device: str, trained, inference: Group, tmp_path: P
     _skip_compiling(inference)
     module = engine.load(trained(_model_and_batch(job)[0])).to(device)
     example = _inputs(job, device)
-    program = engine.export_program(module, example[:2] if len(example) > 1 else example.repeat(2, 1))
+    program = trace(module, example[:2] if len(example) > 1 else example.repeat(2, 1))
     path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "cuda.pt2"))
     run = torch._inductor.aoti_load_package(path).loader.run
     _measure(inference, job, lambda x: run([x])[0], example, "AOTInductor")
@@ -191,7 +192,7 @@ def test_tensorrt_fp16(job: Job, device: str, trained, inference: Group) -> None
     _cuda_only(device)
     pytest.importorskip("torch_tensorrt")
     _skip_compiling(inference)
-    written = engine.export(trained(_model_and_batch(job)[0]), "tensorrt", overrides=["export.precision=fp16"])
+    written = inference.export(trained(_model_and_batch(job)[0]), "tensorrt", overrides=["export.precision=fp16"])
     module = torch.export.load(str(written.path)).module()
     x = _inputs(job, device).half()
 

@@ -16,29 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from .components import CORE_KINDS, OPTIONAL_KINDS, UNCONFIGURED_KINDS
 from .errors import ConfigError, suggest
 from .plugins import Plugins, dotted, is_plugin_file, make_plugins, plugin_target
 from .runs import valid_run_name
 from .schema import MISSING, Range, Setting, convert, is_path, settings_of
-
-# The component kinds the core builds, in the order of the setup chain, each with the names of
-# the run context its factories may ask for (a parameter of that name receives it; every other
-# parameter is a setting). Plugins may add kinds of their own; those receive no context. A data
-# component receives ``labelled=False`` when `predict` reads unlabelled inputs with it.
-CORE_KINDS: dict[str, tuple[str, ...]] = {
-    "distributed": ("device",),
-    "data": ("seed", "device", "labelled"),
-    "model": ("info", "device"),
-    "loss": ("info", "device"),
-    "optimizer": ("params",),
-    "precision": ("device",),
-    "accelerate": ("trainer",),
-    "scheduler": ("optimizer", "length"),
-}
-# Kinds a run may go without: when no plugin provides one, none is built (a single process, full
-# precision, the eager step, a constant learning rate). So may every kind a plugin adds (``export``,
-# used after training only): its section names none unless the job or a plugin's default does.
-OPTIONAL_KINDS = frozenset({"distributed", "precision", "accelerate", "scheduler"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +54,8 @@ class InferredSettings:
     n_features: Annotated[int, Range(ge=0)] = 0
     n_outputs: Annotated[int, Range(ge=0)] = 0
     task: Literal["", "regression", "classification", "binary"] = ""
+    threshold: Annotated[float, Range(gt=0, lt=1)] = 0.5  # binary: the decision threshold the run chose
+    input_transform: str = ""  # the input_transform component the model applies first ("": none)
 
 
 CORE_SECTIONS = {"": CoreSettings, "log": LogSettings, "inferred": InferredSettings}
@@ -201,7 +185,7 @@ def resolve(job: Mapping[str, Any], plugins: Plugins, base: Path | None = None) 
     and without a base, the working directory.
     """
     settings = declared_settings(plugins)
-    kinds = list(dict.fromkeys([*CORE_KINDS, *plugins.components]))
+    kinds = [kind for kind in dict.fromkeys([*CORE_KINDS, *plugins.components]) if kind not in UNCONFIGURED_KINDS]
     sections = list(dict.fromkeys([*kinds, *(s for s in settings if s)]))
 
     top = {key: value for key, value in job.items() if key not in sections and not isinstance(value, Mapping)}
@@ -225,7 +209,7 @@ def resolve(job: Mapping[str, Any], plugins: Plugins, base: Path | None = None) 
         declared = dict(settings.get(section, {}))
         params: dict[str, Setting] = {}
         if section in kinds:
-            name = _component_name(section, given, declared, plugins)
+            name = _component_name(section, given, plugins)
             if name is not None:
                 params = _component_params(section, name, declared, plugins)
             given["name"] = name
@@ -247,16 +231,13 @@ def _check(section: str, values: Mapping[str, Any], plugins: Plugins) -> None:
             raise ConfigError(f"[{section}] (plugin {owner!r}): {error}") from None
 
 
-def _component_name(
-    kind: str, given: Mapping[str, Any], declared: Mapping[str, Setting], plugins: Plugins
-) -> str | None:
+def _component_name(kind: str, given: Mapping[str, Any], plugins: Plugins) -> str | None:
     """The component the `[kind]` section names, else the default a plugin declared."""
-    default = declared["name"].default if "name" in declared else None
-    name = plain(given.get("name", default), str)
+    name = plain(given.get("name", plugins.default(kind)), str)
     if name is None and kind in CORE_KINDS and kind not in OPTIONAL_KINDS:
         choices = ", ".join(sorted(plugins.components.get(kind, {})))
         if not choices:
-            raise ConfigError(f"{kind}.name: required, and no plugin provides a {kind} component")
+            raise ConfigError(f"{kind}.name: required, and no plugin provides one (is the one that does blocked?)")
         raise ConfigError(f"{kind}.name: required, no plugin sets a default (choose one of: {choices})")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{kind}.name: expected a string, got {name!r}")

@@ -1,25 +1,25 @@
 """Every hook of the engine, in the order a run calls them.
 
-    register_settings        once, to collect the settings (and their defaults) each plugin owns
-    register_components      once, to collect the named components (losses, optimizers, models, ...)
+    register_settings        once per plugin: the settings (and their defaults) it owns
+    register_components      once per plugin: its named components, and the default of a kind
+    register_commands        once, by the command line: subcommands (evaluate, export, runs, ...)
     -- the setup chain (engine.setup; nothing is written yet) --
     (the distributed component: joins the processes of a data-parallel run, if any)
     (the data component)
-    build_loaders            once, firstresult: batch iterators over the data (this process's slice)
+    build_loaders            firstresult: batch iterators over the data (this process's slice)
     (the model, loss, optimizer and precision components)
-    wrap_model               chained: DDP, EMA, a compiled module; the step calls the result
+    wrap_model               chained: DDP, an averaging wrapper; the step calls the result
     (the accelerate component)
-    wrap_optimizer           chained: fused, capturable, tensor learning rate; then the
-                             accelerate component's optimizer
+    wrap_optimizer           chained: then the accelerate component's optimizer
     (the scheduler component, built on the final optimizer)
     (restore from a checkpoint, when resuming, into these final objects)
-    load_state_dict          per plugin: its own state from the checkpoint
+    load_plugin_state        the plugins' own state from that checkpoint
     skip_per_step            per plugin: True leaves its per-step and per-epoch hooks unbound
     wrap_step                chained: then the accelerate component's step wraps them all
     (the check: a sample of the training data as validation runs it, RNG kept)
         before_forward, compute_loss, compute_metrics
     -- the run (Trainer.fit) --
-    (the run directory: created, or the resumed one)
+    (the run directory: created with config.toml and a "running" summary.json, or the resumed one)
     on_run_start             once, before the first epoch
     for each epoch:
         for each batch:                  -- inside the train step, tensor work only --
@@ -34,14 +34,18 @@
             (a per-step scheduler steps after a window's last batch)
             after_step
         validation, when due: before_forward, compute_loss and compute_metrics per batch
-            after_validation             whole-set metrics, per plugin
+            after_validation             whole-set metrics
         (a logging point, when due: the losses read back once, checked finite, with the lr)
             on_log                       with the epoch's metrics
         (a per-epoch scheduler steps)
         on_epoch_end                     the state already points at the next epoch
-    state_dict               per plugin, whenever a checkpoint is taken (Trainer.checkpoint)
-    on_run_end               once, also when the run failed or was interrupted; every
-                             implementation runs even when another raised
+    save_plugin_state        whenever a checkpoint is taken (Trainer.checkpoint)
+    final_model              chained, once when the run completes or is interrupted
+    (the test data evaluated on the final model; model.pt written from it)
+    on_run_end               once, also when the run failed; every implementation runs
+    (summary.json: "completed", "failed" or "interrupted")
+    -- opening a run (--resume, engine.load, the after-training commands) --
+    find_checkpoint          firstresult: the file of the run's last or best checkpoint
 
 Whatever fails in the setup chain is a ConfigError (exit 2; nothing is written yet): the
 exception of a hook names its plugin and hook. Once the run directory exists, from
@@ -49,15 +53,21 @@ exception of a hook names its plugin and hook. Once the run directory exists, fr
 record it.
 
 Implementations take only the arguments they use, as in pytest, so adding an argument to a hook
-breaks no plugin. The hooks in `ONE_BY_ONE` are called by the core one implementation at a time
-(chained, bound once for the loop, or collected per plugin), so pluggy's wrappers cannot apply to
-them: a plugin that declares one there is refused at registration. Every other hook is called
-through pluggy and takes wrappers by pluggy's rules.
+breaks no plugin. Most hooks are called through pluggy and take its wrappers, ``firstresult``
+and ``historic`` as pluggy documents them. The hooks in `ONE_BY_ONE` are called by the core one
+implementation at a time, so a plugin that declares a wrapper there is refused at registration:
+the per-step hooks, bound once at setup (a pluggy call costs about 2 us even with no
+implementation: a tenth of the tutorial's step); the chained ones, where each implementation
+receives what the previous one returned, which pluggy has no way to do; the registration hooks,
+so that a clash names both plugins; `skip_per_step`, which unbinds one plugin's per-step hooks;
+and `on_run_end`, whose every implementation runs even when another raised (pluggy stops at the
+first exception, and what is left would keep files open).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -69,7 +79,7 @@ PROJECT = "engine"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-# The setup chain in the order engine.loop.Trainer runs it: component kinds the core builds
+# The setup chain in the order the trainer runs it: component kinds the core builds
 # (engine.config.CORE_KINDS) and the hooks between them. `python -m engine plugins` shows it.
 SETUP_CHAIN = (
     "distributed",
@@ -87,25 +97,13 @@ SETUP_CHAIN = (
     "on_run_start",
 )
 # Called once per batch or per epoch (on the tutorial job an epoch is one step): bound at setup
-# and called without pluggy's dispatch (about 2 us a call even with no implementation).
+# and called without pluggy's dispatch.
 PER_STEP = frozenset(
     {"before_forward", "compute_loss", "before_optimizer_step", "after_step", "compute_metrics", "on_epoch_end"}
 )
-# Chained (each implementation receives what the previous one returned) or collected per plugin.
-CHAINED = frozenset({"wrap_model", "wrap_optimizer", "wrap_step"})
-# Collected per plugin (keyed by its name), or each called even when another raised.
-COLLECTED = frozenset(
-    {
-        "register_settings",
-        "register_components",
-        "skip_per_step",
-        "after_validation",
-        "state_dict",
-        "load_state_dict",
-        "on_run_end",
-    }
-)
-ONE_BY_ONE = PER_STEP | CHAINED | COLLECTED
+# Chained: each implementation receives what the previous one returned.
+CHAINED = frozenset({"wrap_model", "wrap_optimizer", "wrap_step", "final_model"})
+ONE_BY_ONE = PER_STEP | CHAINED | {"register_settings", "register_components", "skip_per_step", "on_run_end"}
 
 
 # --- registration ----------------------------------------------------------------------------------
@@ -119,17 +117,17 @@ def register_settings() -> Mapping[str, Callable[..., Any]] | None:
     will do) whose keyword parameters are the keys: the default is the value when the config does
     not set it, the annotation its schema (``Literal[...]`` for choices,
     ``Annotated[float, engine.Range(gt=0)]`` for bounds; see engine/schema.py). Top-level keys
-    are declared under the section ``""``. The key ``name`` of a component section
-    (``loss.name``) sets which component is the default. Two plugins declaring one key is an error
-    naming both. Once the section is resolved the class is called with its values: a
-    ``__post_init__`` raising ``engine.ConfigError`` (or ValueError) refuses the config, exit code 2,
-    before anything is built (an enabled feature whose package is missing, keys that disagree).
+    are declared under the section ``""``. Two plugins declaring one key is an error naming both.
+    Once the section is resolved the class is called with its values: a ``__post_init__`` raising
+    ``engine.ConfigError`` (or ValueError) refuses the config, exit code 2, before anything is
+    built (an enabled feature whose package is missing, keys that disagree).
     """
 
 
 @hookspec
-def register_components() -> Mapping[str, Mapping[str, Callable[..., Any]]] | None:
-    """Provide named components, as ``{kind: {name: factory}}``.
+def register_components() -> Mapping[str, Mapping[str, Any]] | None:
+    """Provide named components, as ``{kind: {name: factory}}``, and under the key ``"default"``
+    the component of a kind to use when its section names none: ``{"default": {"loss": "mse"}}``.
 
     Called once per run, before the config is read. The core builds the kinds ``distributed``,
     ``data``, ``model``, ``loss``, ``optimizer``, ``precision``, ``accelerate`` and ``scheduler``
@@ -138,16 +136,30 @@ def register_components() -> Mapping[str, Mapping[str, Callable[..., Any]]] | No
     settings (the rest of the section), typed by their annotations, except those named after the
     kind's run context, which receive it (engine.config.CORE_KINDS): ``device`` (distributed);
     ``seed`` and ``device`` (data); ``info`` (a :class:`DataInfo`) and ``device`` (model, loss);
-    ``params`` (optimizer); ``device`` (precision); ``trainer`` (accelerate); ``optimizer`` and
-    ``length`` (a :class:`RunLength`, scheduler). Two plugins providing one name is an error
-    naming both.
+    ``params`` (optimizer); ``device`` (precision); ``trainer`` (accelerate);
+    ``optimizer`` and ``length`` (a :class:`RunLength`, scheduler). Two plugins providing one
+    name, or the default of one kind, is an error naming both.
 
     What factories return: distributed, a :class:`Distributed` or None (a single process); data,
     a ``(x, y)`` pair of tensors or arrays, a ``torch.utils.data.Dataset``, or
-    ``{"train": ..., "val": ...}`` of those; model, an ``nn.Module``; loss, a callable
-    ``(output, target) -> Tensor``; optimizer, a ``torch.optim.Optimizer``; precision, a
+    ``{"train": ..., "val": ..., "test": ...}`` of those; model, an ``nn.Module``; loss, a callable
+    ``(output, target) -> Tensor``; optimizer, a ``torch.optim.Optimizer``, built on ``params``
+    (a list of tensors; a factory may group them, with a setting per group); precision, a
     :class:`Precision`; accelerate, an :class:`Acceleration` or None (the eager step); scheduler,
-    a :class:`Scheduled` or None.
+    a :class:`Scheduled` or None. The kind ``input_transform`` is chosen by no config section:
+    its factory takes ``info`` and returns the module of an :class:`InputTransform`, into which
+    `engine.load` loads the state a run saved.
+    """
+
+
+@hookspec
+def register_commands(commands: Any) -> None:
+    """Add subcommands to ``python -m engine`` (an :class:`engine.cli.Commands`): ``evaluate``,
+    ``export``, ``runs``, or options of an existing command, as ``--nproc`` is of ``run``.
+
+    Called once by the command line, before it parses the arguments, with the plugins that
+    ``--plugin`` and ``--block`` name. The core's commands are ``run``, ``config`` and
+    ``plugins``; adding a command that exists is an error naming it. Its return is ignored.
     """
 
 
@@ -169,12 +181,12 @@ def build_loaders(
 
 @hookspec
 def wrap_model(model: torch.nn.Module, trainer: TrainerView) -> torch.nn.Module | None:
-    """Wrap or replace the module the train step and validation call (DDP, EMA, a compiled module).
+    """Wrap or replace the module the train step and validation call (DDP, weight averaging).
 
     Called once in the setup chain, after the model, loss, optimizer and precision components are
     built. Chained in hook order: each implementation receives what the previous one returned;
     return a module or None to keep it. ``trainer.module`` stays the model as built (what is
-    saved and exported); ``trainer.model`` becomes the chain's result. The optimizer was built on
+    checkpointed); ``trainer.model`` becomes the chain's result. The optimizer was built on
     ``trainer.module``'s parameters.
     """
 
@@ -192,11 +204,12 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, trainer: TrainerView) -> to
 
 
 @hookspec
-def load_state_dict(state: Mapping[str, Any], trainer: TrainerView) -> None:
-    """Restore this plugin's state from a checkpoint: what its `state_dict` returned.
+def load_plugin_state(state: Mapping[str, Any], trainer: TrainerView) -> None:
+    """Restore this plugin's state from a checkpoint: ``state`` holds what every plugin's
+    `save_plugin_state` returned, merged; take your own key.
 
     Called in the setup chain when a run is resumed, after the model, optimizer, scheduler and loop
-    state are restored, and only for a plugin the checkpoint holds state for. Its return is ignored.
+    state are restored. Its return is ignored.
     """
 
 
@@ -233,10 +246,10 @@ def wrap_step(step: Step, trainer: TrainerView) -> Step | None:
 def on_run_start(trainer: TrainerView) -> None:
     """Called once when the run starts (`Trainer.fit`), after the setup chain, before the first epoch.
 
-    ``trainer`` holds the config, the final components and the :class:`State` (restored, when
-    resuming). Open files and start timers here; check settings earlier (a component factory, or
-    the setup chain's hooks), since an error here is a failure of the run (exit 1), whose
-    directory exists. Its return is ignored.
+    ``trainer.run_dir`` exists, with the run's config.toml; ``trainer.state`` is the loop state
+    (restored, when resuming). Open files and start timers here; check settings earlier (a
+    component factory, or the setup chain's hooks), since an error here is a failure of the run
+    (exit 1). Its return is ignored.
     """
 
 
@@ -298,25 +311,34 @@ def after_step(
     ``loss`` is the detached total loss of the step and ``terms`` its detached terms, both still
     on the device: reading a value (``.item()``) forces a host-device sync, so do it only when you
     must. ``state.step`` already counts this step; ``window.last`` says whether the optimizer
-    stepped. Its return is ignored.
+    stepped (a checkpoint is taken only there: within a window the gradients are half summed).
+    Its return is ignored.
     """
 
 
 @hookspec
 def after_validation(trainer: TrainerView) -> Mapping[str, float | torch.Tensor] | None:
-    """Called once after each validation's batches, before its logging point.
+    """Called once after each validation's batches (and the test's), before its logging point.
 
     Return whole-set metrics ``{name: number or scalar tensor}`` computed from what this plugin
     accumulated in `compute_metrics` (precision, F1, AUROC); they are reported as ``val_<name>``
-    beside the batch-size-weighted means. A name may be reported once. Its return is read back to
-    the host once per validation.
+    beside the batch-size-weighted means. A name may be reported once. The values are read back
+    to the host once per validation, with the means.
     """
 
 
 @hookspec
 def on_log(state: State, metrics: Mapping[str, float], trainer: TrainerView) -> None:
-    """Called at each logging point with host-side ``metrics``: epoch, step, the epoch's mean loss
-    and terms, and the last validation's ``val_*`` values, all finite.
+    """Called at each logging point with host-side ``metrics``, every value finite:
+
+    - ``epoch`` and ``step``: where the logging point is;
+    - ``loss``, and each loss term by its name: means over the steps of the current epoch since
+      the last logging point (a resumed run includes the steps of that epoch taken before its
+      checkpoint, which the checkpoint keeps);
+    - ``train_<metric>``: the per-batch metrics of the train steps, averaged likewise;
+    - ``lr``: the first parameter group's learning rate after the last step;
+    - ``val_loss``, ``val_<term>`` and ``val_<metric>``: the last validation's, once the run has
+      validated (absent before, and in a run with no validation data).
 
     The core calls it after reading the step losses back (one sync per logging point) and checking
     them. Loggers (console, files) implement it. Its return is ignored.
@@ -334,21 +356,57 @@ def on_epoch_end(epoch: int, state: State, trainer: TrainerView) -> None:
 
 
 @hookspec
-def state_dict(trainer: TrainerView) -> Mapping[str, Any] | None:
-    """Return this plugin's own state for a checkpoint, or None if it has none to save.
+def save_plugin_state(trainer: TrainerView) -> Mapping[str, Any] | None:
+    """Return this plugin's own state for a checkpoint, as ``{key: value}`` (by convention the
+    plugin's name as the key), or None if it has none to save.
 
-    Called whenever a checkpoint is taken (`Trainer.checkpoint`), at a step boundary or an epoch's
-    end. The value is stored under the plugin's name and must hold only tensors, numbers, strings,
-    lists, tuples and dicts of them: checkpoints load with ``torch.load(weights_only=True)``.
+    Called whenever a checkpoint is taken (`Trainer.checkpoint`), at the end of an accumulation
+    window or of an epoch. The values must hold only tensors, numbers, strings, lists, tuples and
+    dicts of them: checkpoints load with ``torch.load(weights_only=True)``. Two plugins returning
+    one key is an error naming it. `load_plugin_state` receives them back.
+    """
+
+
+@hookspec
+def final_model(module: torch.nn.Module, trainer: TrainerView) -> torch.nn.Module | None:
+    """Choose the model the run ends with: what `model.pt` holds, the test data is evaluated on and
+    `engine.load` returns.
+
+    Called once, when the run completes or is interrupted (after its last checkpoint of the
+    trained weights), and by `trainer.final_model()`. Chained: the first implementation receives
+    ``trainer.module`` (the trained weights); return another module (the weights' average, an
+    earlier epoch's) or None to keep what you received. Never change what you receive: the
+    trained module goes on being checkpointed and trained.
+
+    The order of the implementations does not matter, because each keeps to its kind:
+    - one that derives the model from the trained weights (weight averaging) replaces ``module``
+      only when it receives ``trainer.module`` itself, so that a choice made by another stands;
+    - one that chooses among the models of earlier epochs (early stopping's best) made its choice
+      among what `trainer.final_model()` gave then, while it held none, and returns it.
     """
 
 
 @hookspec
 def on_run_end(trainer: TrainerView, error: BaseException | None) -> None:
     """Called once when the run ends: after the last epoch, after a failure, or after an
-    interruption (``error`` is then an ``engine.Interrupted``).
+    interruption (``error`` is then an ``engine.Interrupted``). ``trainer.final_module`` is the
+    model the run ended with (also in ``model.pt``), or None when it failed.
 
     Write summaries and close files here; what was logged before a failure must stay valid. Each
     implementation is called even when an earlier one raised; that exception becomes the run's
     ``error`` for the ones after it. Its return is ignored.
+    """
+
+
+# --- opening a run ----------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def find_checkpoint(run_dir: Path, which: str) -> Path | None:
+    """The file of run `run_dir`'s checkpoint `which`: ``"last"`` (what ``--resume`` continues
+    from) or ``"best"`` (by the monitored metric). Return None when the run has none; the first
+    non-None result wins.
+
+    Called when a run is resumed and when one is opened (`engine.load`, the after-training
+    commands with ``--which``), without a trainer. The path must be inside ``run_dir``.
     """

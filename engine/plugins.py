@@ -1,4 +1,4 @@
-"""Plugin discovery, the component table and the per-step hook binding.
+"""Plugin discovery, the component table and the binding of the hooks the core calls one by one.
 
 A fresh :class:`Plugins` is built for every run: there is no global plugin manager.
 """
@@ -23,23 +23,20 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .components import Component, import_object
 from .errors import ConfigError, one_line, suggest
 from .schema import Setting, settings_of
 
 ENTRY_POINT_GROUP = "engine.plugins"
+# Built-in plugins the engine cannot run without (pytest's essential_plugins): blocking one is
+# refused. Declared in the same distribution's pyproject.toml, beside the plugins.
+ESSENTIAL_GROUP = "engine.essential"
 BLOCK_VARIABLE = "ENGINE_BLOCK"
 # The distribution whose entry points are the engine's own built-in plugins.
 OWN_DISTRIBUTION = "torch-plugin-engine"
 # The prefix of the private module names that plugin files are imported under.
 PLUGIN_FILE_MODULE = "_engine_plugin_file_"
-
-
-@dataclass(slots=True)
-class Component:
-    kind: str
-    name: str
-    factory: Callable[..., Any]
-    plugin: str
+DEFAULT = "default"  # the key of register_components' defaults, {kind: name}
 
 
 @dataclass(slots=True)
@@ -48,7 +45,9 @@ class Plugins:
 
     pm: pluggy.PluginManager
     sources: dict[str, str] = field(default_factory=dict)
+    essential: frozenset[str] = frozenset()
     components: dict[str, dict[str, Component]] = field(default_factory=dict)
+    defaults: dict[str, Component] = field(default_factory=dict)  # kind: the default component
     settings: dict[str, dict[str, Setting]] = field(default_factory=dict)
     # Each section's settings classes with their keys, called with the resolved values to check them.
     checks: dict[str, list[tuple[Callable[..., Any], str, list[str]]]] = field(default_factory=dict)
@@ -63,42 +62,86 @@ class Plugins:
 
     def collect(self) -> None:
         """Gather settings and components from every plugin, rejecting clashes by name."""
-        for impl in reversed(self.pm.hook.register_settings.get_hookimpls()):
-            declared = _mapping(call_blaming(impl, "register_settings"), impl, "register_settings", "section")
+        for plugin, declared in self.collected("register_settings", "section"):
             for section, settings_class in declared.items():
-                if not callable(settings_class):
-                    raise ConfigError(
-                        f"plugin {impl.plugin_name!r}: register_settings must map section {section!r} to a "
-                        f"settings class, got {type(settings_class).__name__}"
-                    )
-                table = self.settings.setdefault(section, {})
-                declared_keys = settings_of(settings_class, impl.plugin_name)
-                if isinstance(settings_class, type):
-                    self.checks.setdefault(section, []).append((settings_class, impl.plugin_name, list(declared_keys)))
-                for key, setting in declared_keys.items():
-                    if key in table:
-                        raise ConfigError(
-                            f"setting {dotted(section, key)} is declared by both plugin "
-                            f"{table[key].owner!r} and plugin {impl.plugin_name!r}"
-                        )
-                    table[key] = setting
-        for impl in reversed(self.pm.hook.register_components.get_hookimpls()):
-            provided = _mapping(call_blaming(impl, "register_components"), impl, "register_components", "kind")
+                self.add_settings(plugin, section, settings_class)
+        for plugin, provided in self.collected("register_components", "kind"):
             for kind, named in provided.items():
-                named = _mapping(named, impl, "register_components", f"{kind} name")
-                table = self.components.setdefault(kind, {})
-                for name, factory in named.items():
-                    if name in table:
-                        raise ConfigError(
-                            f"{kind} {name!r} is provided by both plugin {table[name].plugin!r} "
-                            f"and plugin {impl.plugin_name!r}"
-                        )
-                    if not callable(factory):
-                        raise ConfigError(
-                            f"plugin {impl.plugin_name!r}: {kind} {name!r} is not a factory "
-                            f"(a callable), got {type(factory).__name__}"
-                        )
-                    table[name] = Component(kind, name, factory, impl.plugin_name)
+                named = _mapping(named, plugin, "register_components", f"{kind} name")
+                for name, value in named.items():
+                    if kind == DEFAULT:
+                        self.add_default(plugin, name, value)
+                    else:
+                        self.add_component(plugin, kind, name, value)
+        for kind, default in list(self.defaults.items()):
+            if default.name not in self.components.get(kind, {}):
+                raise ConfigError(
+                    f"plugin {default.plugin!r}: the default {kind} {default.name!r} is not a {kind} component"
+                )
+
+    def collected(self, hook: str, keys: str) -> Iterable[tuple[str, Mapping[str, Any]]]:
+        """Each plugin's return of an argument-less registration `hook`, as a mapping."""
+        for plugin, call in self.bind_by_plugin(hook):
+            try:
+                value = call()
+            except ConfigError:
+                raise
+            except Exception as error:
+                raise ConfigError(f"plugin {plugin!r} failed in hook {hook}: {one_line(error)}") from error
+            yield plugin, _mapping(value, plugin, hook, keys)
+
+    def add_settings(self, plugin: str, section: str, settings_class: Any) -> None:
+        if not callable(settings_class):
+            raise ConfigError(
+                f"plugin {plugin!r}: register_settings must map section {section!r} to a settings class, "
+                f"got {type(settings_class).__name__}"
+            )
+        table = self.settings.setdefault(section, {})
+        declared = settings_of(settings_class, plugin)
+        if isinstance(settings_class, type):
+            self.checks.setdefault(section, []).append((settings_class, plugin, list(declared)))
+        for key, setting in declared.items():
+            if key in table:
+                raise ConfigError(
+                    f"setting {dotted(section, key)} is declared by both plugin {table[key].owner!r} "
+                    f"and plugin {plugin!r}"
+                )
+            table[key] = setting
+
+    def blocked_settings(self, ep: Any) -> None:
+        """The settings of a blocked entry-point plugin that no registered plugin declares, so that a
+        job that sets them (a run's config.toml does) stays valid: they are checked against their
+        schema and go unused."""
+        try:
+            loaded = ep.load()
+            declare = getattr(loaded() if inspect.isclass(loaded) else loaded, "register_settings", None)
+            declared = declare() if declare is not None and hasattr(declare, f"{hookspecs.PROJECT}_impl") else {}
+        except Exception:  # a blocked plugin that cannot even load has nothing to say here
+            return
+        for section, settings_class in _mapping(declared, ep.name, "register_settings", "section").items():
+            table = self.settings.setdefault(section, {})
+            for key, setting in settings_of(settings_class, f"{ep.name} (blocked)").items():
+                table.setdefault(key, setting)
+
+    def add_component(self, plugin: str, kind: str, name: str, factory: Any) -> None:
+        table = self.components.setdefault(kind, {})
+        if name in table:
+            raise ConfigError(
+                f"{kind} {name!r} is provided by both plugin {table[name].plugin!r} and plugin {plugin!r}"
+            )
+        if not callable(factory):
+            raise ConfigError(
+                f"plugin {plugin!r}: {kind} {name!r} is not a factory (a callable), got {type(factory).__name__}"
+            )
+        table[name] = Component(kind, name, factory, plugin)
+
+    def add_default(self, plugin: str, kind: str, name: Any) -> None:
+        if not isinstance(name, str):
+            raise ConfigError(f"plugin {plugin!r}: the default {kind} must be a component's name, got {name!r}")
+        if kind in self.defaults:
+            first = self.defaults[kind].plugin
+            raise ConfigError(f"the default {kind} is declared by both plugin {first!r} and plugin {plugin!r}")
+        self.defaults[kind] = Component(kind, name, _no_factory, plugin)
 
     def component(self, kind: str, name: str) -> Component:
         """The component `name` of `kind`; ``"package.module:factory"`` names import one."""
@@ -108,6 +151,11 @@ class Plugins:
         if name not in table:
             raise ConfigError(f"{kind}.name: unknown {kind} {name!r}{suggest(name, table)}")
         return table[name]
+
+    def default(self, kind: str) -> str | None:
+        """The name of the component a plugin declared the default of `kind`, or None."""
+        found = self.defaults.get(kind)
+        return found.name if found is not None else None
 
     def bind(self, hook_name: str, *, without: Collection[str] = (), **constants: Any) -> list[Callable[..., Any]]:
         """The implementations of a one-by-one hook in call order, with `constants` bound, except
@@ -159,21 +207,17 @@ class Plugins:
         return found
 
 
+def _no_factory() -> None:
+    """A default only names its component: it is never built from here."""
+
+
 def _bound(
     function: Callable[..., Any], argnames: tuple[str, ...], constants: Mapping[str, Any], passed: set[str]
 ) -> Callable[..., Any]:
     fixed = {name: constants[name] for name in argnames if name in constants}
     wanted = tuple(name for name in argnames if name not in constants)
-    if set(wanted) == passed:
-        # It takes every argument the call passes: forward them from C, without a Python frame of
-        # ours per call (several calls a step; the frame cost about a tenth of a µs each).
+    if set(wanted) == passed:  # it takes every argument a call gives: nothing to pick out
         return functools.partial(function, **fixed)
-    if not wanted:  # it takes none of them: no dict of them to build (0.2 µs a call)
-
-        def constant(**_: Any) -> Any:
-            return function(**fixed)
-
-        return constant
 
     def call(**arguments: Any) -> Any:
         return function(**fixed, **{name: arguments[name] for name in wanted})
@@ -181,24 +225,12 @@ def _bound(
     return call
 
 
-def call_blaming(impl: pluggy.HookImpl, hook: str) -> Any:
-    """Call one implementation of an argument-less `hook`; an exception becomes a ConfigError naming both."""
-    try:
-        return impl.function()
-    except ConfigError:
-        raise
-    except Exception as error:
-        raise ConfigError(f"plugin {impl.plugin_name!r} failed in hook {hook}: {one_line(error)}") from error
-
-
-def _mapping(value: Any, impl: pluggy.HookImpl, hook: str, keys: str) -> Mapping[str, Any]:
+def _mapping(value: Any, plugin: str, hook: str, keys: str) -> Mapping[str, Any]:
     """`value` if it is a mapping with string keys (None: empty); else a ConfigError naming the plugin."""
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
-        raise ConfigError(
-            f"plugin {impl.plugin_name!r}: {hook} must return a dict keyed by {keys}, got {type(value).__name__}"
-        )
+        raise ConfigError(f"plugin {plugin!r}: {hook} must return a dict keyed by {keys}, got {type(value).__name__}")
     return value
 
 
@@ -206,52 +238,73 @@ def make_plugins(extra: Iterable[Any] = (), blocked: Iterable[str] = ()) -> Plug
     """A fresh plugin manager with the entry-point plugins, then `extra` ones, in that order.
 
     Entry points register sorted by name, so hook order never depends on install order; order
-    between plugins that care is declared with tryfirst/trylast.
+    between plugins that care is declared with tryfirst/trylast or by a chained hook's contract.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    plugins = Plugins(pm)
+    essential = frozenset(ep.name for ep in entry_points(group=ESSENTIAL_GROUP))
+    plugins = Plugins(pm, essential=essential)
     # ENGINE_BLOCK="progress,curves" blocks plugins for every run of an environment (a CI machine).
     from_environment = [name.strip() for name in os.environ.get(BLOCK_VARIABLE, "").split(",") if name.strip()]
     for name in [*blocked, *from_environment]:
+        if name in essential:
+            raise ConfigError(f"plugin {name!r} is essential and cannot be blocked (the engine cannot run without it)")
         pm.set_blocked(name)
-    declared: dict[str, tuple[str, str]] = {}  # entry-point name: (distribution, value)
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
-        dist = ep.dist.name if ep.dist is not None else "?"
-        if ep.name in declared:
-            if declared[ep.name] == (dist, ep.value):
-                continue  # one distribution found twice on the path
-            first, value = declared[ep.name]
-            raise ConfigError(
-                f"plugin name {ep.name!r} is declared by two entry points: {value} of package {first} and "
-                f"{ep.value} of package {dist}; uninstall one or rename its entry point"
-            )
-        declared[ep.name] = (dist, ep.value)
+    installed = entry_point_plugins()
+    extras = [extra_plugin(item) for item in extra]
+    known = {ep.name for ep in installed} | {name for _, name, _ in extras}
+    for name in blocked:  # (ENGINE_BLOCK may name plugins a machine does not have)
+        if name not in known:
+            raise ConfigError(f"--block: no plugin is named {name!r}{suggest(name, known)}")
+    for ep in installed:
         if pm.is_blocked(ep.name):
             continue
         try:
             loaded = ep.load()
         except Exception as error:
             raise ConfigError(f"plugin {ep.name!r} (entry point {ep.value}): cannot load: {one_line(error)}") from error
-        origin = "built-in" if dist == OWN_DISTRIBUTION else f"entry point of package {dist}"
-        register(plugins, loaded, ep.name, origin)
-    for item in extra:
-        if isinstance(item, str):
-            loaded, name = load_plugin(item)
-            register(plugins, loaded, name, f"--plugin {item}")
-        else:
-            name = getattr(item, "__name__", None) or type(item).__name__
-            register(plugins, item, name, "passed to engine.run")
+        dist = ep.dist.name if ep.dist is not None else "?"
+        register(plugins, loaded, ep.name, "built-in" if dist == OWN_DISTRIBUTION else f"entry point of package {dist}")
+    for loaded, name, origin in extras:
+        register(plugins, loaded, name, origin)
     check_hook_names(pm)
     plugins.collect()
+    for ep in installed:
+        if pm.is_blocked(ep.name):
+            plugins.blocked_settings(ep)
     return plugins
 
 
-def check_hook_names(pm: pluggy.PluginManager) -> None:
-    """Reject an implementation of a hook the engine does not declare.
+def extra_plugin(item: Any) -> tuple[Any, str, str]:
+    """A plugin given beside the installed ones: (the plugin, its name, where it came from)."""
+    if isinstance(item, str):
+        loaded, name = load_plugin(item)
+        return loaded, name, f"--plugin {item}"
+    return item, getattr(item, "__name__", None) or type(item).__name__, "passed to engine.run"
 
-    pluggy accepts it silently (until `check_pending`), so a misspelled hook would never be called.
-    """
+
+def entry_point_plugins() -> list[Any]:
+    """The engine's entry points, sorted by name; one name declared by two packages is an error."""
+    declared: dict[str, Any] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        if ep.name in declared:
+            first = declared[ep.name]
+            if (first.dist.name if first.dist is not None else "?", first.value) == (dist, ep.value):
+                continue  # one distribution found twice on the path
+            raise ConfigError(
+                f"plugin name {ep.name!r} is declared by two entry points: {first.value} of package "
+                f"{first.dist.name if first.dist else '?'} and {ep.value} of package {dist}; uninstall one or "
+                "rename its entry point"
+            )
+        declared[ep.name] = ep
+    return list(declared.values())
+
+
+def check_hook_names(pm: pluggy.PluginManager) -> None:
+    """Reject an implementation of a hook the engine does not declare (pluggy accepts it silently,
+    until `check_pending`, so a misspelled hook would never be called), and a wrapper of a hook
+    the core calls one implementation at a time."""
     declared = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT}_spec")]
     for name in dir(pm.hook):
         caller = getattr(pm.hook, name)
@@ -295,8 +348,27 @@ def register(plugins: Plugins, plugin: Any, name: str, origin: str) -> None:
         what = "module" if inspect.ismodule(plugin) else type(plugin).__name__
         raise ConfigError(
             f"plugin {name!r} ({origin}): a {what} with no hook implementation (mark them with @engine.hookimpl)"
+            + _class_inside(plugin, origin)
         )
     plugins.sources[name] = origin
+
+
+def _class_inside(module: Any, origin: str) -> str:
+    """``; its class X implements hooks: load it as 'file.py:X'`` for a module whose hooks are in a class."""
+    if not inspect.ismodule(module):
+        return ""
+    marker = f"{hookspecs.PROJECT}_impl"
+    classes = [
+        name
+        for name, value in vars(module).items()
+        if inspect.isclass(value)
+        and value.__module__ == module.__name__
+        and any(hasattr(member, marker) for member in vars(value).values())
+    ]
+    if not classes:
+        return ""
+    spec = origin.removeprefix("--plugin ")
+    return f"; its class {classes[0]} implements hooks: load it as '{spec}:{classes[0]}'"
 
 
 def plugin_target(spec: str) -> tuple[str, str]:
@@ -331,64 +403,37 @@ def load_plugin(spec: str) -> tuple[Any, str]:
 def load_module(spec: str) -> ModuleType:
     """Import a plugin module by dotted name, or from a ``.py`` file path.
 
-    A file is imported under a private module name (its path's digest), so that a plugin file
-    named like another module (``json.py``) does not replace it in `sys.modules`.
+    A file is imported under a private module name (a digest of its path and modification time),
+    so that a plugin file named like another module (``json.py``) does not replace it in
+    `sys.modules`, and so that the command line and the run it starts import it once.
     """
-    if is_plugin_file(spec):
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"plugin file {spec!r} does not exist")
-        digest = hashlib.sha1(str(path.absolute()).encode()).hexdigest()[:12]
-        stem = re.sub(r"\W", "_", path.stem)
-        name = f"{PLUGIN_FILE_MODULE}{stem}_{digest}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ConfigError(f"plugin file {spec!r} cannot be imported as a Python module")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickle look a module up by name
+    if not is_plugin_file(spec):
         try:
-            module_spec.loader.exec_module(module)
-        except BaseException as error:
-            del sys.modules[name]
-            if not isinstance(error, Exception):
-                raise
-            raise ConfigError(f"plugin file {spec!r} failed to import: {one_line(error)}") from error
-        return module
+            return importlib.import_module(spec)
+        except Exception as error:
+            raise ConfigError(f"plugin module {spec!r} cannot be imported: {one_line(error)}") from error
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"plugin file {spec!r} does not exist")
+    stat = path.stat()
+    digest = hashlib.sha1(f"{path.absolute()}|{stat.st_mtime_ns}|{stat.st_size}".encode()).hexdigest()[:12]
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"{PLUGIN_FILE_MODULE}{stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"plugin file {spec!r} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickle look a module up by name
     try:
-        return importlib.import_module(spec)
-    except Exception as error:
-        raise ConfigError(f"plugin module {spec!r} cannot be imported: {one_line(error)}") from error
-
-
-def import_object(reference: str, key: str) -> Any:
-    """The function or class named by ``"package.module:attribute"``.
-
-    Only a function or class of a module outside the standard library: a job file's references
-    are code it calls, and none of the standard library's (``os:system``, ``shutil:rmtree``) is
-    a component.
-    """
-    module_name, _, attribute = reference.partition(":")
-    if not module_name or not attribute.isidentifier():
-        raise ConfigError(f"{key}: {reference!r} is not a reference of the form 'package.module:name'")
-    top = module_name.partition(".")[0]
-    if top in sys.stdlib_module_names:
-        raise ConfigError(
-            f"{key}: {reference!r} is in the standard library, which provides no components; "
-            "name a factory or class of your own"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:
-        raise ConfigError(f"{key}: cannot import module {module_name!r}: {one_line(error)}") from error
-    try:
-        found = getattr(module, attribute)
-    except AttributeError:
-        raise ConfigError(f"{key}: module {module_name!r} has no attribute {attribute!r}") from None
-    if not (inspect.isfunction(found) or inspect.ismethod(found) or inspect.isclass(found)):
-        raise ConfigError(
-            f"{key}: {reference!r} is a {type(found).__name__}, not a function or class (a component's factory)"
-        )
-    return found
+        module_spec.loader.exec_module(module)
+    except BaseException as error:
+        del sys.modules[name]
+        if not isinstance(error, Exception):
+            raise
+        raise ConfigError(f"plugin file {spec!r} failed to import: {one_line(error)}") from error
+    return module
 
 
 def dotted(section: str, key: str) -> str:

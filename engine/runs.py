@@ -1,12 +1,13 @@
-"""A run's directory: its layout, its exclusive creation, and files written so that no fault
-leaves one half-written.
+"""A run's directory: the files the core writes there, its exclusive creation, and atomic writes
+that no fault leaves half-written.
 
     runs/<name>/
         config.toml      the resolved config, with what was inferred from the data; reruns as a job
-        metrics.jsonl    one JSON line per logging point
         summary.json     "running" from the start, then "completed", "failed" or "interrupted"
-        model.pt         the final weights (a completed or interrupted run)
-        checkpoints/     step-<step>.pt (the latest few), best-<step>.pt (the best few), best.json
+        model.pt         the final model (a completed or interrupted run), from the final_model chain
+
+Plugins own the rest, each its own files (the checkpoint plugin ``checkpoints/``, the metrics file
+plugin ``metrics.jsonl``), and write them with the helpers here.
 
 Whole files are written to a temporary name in the same directory, fsynced, renamed over the
 target, and the directory fsynced: a reader sees the old file or the new one. Checkpoints and
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,10 @@ import torch
 
 from .errors import ConfigError, one_line
 
-CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINTS = "config.toml", "metrics.jsonl", "summary.json", "model.pt", "checkpoints"
-BEST_INDEX = "best.json"  # in checkpoints/: the best checkpoints, best first, with their metric
-MODEL_FORMAT = "engine.model/1"
-CHECKPOINT_FORMAT = "engine.checkpoint/1"
-_NUMBERED = re.compile(r"(step|best)-(\d+)\.pt")
+CONFIG, SUMMARY, MODEL = "config.toml", "summary.json", "model.pt"
+MODEL_FORMAT = "engine.model/2"
+CHECKPOINT_FORMAT = "engine.checkpoint/2"
+STATUSES = ("running", "completed", "failed", "interrupted")
 # Temporary files being written now: a second signal removes them before the process exits.
 IN_FLIGHT: set[Path] = set()
 _UMASK = os.umask(0o022)  # read it (only os.umask can), then put it back
@@ -145,51 +146,43 @@ def remove_in_flight() -> None:
             temporary.unlink()
 
 
-def numbered(run_dir: Path, kind: str) -> list[tuple[int, Path]]:
-    """The run's checkpoints of `kind` ("step" or "best") as (step, path), oldest first."""
-    found = []
-    for path in (run_dir / CHECKPOINTS).glob(f"{kind}-*.pt"):
-        match = _NUMBERED.fullmatch(path.name)
-        if match:
-            found.append((int(match.group(2)), path))
-    return sorted(found)
-
-
-def checkpoint_path(run_dir: Path, kind: str, step: int) -> Path:
-    return run_dir / CHECKPOINTS / f"{kind}-{step:09d}.pt"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = numbered(run_dir, "step")
-    return found[-1][1] if found else None
-
-
-def best_checkpoint(run_dir: Path) -> Path | None:
-    """The best checkpoint by the monitored metric: first in checkpoints/best.json's ranking."""
-    index = run_dir / CHECKPOINTS / BEST_INDEX
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The whole JSON lines of a file written a line at a time (a killed writer may have cut its
+    last one); none when it does not exist."""
     try:
-        ranking = json.loads(index.read_text(encoding="utf-8"))["ranking"]
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"file '{index}' cannot be read: {one_line(error)}") from None
-    return run_dir / CHECKPOINTS / ranking[0]["file"] if ranking else None
+        return []
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            break
+    return lines
 
 
-def model_file(run_dir: Path, which: str) -> tuple[Path, str]:
-    """The file holding the weights `which` names ("final", "best", "last"), and its format."""
-    if which == "final":
-        path = run_dir / MODEL
-        if not path.is_file():
-            raise ConfigError(
-                f"run '{run_dir}' has no {MODEL}: it did not complete or stop cleanly (its latest checkpoint: "
-                "which='last', on the command line --which last)"
-            )
-        return path, MODEL_FORMAT
-    found = {"best": best_checkpoint, "last": latest_checkpoint}.get(which)
-    if found is None:
-        raise ConfigError(f"which: expected 'final', 'best' or 'last', got {which!r}")
-    path = found(run_dir)
-    if path is None:
-        raise ConfigError(f"run '{run_dir}' has no {which} checkpoint")
-    return path, CHECKPOINT_FORMAT
+def write_json(path: Path, values: Mapping[str, Any]) -> None:
+    """`values` as strict JSON, atomically: a non-finite number becomes null and is named under
+    ``"non_finite"``."""
+    bad = [key for key, value in values.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        values = {**{key: None if key in bad else value for key, value in values.items()}, "non_finite": bad}
+    write_text(path, json.dumps(values, indent=2, allow_nan=False) + "\n")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's summary.json (`Trainer.summary` writes it), or {} when it has none or it is unreadable."""
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def inside(run_dir: Path, path: Path, what: str) -> Path:
+    """`path` if it lies inside `run_dir` once links are resolved; else a ConfigError naming `what`."""
+    resolved, root = path.resolve(), run_dir.resolve()
+    if not resolved.is_relative_to(root):
+        raise ConfigError(f"{what} '{path}' is outside run '{run_dir}'")
+    return path

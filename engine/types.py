@@ -1,8 +1,8 @@
 """The types every hook uses: the batch, its accumulation window, the data description, the loop
-state, the pieces the setup chain produces, and the trainer's public surface.
+state, the pieces the setup chain produces, and the trainer's public surface (`TrainerView`).
 
-They live apart from the loop so that `hookspecs`, `plugins` and `loop` all import them and none
-imports another in a circle.
+They live apart from the trainer so that `hookspecs`, `plugins` and the trainer all import them
+and none imports another in a circle.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class Window(NamedTuple):
     """Where a batch sits in its gradient-accumulation window, as the train step receives it.
 
     ``first``: the step zeroes the gradients before backward; ``last``: it runs the optimizer step;
-    ``scale``: the loss is multiplied by it before backward (1 / the window's size). Hashable, so
-    compiled and captured steps key their graphs on it.
+    ``scale``: the loss is multiplied by it before backward (1 / the window's size, times this
+    process's share of the batch). Hashable, so compiled and captured steps key their graphs on it.
     """
 
     first: bool
@@ -40,20 +40,18 @@ class Window(NamedTuple):
     scale: float
 
 
-def windows(batches: int, accumulation: int, shares: Sequence[float] | None = None) -> tuple[Window, ...]:
+def windows(shares: Sequence[float], accumulation: int) -> tuple[Window, ...]:
     """The window of each batch position of an epoch: the one rule for gradient accumulation.
 
-    Windows of `accumulation` batches; a window never spans two epochs, so the last one of an
-    epoch may be shorter (and its loss scale larger). With several processes, `shares` is this
-    process's share of each batch (`Loaders.shares`): the loss scale is multiplied by it, so that
+    `shares` is this process's share of each batch of the epoch (`Loaders.shares`: 1.0 in a single
+    process). Windows hold `accumulation` batches and never span two epochs, so the last one of an
+    epoch may be shorter (and its loss scale larger). The scale is multiplied by the share, so that
     the mean of the processes' gradients (DDP's) is the gradient of the whole batch.
     """
-    result = []
+    batches, result = len(shares), []
     for start in range(0, batches, accumulation):
         size = min(accumulation, batches - start)
-        result += [Window(i == 0, i == size - 1, 1.0 / size) for i in range(size)]
-    if shares is not None:
-        result = [window._replace(scale=window.scale * share) for window, share in zip(result, shares, strict=True)]
+        result += [Window(i == 0, i == size - 1, shares[start + i] / size) for i in range(size)]
     return tuple(result)
 
 
@@ -70,35 +68,40 @@ class DataInfo:
     threshold: float = 0.5  # binary: a sample whose probability of class 1 is above it is predicted 1
 
 
-class Standardize(torch.nn.Module):
-    """``(x - mean) / std`` per input feature: what loaders that standardize did to the inputs.
+class InputTransform(NamedTuple):
+    """A module fitted on the training inputs (a standardization), which the model applies to its
+    inputs first: the core puts it in front of the model the run trains, saves it with the
+    weights, and rebuilds it for `engine.load` as the component `name` of kind ``input_transform``
+    (whose factory takes ``info`` and returns the module, its state then loaded)."""
 
-    The statistics come from the training split only. The loaders apply them to the data they
-    batch; the run saves them with the model, and `engine.load` puts this module in front of it,
-    so that what predict, evaluate and export run takes raw features.
-    """
+    name: str
+    module: torch.nn.Module
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+
+class WithInputTransform(torch.nn.Module):
+    """The model behind its input transform: what `trainer.module` is when the data has one."""
+
+    def __init__(self, transform: torch.nn.Module, model: torch.nn.Module) -> None:
         super().__init__()
-        self.register_buffer("mean", mean.detach().float().clone())
-        self.register_buffer("std", std.detach().float().clone())
+        self.transform, self.model = transform, model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+    def forward(self, x: Any) -> Any:
+        return self.model(self.transform(x))
 
 
 @runtime_checkable  # what build_loaders returns is checked against it at setup
 class Loaders(Protocol):
-    """Batch iterators over the training and validation data, built by `build_loaders`.
+    """Batch iterators over the training, validation and test data, built by `build_loaders`.
 
     Batches come out on the run's device. With several processes, each process's loaders yield
     its slice of every batch (a batch is the global one: its count and order are every process's)
-    and of the validation data; `info` describes the whole data. ``standardize`` is the
-    `Standardize` the loaders applied to every input (train, validation, test), or None.
+    and of the held-out data; `info` describes the whole data. ``input_transform`` is what the
+    model applies first (fitted on the training split: a standardization), or None; the loaders
+    give raw inputs either way.
     """
 
     info: DataInfo
-    standardize: Standardize | None
+    input_transform: InputTransform | None
 
     def train(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of `epoch` (1-based) from position `start`; the order depends only on (seed, epoch)."""
@@ -118,22 +121,28 @@ class Loaders(Protocol):
 
     def shares(self) -> Sequence[float]:
         """For each batch of an epoch, this process's samples x the number of processes / the
-        batch's samples: 1.0 where a batch splits evenly. Called only when the run has more than
-        one process."""
+        batch's samples: 1.0 where a batch splits evenly, and always in a single process."""
 
     def close(self) -> None:
         """Release what the loaders hold (worker processes); called once when the run ends."""
 
 
 class Distributed(Protocol):
-    """What a ``distributed`` factory returns when the run spans processes (None: one process).
+    """The processes of the run: what the ``distributed`` component returns, or `OneProcess`.
 
-    The factory has joined torch.distributed's default process group; the core reads this
-    process's rank and the number of processes from it, and reduces the logged losses and the
-    validation sums with its collectives.
+    The core reads this process's place from it and reduces the logged losses and the validation
+    sums with its collectives, each one call per logging point or validation.
     """
 
+    rank: int  # this process's, 0 in a single process; rank 0 alone prints and writes files
+    world_size: int  # the number of processes
     device: torch.device  # this process's device (on CUDA, the GPU of its local rank)
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` (a picklable object), on every process."""
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """`tensor` summed (``op = "max"``: the maximum) over the processes, in place; returns it."""
 
     def failed(self, error: BaseException) -> BaseException:
         """The error this process stops with; called on every process whose run fails or is
@@ -143,6 +152,27 @@ class Distributed(Protocol):
 
     def close(self) -> None:
         """Leave the process group: once, after `on_run_end`, or when the setup chain failed."""
+
+
+class OneProcess:
+    """The run in a single process: collectives that return what they are given."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def broadcast(self, value: Any) -> Any:
+        return value
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def failed(self, error: BaseException) -> BaseException:
+        return error
+
+    def close(self) -> None:
+        pass
 
 
 class RunLength(NamedTuple):
@@ -183,6 +213,13 @@ Step = Callable[[Batch, Window], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 class Acceleration(Protocol):
     """What an ``accelerate`` factory returns: the last link of the optimizer and step chains."""
 
+    # Seconds it costs once before its first fast step (a compile); `auto` tries it only on a run
+    # long enough to pay it back.
+    build_seconds: float
+
+    def unavailable(self) -> str | None:
+        """Why it cannot run here (a device it needs), in words; None when it can."""
+
     def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer the accelerated step needs (called after every `wrap_optimizer`)."""
 
@@ -195,26 +232,25 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 class ExportFormat(Protocol):
     """What an ``export`` factory returns: one format a trained model is exported to, that can also
-    serve `predict` and `evaluate` as a backend.
-
-    The core checks what `write` produced against the eager model (`load`, then outputs within
-    `tolerance` on random inputs of several batch sizes) before it reports the file as written.
-    """
+    serve `predict` and `evaluate` as a backend. What `write` produced is checked against the
+    eager model (outputs within `tolerance` on inputs of several batch sizes up to `max_batch`)
+    before it is reported as written."""
 
     suffix: str  # how the file's name ends: ".onnx", ".pt2"
     tolerance: float  # the largest difference from eager accepted, absolute and relative
+    max_batch: int | None  # the largest batch the file takes (a TensorRT engine's); None: any
     # The order `--backend auto` tries formats in, highest first; None: auto never picks this one.
     auto_rank: int | None
 
     def missing(self) -> str | None:
         """What this machine lacks to write or run the format (one line saying what to install), or None."""
 
-    def write(self, module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-        """Export `module` (in eval mode, on the CPU; ``engine.export_program`` traces it with a
-        dynamic batch dimension) to the file `path`; `example` is an input batch."""
+    def write(self, program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
+        """Write the model to the file `path`: `program` is its ``torch.export`` trace (eval mode,
+        on the CPU, the batch dimension dynamic), `example` the input batch it was traced with."""
 
     def load(self, path: Path) -> Runner:
-        """The file as a function from a float32 CPU batch to the model's float32 CPU output."""
+        """The file as a function from a CPU batch to the model's float32 CPU output."""
 
 
 @dataclass(slots=True)
@@ -229,6 +265,7 @@ class State:
     val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
     test_metrics: dict[str, float] = field(default_factory=dict)  # the test at the end (data.test_fraction)
     val_epoch: int = 0  # the epoch the last validation ran at (0: none yet)
+    seconds: float = 0.0  # training time before this process started (a resumed run's)
     # Each step's (epoch, step, loss, terms), on the device, since the last logging point.
     losses: list[tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=list)
 
@@ -238,10 +275,10 @@ class State:
         none. A name the run does not produce, once it has validated (``val_*``) or logged (the
         others), is a TrainingError naming the setting `key` it came from (``checkpoint.monitor``)."""
         validated = name.startswith("val_")
-        found, measured = (self.val_metrics, self.val_epoch) if validated else (self.metrics, self.metrics.get("epoch"))
-        if name in found:
-            return found[name] if measured == epoch else None
-        if found:
+        measured, at = (self.val_metrics, self.val_epoch) if validated else (self.metrics, self.metrics.get("epoch"))
+        if name in measured:
+            return measured[name] if at == epoch else None
+        if measured:
             names = ", ".join(sorted({*self.metrics, *self.val_metrics} - {"epoch", "step"}))
             raise TrainingError(f"{key}: {name!r} is not a metric of this run ({names})")
         return None
@@ -256,12 +293,7 @@ class State:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         losses = [
-            {
-                "epoch": epoch,
-                "step": step,
-                "loss": loss.detach().cpu(),
-                "terms": {k: v.detach().cpu() for k, v in terms.items()},
-            }
+            {"epoch": epoch, "step": step, "loss": loss.detach().cpu(), "terms": _on(terms, "cpu")}
             for epoch, step, loss, terms in self.losses
         ]
         return {
@@ -271,19 +303,17 @@ class State:
             "metrics": dict(self.metrics),
             "val_metrics": dict(self.val_metrics),
             "val_epoch": self.val_epoch,
+            "seconds": self.seconds,
             "losses": losses,
             "rng": rng,
         }
 
-    def load_state_dict(self, saved: Mapping[str, Any], device: torch.device | None = None) -> None:
+    def load_state_dict(self, saved: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
         self.epoch, self.batch, self.step = saved["epoch"], saved["batch"], saved["step"]
-        self.metrics = dict(saved["metrics"])
-        self.val_metrics = dict(saved.get("val_metrics", {}))
-        self.val_epoch = saved.get("val_epoch", 0)
-        to = device or torch.device("cpu")
+        self.metrics, self.val_metrics = dict(saved["metrics"]), dict(saved["val_metrics"])
+        self.val_epoch, self.seconds = saved["val_epoch"], saved["seconds"]
         self.losses = [
-            (row["epoch"], row["step"], row["loss"].to(to), {k: v.to(to) for k, v in row["terms"].items()})
-            for row in saved.get("losses", ())
+            (row["epoch"], row["step"], row["loss"].to(device), _on(row["terms"], device)) for row in saved["losses"]
         ]
         rng = saved["rng"]
         random.setstate(_python_rng_back(rng["python"]))
@@ -291,6 +321,10 @@ class State:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _on(terms: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {name: value.detach().to(device) for name, value in terms.items()}
 
 
 # RNG states as plain lists, tensors and numbers, so that a checkpoint loads with weights_only=True.
@@ -315,36 +349,56 @@ def _numpy_rng_back(saved: Any) -> tuple[Any, ...]:
 
 
 class TrainerView(Protocol):
-    """The trainer's public surface: what hooks may read (and, where said, set).
+    """The trainer's public surface: everything a hook may read (and, where said, set). Plugins
+    annotate their ``trainer`` arguments with it; tests/test_border.py checks that they read
+    nothing else.
 
-    Set by the setup chain, in this order: ``rank`` (this process's, 0 in a single process) and
-    ``world_size`` (the number of processes; rank 0 alone prints and writes files), ``config``,
-    ``device``, ``loaders``, ``info``, ``module`` (the model as its factory built it: what is
-    saved and exported), ``loss_fn``, ``precision``, ``model`` (what the step calls: ``module``
-    after every `wrap_model`), ``optimizer`` (after every `wrap_optimizer`), ``scheduler``,
-    ``train_step`` (after every `wrap_step`). ``state`` is the loop state; a plugin may set
-    ``state.stop``.
+    Set by the setup chain, in this order: ``distributed`` (the processes, with ``rank`` and
+    ``world_size``), ``config``, ``device``, ``loaders``, ``info``, ``module``, ``loss_fn``,
+    ``precision``, ``model``, ``optimizer``, ``scheduler``, ``train_step``. ``state`` is the loop
+    state; a plugin may set ``state.stop``. ``run_dir`` exists from `on_run_start` on.
     """
 
-    rank: int
-    world_size: int
-    config: Any
+    distributed: Distributed
+    rank: int  # this process's (0 in a single process): rank 0 alone prints and writes files
+    world_size: int  # the number of processes
+    config: Any  # the resolved config (engine.Config), with [inferred] filled from the data
     device: torch.device
-    epochs: int
-    accumulation: int
+    epochs: int  # config["epochs"]
+    accumulation: int  # batches per optimizer step (config["grad_accumulation"])
     batches_per_epoch: int
     loaders: Loaders
     info: DataInfo
+    # The model the run trains: its factory's module, behind the data's input transform if any.
+    # What is checkpointed, and what the optimizer was built on.
     module: torch.nn.Module
-    model: torch.nn.Module
+    model: torch.nn.Module  # what the step and validation call: `module` after every `wrap_model`
     loss_fn: Callable[[Any, Any], torch.Tensor]
     precision: Precision
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # after every `wrap_optimizer` and the accelerate component's
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    train_step: Step
+    train_step: Step  # after every `wrap_step` and the accelerate component's
     state: State
-    run_dir: Path
-    hooks: Any
+    run_dir: Path  # from on_run_start on
+    resumed_from: Path | None  # the checkpoint a resumed run continues from
+    final_module: torch.nn.Module | None  # the model the run ended with (`final_model`), at its end
 
     def build(self, kind: str, name: str | None = None, **context: Any) -> Any:
         """Build a component of `kind`: the config's choice, or `name` with its default settings."""
+
+    def checkpoint(self) -> dict[str, Any]:
+        """A checkpoint of the run now, at the end of an accumulation window or an epoch: what the
+        plugin that keeps checkpoints writes (and `--resume` restores), as tensors and plain values."""
+
+    def validate(
+        self, batches: Iterable[Batch] | None = None, prefix: str = "val", model: torch.nn.Module | None = None
+    ) -> dict[str, float]:
+        """The mean loss terms and metrics of `model` (default: `model`, as validation runs) over
+        `batches` (default: the validation data), named ``<prefix>_<name>``: one host sync."""
+
+    def final_model(self) -> torch.nn.Module:
+        """The `final_model` chain run on the weights as they are now: the model the run would end
+        with if it ended here (early stopping keeps the best of these)."""
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, across the resumes of the run."""

@@ -1,35 +1,38 @@
 """The ``[accelerate]`` components ``eager`` (the default: the core's step as it is) and ``auto``.
 
-``auto`` builds every other candidate of ``candidates`` that applies here (``compile``, and
-``cudagraph`` on CUDA, by default; any component of the ``accelerate`` kind, from whichever
-plugin provides it, a third party's too), measures each on the run's first steps, keeps the
-fastest and prints the choice with the per-step times. A candidate that cannot be built here (its
-plugin blocked, a device it needs) is reported as skipped, with the reason. The trial steps are
-real training steps of the same maths, so trying costs no work.
+``auto`` builds every other component of ``candidates`` (``compile`` and ``cudagraph`` by default;
+any component of the ``accelerate`` kind, from whichever plugin provides it, a third party's too),
+keeps those that apply here (`Acceleration.unavailable`), times each on the run's first steps,
+keeps the fastest and prints the choice with the per-step times. A candidate that cannot be built
+(its plugin blocked) is reported as skipped, with the reason. The trial steps are real training
+steps of the same maths, so trying costs no work.
 
 - The optimizer is the chain of every candidate's optimizer (a graph-safe one on CUDA, a tensor
   learning rate), so that each candidate can run the same optimizer from the same state.
-- ``compile`` is tried only when the run is long enough for a compile to pay: its eager time,
-  measured, above ``compile_min_s`` (a compile costs seconds).
+- A candidate that costs seconds to build (`Acceleration.build_seconds`: a compile) is tried only
+  when the run, at eager's measured speed, is long enough for it to pay: its build under
+  ``max_build_share`` of the run.
+- The candidates run in turn, a round of steps each, for several rounds (after their warm-up),
+  and each is judged by its median round: a burst of load on a shared machine during one round
+  cannot pick a path that is slower when the machine is quiet.
 - A candidate replaces eager only when it is faster by more than ``margin``, so that timing noise
   never leaves a run slower than eager.
-- With several processes, each candidate's time is the slowest process's (one all-reduce per
-  trial), so that every process makes the same choices; rank 0 prints it.
+- With several processes, each round's time is the slowest process's (one all-reduce per round),
+  so that every process makes the same choices; rank 0 prints it.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import dataclass
-from typing import Annotated
+from collections import deque
+from typing import Annotated, NamedTuple
 
 import torch
-import torch.distributed as dist
 
 import engine
 
-Candidate = str  # an accelerate component: eager, compile, cudagraph or another plugin's
-ROUNDS = 4  # timed rounds per candidate; the fastest round counts (as timeit does)
+ROUNDS = 5  # timed rounds per candidate; the median counts
 # Steps a candidate other than eager runs before its timing starts: compiling, or cudagraph's
 # default warm-up and capture.
 UNTIMED = 5
@@ -42,13 +45,14 @@ def eager() -> None:
 
 
 def auto(
-    trainer: engine.Trainer,
-    candidates: tuple[Candidate, ...] = ("eager", "compile", "cudagraph"),
+    trainer: engine.TrainerView,
+    candidates: tuple[str, ...] = ("eager", "compile", "cudagraph"),
     steps: Annotated[int, engine.Range(ge=ROUNDS)] = 20,
     margin: Annotated[float, engine.Range(ge=0, lt=1)] = 0.02,
-    compile_min_s: Annotated[float, engine.Range(ge=0)] = 60.0,
+    max_build_share: Annotated[float, engine.Range(gt=0, le=1)] = 0.05,
 ) -> Auto:
-    """Times the candidates on the first steps and keeps the fastest (see the module docstring)."""
+    """Times the candidates on the first steps and keeps the fastest (see the module docstring).
+    `steps` are each candidate's timed steps, in `ROUNDS` rounds."""
     others: dict[str, engine.Acceleration] = {}
     skipped: list[str] = []
     for name in dict.fromkeys(candidates):
@@ -56,53 +60,60 @@ def auto(
             raise engine.ConfigError("accelerate.candidates: 'auto' cannot be a candidate of itself")
         if name == "eager":
             continue
-        if name == "cudagraph" and trainer.device.type != "cuda":
-            continue  # not a candidate off CUDA: nothing to report
         try:
-            others[name] = trainer.build("accelerate", name=name, trainer=trainer)
+            built = trainer.build("accelerate", name=name, trainer=trainer)
         except engine.ConfigError as error:
             skipped.append(f"{name} skipped: {error}")
-    return Auto(trainer, others, skipped, steps // ROUNDS, margin, compile_min_s)
-
-
-@dataclass(frozen=True)
-class Default:
-    name: str = "eager"
-
-
-@engine.hookimpl
-def register_settings():
-    return {"accelerate": Default}
+            continue
+        if built is not None and built.unavailable() is None:  # one that does not apply here is no candidate
+            others[name] = built
+    return Auto(trainer, others, skipped, steps // ROUNDS, margin, max_build_share)
 
 
 @engine.hookimpl
 def register_components():
-    return {"accelerate": {"eager": eager, "auto": auto}}
+    return {"default": {"accelerate": "eager"}, "accelerate": {"eager": eager, "auto": auto}}
 
 
 class Trial:
-    """One way to run the step: its name, the step, and the steps to leave untimed (warm-up, compile)."""
+    """One way to run the step: its name, the step, and its timed rounds (seconds per step)."""
 
-    def __init__(self, name: str, step: engine.Step, untimed: int) -> None:
-        self.name, self.step, self.untimed = name, step, untimed
-        self.seconds: float | None = None  # per step, the fastest round
+    def __init__(self, name: str, step: engine.Step) -> None:
+        self.name, self.step = name, step
+        self.rounds: list[float] = []
+
+    def median(self) -> float:
+        return statistics.median(self.rounds)
+
+
+class Segment(NamedTuple):
+    """Consecutive steps of one trial; timed ones give a round."""
+
+    trial: Trial
+    steps: int
+    timed: bool
 
 
 class Auto:
-    """The auto acceleration: runs each candidate in turn, then the fastest for good."""
+    """The auto acceleration: runs the trials' planned segments, then the fastest for good."""
+
+    build_seconds = 0.0
 
     def __init__(
         self,
-        trainer: engine.Trainer,
+        trainer: engine.TrainerView,
         others: dict[str, engine.Acceleration],
         skipped: list[str],
         per_round: int,
         margin: float,
-        compile_min_s: float,
+        max_build_share: float,
     ) -> None:
         self.trainer, self.others, self.skipped = trainer, others, skipped
-        self.per_round, self.margin, self.compile_min_s = per_round, margin, compile_min_s
+        self.per_round, self.margin, self.max_build_share = per_round, margin, max_build_share
         self.cuda = trainer.device.type == "cuda"
+
+    def unavailable(self) -> str | None:
+        return None
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         for acceleration in self.others.values():
@@ -110,67 +121,66 @@ class Auto:
         return optimizer
 
     def step(self, step: engine.Step) -> engine.Step:
-        self.eager = step
-        self.trials = [Trial("eager", step, 1)]
-        for name, acceleration in self.others.items():
-            if name != "compile":  # compile joins once eager's time says the run is long enough for it
-                self.trials.append(Trial(name, acceleration.step(step), UNTIMED))
-        self.index, self.count, self.rounds, self.started = 0, 0, [], 0.0
+        self.eager = Trial("eager", step)
+        self.trials = [self.eager]
+        # First eager alone: one step to warm up, then a round whose time says how long the run is.
+        self.plan = deque([Segment(self.eager, 1, False), Segment(self.eager, self.per_round, True)])
+        self.joined, self.done, self.started = False, 0, 0.0
         self.chosen: engine.Step | None = None
         return self.run
 
     def run(self, batch: engine.Batch, window: engine.Window) -> Output:
         if self.chosen is not None:
             return self.chosen(batch, window)
-        trial = self.trials[self.index]
-        timed = self.count - trial.untimed
-        if timed >= 0 and timed % self.per_round == 0:
+        segment = self.plan[0]
+        if self.done == 0 and segment.timed:
             self.started = self.clock()
-        result = trial.step(batch, window)
-        self.count += 1
-        timed += 1
-        if timed > 0 and timed % self.per_round == 0:
-            self.rounds.append((self.clock() - self.started) / self.per_round)
-            if len(self.rounds) == ROUNDS:
-                self.finish(trial)
+        result = segment.trial.step(batch, window)
+        self.done += 1
+        if self.done == segment.steps:
+            self.plan.popleft()
+            self.done = 0
+            if segment.timed:
+                segment.trial.rounds.append(self.slowest((self.clock() - self.started) / segment.steps))
+            if segment.timed and not self.joined:  # eager's first timed round says how long the run is
+                self.join()
+            if not self.plan:
+                self.choose()
         return result
 
     def clock(self) -> float:
         if self.cuda:
-            torch.cuda.synchronize()  # timing a window of steps needs the device to have caught up
+            torch.cuda.synchronize()  # timing a round of steps needs the device to have caught up
         return time.perf_counter()
-
-    def finish(self, trial: Trial) -> None:
-        """Record `trial`'s time; go on to the next trial, or choose."""
-        trial.seconds = self.slowest(min(self.rounds))
-        self.rounds, self.count = [], 0
-        if trial is self.trials[0] and "compile" in self.others:
-            self.add_compile(trial.seconds)
-        self.index += 1
-        if self.index < len(self.trials):
-            return
-        eager = self.trials[0]
-        best = min(self.trials, key=lambda t: t.seconds if t.seconds is not None else float("inf"))
-        if best.seconds > eager.seconds * (1 - self.margin):
-            best = eager
-        self.chosen = best.step
-        times = ", ".join(f"{t.name} {t.seconds * 1e6:.1f} us" for t in self.trials)
-        skipped = "".join(f"; {reason}" for reason in self.skipped)
-        if self.trainer.rank == 0:
-            print(f"accelerate auto: {best.name} (per step: {times}{skipped})", flush=True)
 
     def slowest(self, seconds: float) -> float:
         """`seconds` of the slowest process of the run: the time every process then decides by."""
-        if self.trainer.world_size == 1:
-            return seconds
         measured = torch.tensor([seconds], dtype=torch.float64, device=self.trainer.device)
-        dist.all_reduce(measured, op=dist.ReduceOp.MAX)
-        return measured.item()
+        return self.trainer.distributed.all_reduce(measured, "max").item()
 
-    def add_compile(self, eager_seconds: float) -> None:
+    def join(self) -> None:
+        """Once eager's first round is timed: the candidates that pay for their build in a run this
+        long, each warmed up, then rounds of every trial in turn."""
+        self.joined = True
         trainer = self.trainer
-        estimate = eager_seconds * trainer.epochs * trainer.batches_per_epoch
-        if estimate < self.compile_min_s:
-            self.skipped.append(f"compile skipped: the run takes about {estimate:.1f} s eager")
-            return
-        self.trials.insert(self.index + 1, Trial("compile", self.others["compile"].step(self.eager), UNTIMED))
+        estimate = self.eager.rounds[0] * trainer.epochs * trainer.batches_per_epoch
+        for name, acceleration in self.others.items():
+            if acceleration.build_seconds > self.max_build_share * estimate:
+                self.skipped.append(f"{name} skipped: the run takes about {estimate:.1f} s eager")
+            else:
+                self.trials.append(Trial(name, acceleration.step(self.eager.step)))
+        self.eager.rounds.clear()
+        self.plan.extend(Segment(trial, UNTIMED, False) for trial in self.trials[1:])
+        for _ in range(ROUNDS):
+            self.plan.extend(Segment(trial, self.per_round, True) for trial in self.trials)
+
+    def choose(self) -> None:
+        eager = self.eager
+        best = min(self.trials, key=Trial.median)
+        if best.median() > eager.median() * (1 - self.margin):
+            best = eager
+        self.chosen = best.step
+        times = ", ".join(f"{trial.name} {trial.median() * 1e6:.1f} us" for trial in self.trials)
+        skipped = "".join(f"; {reason}" for reason in self.skipped)
+        if self.trainer.rank == 0:
+            print(f"accelerate auto: {best.name} (median per step: {times}{skipped})", flush=True)

@@ -12,12 +12,12 @@ import engine
 
 
 @engine.hookimpl
-def skip_per_step(trainer: engine.Trainer) -> bool:
+def skip_per_step(trainer: engine.TrainerView) -> bool:
     return trainer.info.task not in ("classification", "binary")
 
 
 @engine.hookimpl
-def compute_metrics(batch: engine.Batch, output: torch.Tensor, trainer: engine.Trainer) -> dict[str, torch.Tensor]:
+def compute_metrics(batch: engine.Batch, output: torch.Tensor, trainer: engine.TrainerView) -> dict[str, torch.Tensor]:
     if batch.y.is_floating_point():  # binary: 0/1 labels [N, 1], one logit each
         threshold = trainer.info.threshold
         logit = math.log(threshold / (1 - threshold))  # 0.0 for 0.5: the sigmoid is not computed

@@ -1,10 +1,12 @@
-"""``[checkpoint]``: when the run takes checkpoints, how many it keeps, its best ones, and the
-final model file.
+"""``[checkpoint]``: when the run takes checkpoints, how many it keeps and its best ones; it owns
+the run's ``checkpoints/`` folder and says which file a resume or ``which = "best" | "last"``
+means (`find_checkpoint`).
 
-A checkpoint is `Trainer.checkpoint()` (the model, optimizer, scheduler, gradient scaler, the
-loop state with every RNG and the unlogged losses, and every plugin's `state_dict`) written
-atomically to ``checkpoints/step-<step>.pt``. The triggers are independent; any one that is set
-fires, at a step boundary or an epoch's end:
+A checkpoint is `trainer.checkpoint()` (the model, optimizer, scheduler, gradient scaler, the
+loop state with every RNG and the unlogged losses, and every plugin's `save_plugin_state`)
+written atomically to ``checkpoints/step-<step>.pt``. The triggers are independent; any one that
+is set fires, at the end of an accumulation window (within one the gradients are half summed)
+or of an epoch:
 
 - ``every_steps``: every N steps; ``every_epochs``: at the end of every N-th epoch;
 - ``every_seconds`` (default 60): once that long has passed since the last checkpoint, checked
@@ -14,9 +16,7 @@ fires, at a step boundary or an epoch's end:
 
 Of a run's processes, rank 0 alone takes and writes checkpoints: the weights, optimizer state and
 data position are every process's (the position counts global batches, so a run resumes with
-another number of processes as well). A step trigger that fires inside a gradient-accumulation
-window waits for the window's last batch: until its all-reduce, each process holds its own part of
-the window's gradients.
+another number of processes as well).
 
 The training thread takes the checkpoint (a copy of every tensor, on the CPU: a few hundred
 microseconds for the MLP job) and one background thread writes it, so the loop does not wait for
@@ -26,8 +26,7 @@ last (an error writing one ends the run there).
 ``keep_last`` step checkpoints are kept. With ``keep_best`` > 0, an epoch whose ``monitor`` (a
 validation metric like ``val_loss``, or a logged one like ``loss``) beats the kept ones by
 ``mode`` is also linked as ``checkpoints/best-<step>.pt``, ranked in ``checkpoints/best.json``.
-A completed or interrupted run leaves its final weights in ``model.pt``. A run that continues
-a directory (resumed, or restarted by ``resume = "auto"``) removes what its killed predecessor
+A run that continues a directory (resumed, or restarted by ``resume = "auto"``) removes what its killed predecessor
 wrote after the checkpoint it starts from (later checkpoints, a half-written one): they belong to
 a future that is run again.
 """
@@ -38,6 +37,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,6 +50,9 @@ import torch
 import engine
 
 runs = engine.runs
+FOLDER = "checkpoints"
+RANKING = "best.json"  # in checkpoints/: the best checkpoints, best first, with their metric
+NUMBERED = re.compile(r"(step|best)-(\d+)\.pt")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,32 @@ class Settings:
     keep_best: Annotated[int, engine.Range(ge=0)] = 1  # 0: no best tracking
 
 
+def numbered(run_dir: Path, kind: str) -> list[tuple[int, Path]]:
+    """The run's checkpoints of `kind` ("step" or "best") as (step, path), oldest first."""
+    found = []
+    for path in (run_dir / FOLDER).glob(f"{kind}-*.pt"):
+        match = NUMBERED.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(2)), path))
+    return sorted(found)
+
+
+def checkpoint_path(run_dir: Path, kind: str, step: int) -> Path:
+    return run_dir / FOLDER / f"{kind}-{step:09d}.pt"
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The best checkpoint by the monitored metric: first in checkpoints/best.json's ranking."""
+    index = run_dir / FOLDER / RANKING
+    try:
+        ranking = json.loads(index.read_text(encoding="utf-8"))["ranking"]
+        return run_dir / FOLDER / ranking[0]["file"] if ranking else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise engine.ConfigError(f"file '{index}' cannot be read: {engine.one_line(error)}") from None
+
+
 class Checkpoints:
     def __init__(self) -> None:
         self.settings: Any = None
@@ -71,7 +100,7 @@ class Checkpoints:
         self.monitor = ""
         self.due = math.inf  # the monotonic time the time trigger fires at
         self.saved: tuple[int, int, int] | None = None  # the (epoch, batch, step) last saved
-        self.waiting = False  # a step trigger fired inside an accumulation window (several processes)
+        self.waiting = False  # a step trigger fired inside an accumulation window
         self.best: list[dict[str, Any]] = []  # the kept best checkpoints, best first: step, value, file
         self.writer: ThreadPoolExecutor | None = None
         self.writing: Future[None] | None = None
@@ -81,7 +110,14 @@ class Checkpoints:
         return {"checkpoint": Settings}
 
     @engine.hookimpl
-    def on_run_start(self, trainer: engine.Trainer) -> None:
+    def find_checkpoint(self, run_dir: Path, which: str) -> Path | None:
+        if which == "best":
+            return best_checkpoint(run_dir)
+        found = numbered(run_dir, "step")
+        return found[-1][1] if found else None
+
+    @engine.hookimpl
+    def on_run_start(self, trainer: engine.TrainerView) -> None:
         if trainer.rank:
             return  # no trigger is armed: rank 0 writes the checkpoints
         self.settings = trainer.config["checkpoint"]
@@ -92,23 +128,20 @@ class Checkpoints:
         self.forget_after(trainer, trainer.state.step)  # a directory reused by a resumed or restarted run
 
     @engine.hookimpl
-    def skip_per_step(self, trainer: engine.Trainer) -> bool:
+    def skip_per_step(self, trainer: engine.TrainerView) -> bool:
         return trainer.rank != 0  # rank 0 alone takes checkpoints
 
     @engine.hookimpl
-    def after_step(self, state: engine.State, window: engine.Window, trainer: engine.Trainer) -> None:
+    def after_step(self, state: engine.State, window: engine.Window, trainer: engine.TrainerView) -> None:
         if (self.every_steps and state.step % self.every_steps == 0) or time.monotonic() >= self.due or self.waiting:
-            if window.last or trainer.world_size == 1:
+            if window.last:
                 self.save(trainer)
             else:
                 self.waiting = True
 
     @engine.hookimpl
-    def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
+    def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.TrainerView) -> None:
         improved = self.improved(epoch, state) if self.keep_best else None
-        # The run's end (its last epoch, or a stop asked for earlier in this hook) is taken here,
-        # before a plugin that runs later in it (early stopping's restore_best) changes the
-        # weights that go with the optimizer.
         if (
             improved is not None
             or (self.every_epochs and epoch % self.every_epochs == 0)
@@ -119,26 +152,26 @@ class Checkpoints:
             self.save(trainer, best=improved)
 
     @engine.hookimpl(tryfirst=True)  # the weights first: other plugins' failures at the end must not cost them
-    def on_run_end(self, trainer: engine.Trainer, error: BaseException | None) -> None:
+    def on_run_end(self, trainer: engine.TrainerView, error: BaseException | None) -> None:
         if self.writer is None:
             return  # the run never started
         try:
-            if error is None or isinstance(error, engine.Interrupted):
-                state = trainer.state
-                if self.saved != (state.epoch, state.batch, state.step):
-                    self.save(trainer)
-                runs.save(trainer.trained_model(), trainer.run_dir / runs.MODEL)
+            state = trainer.state
+            ended = error is None or isinstance(error, engine.Interrupted)
+            if ended and self.saved != (state.epoch, state.batch, state.step):
+                self.save(trainer)
             self.wait()
         finally:
             self.writer.shutdown(wait=True)
 
     @engine.hookimpl
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": [dict(entry) for entry in self.best]}
+    def save_plugin_state(self) -> dict[str, Any]:
+        return {"checkpoint": {"best": [dict(entry) for entry in self.best]}}
 
     @engine.hookimpl
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = [dict(entry) for entry in state["best"]]
+    def load_plugin_state(self, state: dict[str, Any]) -> None:
+        if "checkpoint" in state:
+            self.best = [dict(entry) for entry in state["checkpoint"]["best"]]
 
     def improved(self, epoch: int, state: engine.State) -> float | None:
         """The monitored value of this epoch if it ranks among the best kept, else None."""
@@ -150,13 +183,13 @@ class Checkpoints:
         worst = self.best[-1]["value"]
         return value if (value < worst if self.settings["mode"] == "min" else value > worst) else None
 
-    def save(self, trainer: engine.Trainer, best: float | None = None) -> None:
+    def save(self, trainer: engine.TrainerView, best: float | None = None) -> None:
         """Take a checkpoint now; write it (and rank it, and prune the old ones) in the background."""
         state, run_dir = trainer.state, trainer.run_dir
-        path = runs.checkpoint_path(run_dir, "step", state.step)
+        path = checkpoint_path(run_dir, "step", state.step)
         ranking = None
         if best is not None:  # ranked before the checkpoint is taken: its own state includes the rank
-            name = runs.checkpoint_path(run_dir, "best", state.step).name
+            name = checkpoint_path(run_dir, "best", state.step).name
             self.best.append({"step": state.step, "value": best, "file": name})
             self.best.sort(key=lambda entry: entry["value"], reverse=self.settings["mode"] == "max")
             self.best, dropped = self.best[: self.settings["keep_best"]], self.best[self.settings["keep_best"] :]
@@ -171,12 +204,12 @@ class Checkpoints:
         runs.save(taken, path)
         if ranking is not None:
             kept, dropped, name = ranking
-            link(path, run_dir / runs.CHECKPOINTS / name)
+            link(path, run_dir / FOLDER / name)
             self.write_ranking(run_dir, kept)
             for name in dropped:
                 with contextlib.suppress(FileNotFoundError):
-                    (run_dir / runs.CHECKPOINTS / name).unlink()
-        for _, old in runs.numbered(run_dir, "step")[: -self.settings["keep_last"]]:
+                    (run_dir / FOLDER / name).unlink()
+        for _, old in numbered(run_dir, "step")[: -self.settings["keep_last"]]:
             old.unlink()
 
     def wait(self) -> None:
@@ -190,20 +223,20 @@ class Checkpoints:
 
     def write_ranking(self, run_dir: Path, ranking: list[dict[str, Any]]) -> None:
         index = {"monitor": self.settings["monitor"], "mode": self.settings["mode"], "ranking": ranking}
-        runs.write_text(run_dir / runs.CHECKPOINTS / runs.BEST_INDEX, json.dumps(index, indent=2) + "\n")
+        runs.write_text(run_dir / FOLDER / RANKING, json.dumps(index, indent=2) + "\n")
 
-    def forget_after(self, trainer: engine.Trainer, step: int) -> None:
+    def forget_after(self, trainer: engine.TrainerView, step: int) -> None:
         """Remove what a killed run left after `step` (its later checkpoints, a half-written one)
         and rank only the best checkpoints that exist."""
         for stray in trainer.run_dir.rglob(".*.tmp"):
             stray.unlink()
-        if not (trainer.run_dir / runs.CHECKPOINTS).is_dir():
+        if not (trainer.run_dir / FOLDER).is_dir():
             return  # a new run
         for kind in ("step", "best"):
-            for saved_step, path in runs.numbered(trainer.run_dir, kind):
+            for saved_step, path in numbered(trainer.run_dir, kind):
                 if saved_step > step:
                     path.unlink()
-        self.best = [entry for entry in self.best if (trainer.run_dir / runs.CHECKPOINTS / entry["file"]).is_file()]
+        self.best = [entry for entry in self.best if (trainer.run_dir / FOLDER / entry["file"]).is_file()]
         if self.settings["keep_best"]:
             self.write_ranking(trainer.run_dir, self.best)
 

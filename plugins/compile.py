@@ -62,7 +62,7 @@ class Compile:
 
     def compiled(
         self,
-        trainer: engine.Trainer,
+        trainer: engine.TrainerView,
         mode: Mode = "default",
         fullgraph: bool = False,
         dynamic: bool | None = False,
@@ -85,12 +85,19 @@ class Compile:
 class Compiled:
     """The compile acceleration: a traceable optimizer and the compiled step."""
 
+    # What the first compiled steps cost, about: 3 to 5 s for the MLP job's step on this project's
+    # CPU (bench/RESULTS.md, compiled); auto tries it only on a run long enough to pay it back.
+    build_seconds = 3.0
+
     def __init__(
         self, device: torch.device, mode: str, fullgraph: bool, dynamic: bool | None, explain: bool, says: bool = True
     ) -> None:
         self.device, self.mode, self.fullgraph, self.dynamic, self.explain = device, mode, fullgraph, dynamic, explain
         self.says = says  # prints its report: of a run's processes, rank 0 alone
         self.graphs = -1  # graphs compiled once the first compiled step ran; -1 until then
+
+    def unavailable(self) -> str | None:
+        return None
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if not type(optimizer).__module__.startswith("torch.optim"):

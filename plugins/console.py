@@ -1,4 +1,5 @@
-"""The tutorial's console line at each logging point, then the learned parameters of a small model.
+"""The tutorial's console line at each logging point; at the end, the test figures, the learned
+parameters of a small model (or its size) and where the run's files are.
 
 Of a run's processes, rank 0 alone prints (the metrics are every process's).
 """
@@ -6,6 +7,8 @@ Of a run's processes, rank 0 alone prints (the metrics are every process's).
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+import torch
 
 import engine
 
@@ -28,7 +31,7 @@ def loss_terms(metrics: Mapping[str, float]) -> list[str]:
 
 
 @engine.hookimpl
-def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
+def on_log(metrics: Mapping[str, float], trainer: engine.TrainerView) -> None:
     if trainer.rank:
         return
     line = f"Epoch [{metrics['epoch']}/{trainer.epochs}]"
@@ -45,22 +48,29 @@ def on_log(metrics: Mapping[str, float], trainer: engine.Trainer) -> None:
 
 
 @engine.hookimpl
-def on_run_end(trainer: engine.Trainer, error: BaseException | None) -> None:
-    if error is not None or trainer.rank:
+def on_run_end(trainer: engine.TrainerView, error: BaseException | None) -> None:
+    if trainer.rank:
         return
-    if trainer.state.test_metrics:
-        logged = trainer.state.metrics
-        terms = loss_terms(logged)
-        hidden = {f"test_{terms[0]}"} if len(terms) == 1 else set()  # a single term is the loss itself
-        shown = [(name[5:], value) for name, value in trainer.state.test_metrics.items() if name not in hidden]
-        print("Test: " + ", ".join(f"{name} {value:.4f}" for name, value in shown))
-    named = list(trainer.module.named_parameters())  # the model as built, not a wrapper's names (DDP's module.*)
+    if error is None:
+        if trainer.state.test_metrics:
+            terms = loss_terms(trainer.state.metrics)
+            hidden = {f"test_{terms[0]}"} if len(terms) == 1 else set()  # a single term is the loss itself
+            shown = [(name[5:], value) for name, value in trainer.state.test_metrics.items() if name not in hidden]
+            print("Test: " + ", ".join(f"{name} {value:.4f}" for name, value in shown))
+        print(parameters(trainer.final_module))
+    if trainer.run_dir is not None:
+        print(f"Run files: {trainer.run_dir}")
+
+
+def parameters(model: torch.nn.Module) -> str:
+    """The learned parameters of a small model, by name (the tutorial's weight and bias); the count of a larger one."""
+    named = list(model.named_parameters())
     count = sum(p.numel() for _, p in named)
     if count > PRINT_PARAMETERS_UP_TO:
-        print(f"Model: {count:,} parameters")
-        return
-    shown = ", ".join(f"{name} = {_values(p.detach().cpu().flatten().tolist())}" for name, p in named)
-    print(f"Learned parameters: {shown}")
+        return f"Model: {count:,} parameters"
+    return "Learned parameters: " + ", ".join(
+        f"{name} = {_values(p.detach().cpu().flatten().tolist())}" for name, p in named
+    )
 
 
 def _values(values: list[float]) -> str:

@@ -41,17 +41,8 @@ import engine
 Output = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
-def cudagraph(trainer: engine.Trainer, warmup: Annotated[int, engine.Range(ge=1)] = 3) -> Graphed:
+def cudagraph(trainer: engine.TrainerView, warmup: Annotated[int, engine.Range(ge=1)] = 3) -> Graphed:
     """The train step as CUDA graphs (see the module docstring); `warmup` eager steps before each capture."""
-    if trainer.world_size > 1:
-        raise engine.ConfigError(
-            f"accelerate.name = 'cudagraph' runs in a single process, not {trainer.world_size}: DDP's "
-            "gradient all-reduce is not captured; use 'compile' or 'eager'"
-        )
-    if trainer.device.type != "cuda":
-        raise engine.ConfigError(
-            f"accelerate.name = 'cudagraph' needs a CUDA device; this run's device is {trainer.device.type}"
-        )
     return Graphed(trainer, warmup)
 
 
@@ -63,8 +54,20 @@ def register_components():
 class Graphed:
     """The cudagraph acceleration: a graph-safe optimizer and the captured step."""
 
-    def __init__(self, trainer: engine.Trainer, warmup: int) -> None:
+    build_seconds = 0.0  # a capture per distinct step, in milliseconds
+
+    def __init__(self, trainer: engine.TrainerView, warmup: int) -> None:
         self.trainer, self.warmup = trainer, warmup
+
+    def unavailable(self) -> str | None:
+        if self.trainer.device.type != "cuda":
+            return f"it needs a CUDA device; this run's device is {self.trainer.device.type}"
+        if self.trainer.world_size > 1:
+            return (
+                f"it runs in a single process, not {self.trainer.world_size}: DDP's gradient all-reduce is "
+                "not captured; use 'compile' or 'eager'"
+            )
+        return None
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         safe = graph_safe(optimizer)
@@ -140,7 +143,7 @@ class Captured:
 class Graphs:
     """The step that warms up, captures and replays one graph per distinct (shapes, window)."""
 
-    def __init__(self, step: engine.Step, trainer: engine.Trainer, warmup: int) -> None:
+    def __init__(self, step: engine.Step, trainer: engine.TrainerView, warmup: int) -> None:
         self.step, self.trainer, self.warmup = step, trainer, warmup
         self.params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
         self.grads: list[torch.Tensor] = []  # the gradient tensors every graph accumulates into

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv as csv_module
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -276,19 +275,10 @@ def write_csv(delimiter: str = ",") -> Callable[[Path, Columns], None]:
     return write
 
 
-@dataclass(frozen=True)
-class Default:
-    name: str = "linear_regression"
-
-
-@engine.hookimpl
-def register_settings():
-    return {"data": Default}
-
-
 @engine.hookimpl
 def register_components():
     return {
+        "default": {"data": "linear_regression"},
         "data": {"linear_regression": linear_regression, "classification": classification, "npz": npz, "csv": csv},
         "predictions": {"npz": write_npz, "csv": write_csv},
     }

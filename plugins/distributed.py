@@ -13,9 +13,11 @@ one process, it is None and the run is the single process it always was. Then:
   model, which is what is saved and exported.
 - `wrap_step` runs each batch of an accumulation window but the last under ``no_sync()``: one
   all-reduce per optimizer step.
-- The core does the rest: each process's loaders take its slice of every batch (the global one),
-  the logged losses and the validation sums are reduced once per logging point and validation,
-  and rank 0 alone prints and writes.
+- The core does the rest through the component's collectives (`engine.Distributed`): each
+  process's loaders take its slice of every batch (the global one), the logged losses and the
+  validation sums are reduced once per logging point and validation, and rank 0 alone prints
+  and writes.
+- ``run --nproc N`` (`register_commands`) starts the N processes with torch's launcher API.
 
 A process that fails or is interrupted reports it in the key-value store the processes met in
 (torch.distributed's rendezvous; torchrun's own): the first report is the run's error, which the
@@ -28,9 +30,12 @@ exception").
 
 from __future__ import annotations
 
+import argparse
+import atexit
+import gc
 import json
+import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -42,11 +47,6 @@ import engine
 ERROR_KEY = "error"  # in the store: the first error of the run, as JSON
 
 
-@dataclass(frozen=True)
-class Default:
-    name: str = "ddp"
-
-
 class DataParallel:
     """Per run: the processes this plugin joined and the DDP module it made."""
 
@@ -55,12 +55,19 @@ class DataParallel:
         self.ddp: DistributedDataParallel | None = None
 
     @engine.hookimpl
-    def register_settings(self):
-        return {"distributed": Default}
+    def register_components(self):
+        return {"distributed": {"ddp": self.join}, "default": {"distributed": "ddp"}}
 
     @engine.hookimpl
-    def register_components(self):
-        return {"distributed": {"ddp": self.join}}
+    def register_commands(self, commands: engine.Commands) -> None:
+        commands.parser("run").add_argument(
+            "--nproc",
+            type=int,
+            metavar="N",
+            help="train data-parallel in N processes on this machine, started by torch's launcher "
+            "(as `torchrun --standalone --nproc-per-node N -m engine run ...` would)",
+        )
+        commands.wrap("run", launch_if_asked)
 
     def join(self, device: torch.device, backend: Literal["auto", "gloo", "nccl"] = "auto") -> Joined | None:
         """Join the processes of the launcher's run (see the module docstring); None without one."""
@@ -121,10 +128,26 @@ class Joined:
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None
         )
-        self.device, self.rank = device, rank
+        self.device, self.rank, self.world_size = device, rank, world_size
+        # Collected while the interpreter lives: a DDP module holds the gloo group through its
+        # reducer, and the trainer's reference cycles keep it until the garbage collector runs;
+        # collected during interpreter shutdown instead, gloo aborted a process now and then after
+        # a completed run ("terminate called without an active exception", exit 134).
+        atexit.register(gc.collect)
+
+    def broadcast(self, value: Any) -> Any:
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return tensor
 
     def failed(self, error: BaseException) -> BaseException:
         """`error` if it is the run's first (this process shows it), else the one reported first."""
+        if isinstance(error, engine.TrainingError) and error.located and not str(error).startswith("rank "):
+            error.args = (f"rank {self.rank}, {error}",)
         mine = json.dumps(report(error, self.rank))
         try:
             first = self.store.compare_set(ERROR_KEY, "", mine).decode()
@@ -162,3 +185,51 @@ def from_report(record: dict[str, Any]) -> engine.EngineError:
         error = engine.TrainingError(record["message"], located=True)
     error.shown = False
     return error
+
+
+def launch_if_asked(args: argparse.Namespace, run: Any) -> int:
+    """``run --nproc N``: the same command in N processes of this machine, started by torch's
+    launcher API (``torch.distributed.run``, what torchrun is); its exit code is the first failed
+    process's, or the signal's that stopped the launcher (after its processes stopped cleanly).
+    Without ``--nproc``, the run itself."""
+    if args.nproc is None:
+        return run(args)
+    if args.nproc < 1:
+        raise engine.ConfigError(f"--nproc: expected 1 or more processes, got {args.nproc}")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise engine.ConfigError(
+            "--nproc: this process was started by a launcher (torchrun) already; leave --nproc out"
+        )
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # The launcher logs the threads it sets, each failed process and each signal it sends, each of
+    # its modules at its own level: the processes say what happened themselves, in one line.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    command = ["--standalone", f"--nproc-per-node={args.nproc}", "--module", "engine", *without_nproc(args.argv)]
+    try:
+        torchrun.run(torchrun.parse_args(command))
+    except ChildFailedError as failed:
+        _, first = failed.get_first_failure()
+        return first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # -N: killed by signal N
+    except SignalException as signalled:
+        return 128 + signalled.sigval
+    except Exception as error:
+        raise engine.EngineError(f"--nproc: torch's launcher failed: {engine.one_line(error)}") from error
+    return 0
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line without ``--nproc N``: what each launched process runs."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--nproc":
+            skip = True
+        elif not argument.startswith("--nproc="):
+            kept.append(argument)
+    return kept

@@ -3,16 +3,16 @@
 After each validation, ``monitor`` (``val_loss`` by default; a logged metric such as ``loss`` when
 the run does not validate every epoch) is compared with the best so far: an improvement by more
 than ``min_delta`` in the direction of ``mode`` resets the count; ``patience`` validations without
-one end the run after that epoch. With ``restore_best`` the model gets the best epoch's weights
-back when the run ends (early or not), so ``model.pt`` and `engine.load` hold them; the
-checkpoints keep the weights that go with the optimizer's state, so a resumed run continues the
-same training. The judgement comes first in ``on_epoch_end`` and the restore last: in between,
-the checkpoint plugin takes the end-of-run checkpoint (it sees ``state.stop``) of the trained
-weights. ``patience = 0`` (the default) switches it off.
+one end the run after that epoch. With ``restore_best`` the run ends with the best epoch's model
+(`final_model`): ``model.pt``, the test and `engine.load` get it, while the checkpoints keep the
+trained weights that go with the optimizer's state, so a resumed run continues the same training.
+The best epoch's model is what `trainer.final_model()` gave then: with weight averaging, the best
+average. ``patience = 0`` (the default) switches it off.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -35,41 +35,28 @@ class EarlyStopping:
         self.best: float | None = None
         self.best_epoch = 0
         self.waited = 0  # validations since the best
-        self.weights: dict[str, torch.Tensor] | None = None  # the best epoch's, with restore_best
+        self.model: torch.nn.Module | None = None  # the best epoch's final model, with restore_best
 
     @engine.hookimpl
     def register_settings(self):
         return {"early_stopping": Settings}
 
     @engine.hookimpl
-    def skip_per_step(self, trainer: engine.Trainer) -> bool:
+    def skip_per_step(self, trainer: engine.TrainerView) -> bool:
         return trainer.config["early_stopping"]["patience"] == 0
 
-    @engine.hookimpl(specname="on_epoch_end", tryfirst=True)  # the stop known to the epoch's other plugins
-    def judge_epoch(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
+    @engine.hookimpl
+    def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.TrainerView) -> None:
         settings = trainer.config["early_stopping"]
         value = state.monitored(epoch, settings["monitor"], "early_stopping.monitor")
-        if value is not None:
-            self.judge(value, epoch, state, trainer, settings)
-
-    @engine.hookimpl(specname="on_epoch_end", trylast=True)  # after the checkpoint took the trained weights
-    def restore_at_the_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
-        settings = trainer.config["early_stopping"]
-        if settings["restore_best"] and self.weights is not None and (state.stop or epoch == trainer.epochs):
-            trainer.module.load_state_dict(self.weights)  # on every process: they hold the same weights
-            if trainer.rank == 0:
-                monitored = f"{settings['monitor']} {self.best:.4f}"
-                print(f"early stopping: weights of epoch {self.best_epoch} restored ({monitored})")
-
-    def judge(self, value: float, epoch: int, state: engine.State, trainer: engine.Trainer, settings: Any) -> None:
+        if value is None:
+            return
         delta = settings["min_delta"]
-        better = self.best is None or (
-            value < self.best - delta if settings["mode"] == "min" else value > self.best + delta
-        )
-        if better:
+        if self.best is None or (value < self.best - delta if settings["mode"] == "min" else value > self.best + delta):
             self.best, self.best_epoch, self.waited = value, epoch, 0
             if settings["restore_best"]:
-                self.weights = {name: tensor.detach().clone() for name, tensor in trainer.module.state_dict().items()}
+                self.model = None  # so that the chain gives this epoch's model, not the best so far
+                self.model = copy.deepcopy(trainer.final_model())
             return
         self.waited += 1
         if self.waited >= settings["patience"]:
@@ -82,12 +69,28 @@ class EarlyStopping:
                 )
 
     @engine.hookimpl
-    def state_dict(self, trainer: engine.Trainer) -> dict[str, Any] | None:
-        if trainer.config["early_stopping"]["patience"] == 0:
-            return None
-        return {"best": self.best, "best_epoch": self.best_epoch, "waited": self.waited, "weights": self.weights}
+    def final_model(self, trainer: engine.TrainerView) -> torch.nn.Module | None:
+        if self.model is not None and trainer.rank == 0:
+            monitored = f"{trainer.config['early_stopping']['monitor']} {self.best:.4f}"
+            print(f"early stopping: the run ends with the model of epoch {self.best_epoch} ({monitored})")
+        return self.model
 
     @engine.hookimpl
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_epoch, self.waited = state["best"], state["best_epoch"], state["waited"]
-        self.weights = state["weights"]
+    def save_plugin_state(self, trainer: engine.TrainerView) -> dict[str, Any] | None:
+        if trainer.config["early_stopping"]["patience"] == 0:
+            return None
+        weights = self.model.state_dict() if self.model is not None else None
+        return {
+            "early_stopping": {"best": self.best, "epoch": self.best_epoch, "waited": self.waited, "model": weights}
+        }
+
+    @engine.hookimpl
+    def load_plugin_state(self, state: dict[str, Any], trainer: engine.TrainerView) -> None:
+        saved = state.get("early_stopping")
+        if saved is None:
+            return
+        self.best, self.best_epoch, self.waited = saved["best"], saved["epoch"], saved["waited"]
+        if saved["model"] is not None:
+            self.model = None
+            self.model = copy.deepcopy(trainer.final_model())  # its structure; the weights are the saved ones
+            self.model.load_state_dict(saved["model"])

@@ -24,6 +24,7 @@ import engine
 class AOTInductor:
     suffix = ".pt2"
     tolerance = 1e-5
+    max_batch = None
     auto_rank = 10  # behind ONNX Runtime on the CPU at batch 1 (bench/RESULTS.md, inference)
 
     def missing(self) -> str | None:
@@ -35,8 +36,7 @@ class AOTInductor:
             return f"AOTInductor needs a C++ compiler (g++ or clang++; set CXX): {engine.one_line(error)}"
         return None
 
-    def write(self, module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-        program = engine.export_program(module, example)
+    def write(self, program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
     def load(self, path: Path) -> engine.Runner:

@@ -25,6 +25,7 @@ PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 class Onnx:
     suffix = ".onnx"
     tolerance = 1e-5
+    max_batch = None
     auto_rank = 20
 
     def __init__(self, opset: int | None) -> None:
@@ -36,8 +37,7 @@ class Onnx:
             return f"ONNX export needs {', '.join(absent)}: pip install 'torch-plugin-engine[onnx]'"
         return None
 
-    def write(self, module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-        program = engine.export_program(module, example)
+    def write(self, program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints each pass it runs
             exported = torch.onnx.export(program, (example,), dynamo=True, opset_version=self.opset, verbose=False)
         exported.save(str(path), external_data=False)

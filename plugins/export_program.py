@@ -1,5 +1,5 @@
-"""``export`` format ``exported``: the bare ``torch.export`` program (``.pt2``), the base the other
-formats build on (``engine.export_program``: a dynamic batch dimension).
+"""``export`` format ``exported``: the bare ``torch.export`` program (``.pt2``), as the inference
+plugin traced it (a dynamic batch dimension).
 
 It loads back with ``torch.export.load(path).module()`` wherever torch is installed, without the
 engine, and runs the same ATen operators as eager: no faster, so ``--backend auto`` never picks it.
@@ -17,13 +17,14 @@ import engine
 class Program:
     suffix = ".pt2"
     tolerance = 1e-5
+    max_batch = None
     auto_rank = None
 
     def missing(self) -> str | None:
         return None
 
-    def write(self, module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-        torch.export.save(engine.export_program(module, example), path)
+    def write(self, program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
+        torch.export.save(program, path)
 
     def load(self, path: Path) -> engine.Runner:
         module = torch.export.load(path).module()

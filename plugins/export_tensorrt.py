@@ -39,12 +39,15 @@ class TensorRT:
             return f"TensorRT needs torch-tensorrt: {install}"
         return None
 
-    def write(self, module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    def write(self, program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
         import torch_tensorrt
 
-        module = copy.deepcopy(module).to("cuda", self.dtype)  # the eager one is the reference
+        # The program's module in the engine's precision on the GPU, traced again there with the
+        # batch dimension bounded by what the engine is built for.
+        module = copy.deepcopy(program.module()).to("cuda", self.dtype)
         example = example.to("cuda", self.dtype)
-        program = engine.export_program(module, example)
+        batch = torch.export.Dim("batch", min=1, max=self.max_batch)
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
         width = tuple(example.shape[1:])
         spec = torch_tensorrt.Input(
             min_shape=(1, *width),

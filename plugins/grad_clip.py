@@ -25,12 +25,12 @@ def register_settings():
 
 
 @engine.hookimpl
-def skip_per_step(trainer: engine.Trainer) -> bool:
+def skip_per_step(trainer: engine.TrainerView) -> bool:
     return trainer.config["grad_clip"]["max_norm"] == 0
 
 
 @engine.hookimpl
-def before_optimizer_step(trainer: engine.Trainer) -> None:
+def before_optimizer_step(trainer: engine.TrainerView) -> None:
     settings = trainer.config["grad_clip"]
     torch.nn.utils.clip_grad_norm_(
         trainer.model.parameters(), settings["max_norm"], norm_type=settings["norm_type"], foreach=True

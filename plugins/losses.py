@@ -7,7 +7,6 @@ would silently broadcast MSE on ``[N, 1]`` against ``[N]`` into an ``[N, N]`` lo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
@@ -160,19 +159,10 @@ def _classes(name: str, info: engine.DataInfo) -> int:
     return info.n_outputs if info.task == "classification" else 0
 
 
-@dataclass(frozen=True)
-class Default:
-    name: str = "mse"
-
-
-@engine.hookimpl
-def register_settings():
-    return {"loss": Default}
-
-
 @engine.hookimpl
 def register_components():
     return {
+        "default": {"loss": "mse"},
         "loss": {
             "mse": mse,
             "cross_entropy": cross_entropy,
@@ -181,5 +171,5 @@ def register_components():
             "huber": huber,
             "bce_with_logits": bce_with_logits,
             "nll": nll,
-        }
+        },
     }

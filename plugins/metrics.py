@@ -45,11 +45,11 @@ class Metrics:
         return {"metrics": Settings}
 
     @engine.hookimpl
-    def skip_per_step(self, trainer: engine.Trainer) -> bool:
+    def skip_per_step(self, trainer: engine.TrainerView) -> bool:
         return trainer.loaders.val() is None and trainer.loaders.test() is None
 
     @engine.hookimpl
-    def compute_metrics(self, batch: engine.Batch, output: torch.Tensor, trainer: engine.Trainer) -> None:
+    def compute_metrics(self, batch: engine.Batch, output: torch.Tensor, trainer: engine.TrainerView) -> None:
         if trainer.model.training:
             return  # whole-set metrics are for validation; training logs the per-batch ones
         if not self.built:
@@ -65,7 +65,7 @@ class Metrics:
             self.confusion.update(output, target)
 
     @engine.hookimpl
-    def after_validation(self, trainer: engine.Trainer) -> dict[str, torch.Tensor]:
+    def after_validation(self, trainer: engine.TrainerView) -> dict[str, torch.Tensor]:
         found: dict[str, torch.Tensor] = {}
         if self.collection is not None:
             with warnings.catch_warnings():
@@ -80,65 +80,85 @@ class Metrics:
         return found
 
     @engine.hookimpl
-    def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.Trainer) -> None:
+    def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.TrainerView) -> None:
         if self.matrix is not None and state.val_epoch == epoch and trainer.rank == 0:
             record = {"epoch": epoch, "rows": "target", "columns": "prediction", "matrix": self.matrix.tolist()}
             engine.runs.write_text(trainer.run_dir / "confusion_matrix.json", json.dumps(record) + "\n")
 
-    def build(self, trainer: engine.Trainer) -> None:
+    def build(self, trainer: engine.TrainerView) -> None:
         import torchmetrics
-        from torchmetrics import classification, regression
 
         settings, info = trainer.config["metrics"], trainer.info
         self.built = True
-        if info.task == "classification":
-            common = {"num_classes": info.n_outputs, "ignore_index": -100}
-            averaged = {**common, "average": settings["average"]}
-            # AUROC is defined per class against the rest, never "micro" in torchmetrics.
-            auroc_average = "macro" if settings["average"] == "micro" else settings["average"]
-            made = {
-                "precision": lambda: classification.MulticlassPrecision(**averaged),
-                "recall": lambda: classification.MulticlassRecall(**averaged),
-                "f1": lambda: classification.MulticlassF1Score(**averaged),
-                "auroc": lambda: classification.MulticlassAUROC(**common, average=auroc_average),
-            }
-            chosen = {name: made[name]() for name in settings["classification"]}
-            if settings["confusion_matrix"]:
-                self.confusion = classification.MulticlassConfusionMatrix(**common).to(trainer.device)
-        elif info.task == "binary":  # a probability above data.threshold predicts 1
-            threshold = {"threshold": info.threshold}
-            made = {
-                "precision": lambda: classification.BinaryPrecision(**threshold),
-                "recall": lambda: classification.BinaryRecall(**threshold),
-                "f1": lambda: classification.BinaryF1Score(**threshold),
-                "auroc": classification.BinaryAUROC,  # over every threshold
-            }
-            chosen = {name: made[name]() for name in settings["classification"]}
-            if settings["confusion_matrix"]:
-                self.confusion = classification.BinaryConfusionMatrix(**threshold).to(trainer.device)
-        else:
-            if "r2" in settings["regression"]:
-                for split, count in (("validation", info.n_val), ("test", info.n_test)):
-                    if count == 1:  # (evaluate's file is the validation data)
-                        raise engine.ConfigError(
-                            f"metrics.regression: r2 needs at least 2 samples, but the {split} data has 1: "
-                            "more samples, or metrics.regression without r2"
-                        )
+        made, confusion = MADE[info.task](settings, info)
+        if confusion is not None and settings["confusion_matrix"]:
+            self.confusion = confusion.to(trainer.device)
+        if made:
+            self.collection = torchmetrics.MetricCollection(made).to(trainer.device)
 
-            class R2Score(regression.R2Score):
-                """NaN below 2 samples, where torchmetrics raises: only the setup's check of a batch
-                of 1 sees it (a split of 1 is refused above). The count is every process's."""
 
-                def compute(self) -> torch.Tensor:
-                    if self.total < 2:
-                        return torch.tensor(float("nan"), device=self.total.device)
-                    return super().compute()
+def classification_metrics(settings: Any, info: engine.DataInfo) -> tuple[dict[str, Any], Any]:
+    """The chosen whole-set metrics of class indices, and their confusion matrix."""
+    from torchmetrics import classification
 
-            made = {
-                "mae": regression.MeanAbsoluteError,
-                "rmse": lambda: regression.MeanSquaredError(squared=False),
-                "r2": lambda: R2Score(multioutput="uniform_average"),
-            }
-            chosen = {name: made[name]() for name in settings["regression"]}
-        if chosen:
-            self.collection = torchmetrics.MetricCollection(chosen).to(trainer.device)
+    common = {"num_classes": info.n_outputs, "ignore_index": -100}
+    averaged = {**common, "average": settings["average"]}
+    # AUROC is defined per class against the rest, never "micro" in torchmetrics.
+    auroc_average = "macro" if settings["average"] == "micro" else settings["average"]
+    made = {
+        "precision": lambda: classification.MulticlassPrecision(**averaged),
+        "recall": lambda: classification.MulticlassRecall(**averaged),
+        "f1": lambda: classification.MulticlassF1Score(**averaged),
+        "auroc": lambda: classification.MulticlassAUROC(**common, average=auroc_average),
+    }
+    chosen = {name: made[name]() for name in settings["classification"]}
+    return chosen, classification.MulticlassConfusionMatrix(**common)
+
+
+def binary_metrics(settings: Any, info: engine.DataInfo) -> tuple[dict[str, Any], Any]:
+    """The chosen whole-set metrics of 0/1 labels (a probability above data.threshold predicts 1),
+    and their 2x2 confusion matrix."""
+    from torchmetrics import classification
+
+    threshold = {"threshold": info.threshold}
+    made = {
+        "precision": lambda: classification.BinaryPrecision(**threshold),
+        "recall": lambda: classification.BinaryRecall(**threshold),
+        "f1": lambda: classification.BinaryF1Score(**threshold),
+        "auroc": classification.BinaryAUROC,  # over every threshold
+    }
+    chosen = {name: made[name]() for name in settings["classification"]}
+    return chosen, classification.BinaryConfusionMatrix(**threshold)
+
+
+def regression_metrics(settings: Any, info: engine.DataInfo) -> tuple[dict[str, Any], None]:
+    """The chosen whole-set metrics of values."""
+    from torchmetrics import regression
+
+    if "r2" in settings["regression"]:
+        for split, count in (("validation", info.n_val), ("test", info.n_test)):
+            if count == 1:  # (evaluate's file is the validation data)
+                raise engine.ConfigError(
+                    f"metrics.regression: r2 needs at least 2 samples, but the {split} data has 1: "
+                    "more samples, or metrics.regression without r2"
+                )
+
+    class R2Score(regression.R2Score):
+        """NaN below 2 samples, where torchmetrics raises: only the setup's check of a batch of 1
+        sees it (a split of 1 is refused above). The count is every process's."""
+
+        def compute(self) -> torch.Tensor:
+            if self.total < 2:
+                return torch.tensor(float("nan"), device=self.total.device)
+            return super().compute()
+
+    made = {
+        "mae": regression.MeanAbsoluteError,
+        "rmse": lambda: regression.MeanSquaredError(squared=False),
+        "r2": lambda: R2Score(multioutput="uniform_average"),
+    }
+    return {name: made[name]() for name in settings["regression"]}, None
+
+
+# The whole-set metrics of each task, by the function that builds them.
+MADE = {"classification": classification_metrics, "binary": binary_metrics, "regression": regression_metrics}

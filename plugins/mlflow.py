@@ -42,7 +42,7 @@ class MLflow:
         return {"mlflow": Settings}
 
     @engine.hookimpl
-    def on_run_start(self, trainer: engine.Trainer) -> None:
+    def on_run_start(self, trainer: engine.TrainerView) -> None:
         settings = trainer.config["mlflow"]
         if not settings["enabled"] or trainer.rank:  # of a run's processes, rank 0 logs
             return
@@ -66,7 +66,7 @@ class MLflow:
             self.client.log_metrics(values, step=int(metrics["step"]))
 
     @engine.hookimpl
-    def on_run_end(self, trainer: engine.Trainer, error: BaseException | None) -> None:
+    def on_run_end(self, trainer: engine.TrainerView, error: BaseException | None) -> None:
         if self.client is None:
             return
         try:

@@ -6,7 +6,6 @@ factory's keyword parameters become the section's settings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from torch import nn
@@ -59,16 +58,6 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-@dataclass(frozen=True)
-class Default:
-    name: str = "linear"
-
-
-@engine.hookimpl
-def register_settings():
-    return {"model": Default}
-
-
 @engine.hookimpl
 def register_components():
-    return {"model": {"linear": linear, "mlp": mlp}}
+    return {"default": {"model": "linear"}, "model": {"linear": linear, "mlp": mlp}}

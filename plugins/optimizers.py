@@ -9,7 +9,6 @@ The learning rate defaults to 0.01, the tutorial's, for every optimizer.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
@@ -34,6 +33,14 @@ def implementation(impl: Impl, params: list[torch.Tensor]) -> dict[str, bool | N
     return {"foreach": impl == "foreach"}
 
 
+def built(
+    optimizer: type[torch.optim.Optimizer], params: Iterable[torch.Tensor], impl: Impl, **settings
+) -> torch.optim.Optimizer:
+    """`optimizer` over `params` with `settings`, in the implementation `impl` asks for."""
+    params = list(params)
+    return optimizer(params, **settings, **implementation(impl, params))
+
+
 def sgd(
     params: Iterable[torch.Tensor],
     lr: LearningRate = 0.01,
@@ -43,18 +50,10 @@ def sgd(
     nesterov: bool = False,
     impl: Impl = "auto",
 ) -> torch.optim.Optimizer:
-    params = list(params)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise engine.ConfigError("optimizer.nesterov: needs momentum > 0 and dampening = 0")
-    return torch.optim.SGD(
-        params,
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        **implementation(impl, params),
-    )
+    settings = {"momentum": momentum, "dampening": dampening, "weight_decay": weight_decay, "nesterov": nesterov}
+    return built(torch.optim.SGD, params, impl, lr=lr, **settings)
 
 
 def adam(
@@ -66,15 +65,9 @@ def adam(
     amsgrad: bool = False,
     impl: Impl = "auto",
 ) -> torch.optim.Optimizer:
-    params = list(params)
-    return torch.optim.Adam(
-        params,
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        **implementation(impl, params),
+    """Adam; its `weight_decay` is added to the gradient (L2)."""
+    return built(
+        torch.optim.Adam, params, impl, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad
     )
 
 
@@ -87,28 +80,11 @@ def adamw(
     amsgrad: bool = False,
     impl: Impl = "auto",
 ) -> torch.optim.Optimizer:
-    params = list(params)
-    return torch.optim.AdamW(
-        params,
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        **implementation(impl, params),
-    )
-
-
-@dataclass(frozen=True)
-class Default:
-    name: str = "adam"
-
-
-@engine.hookimpl
-def register_settings():
-    return {"optimizer": Default}
+    """AdamW: Adam with `weight_decay` applied to the weights directly (decoupled)."""
+    settings = {"betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad}
+    return built(torch.optim.AdamW, params, impl, lr=lr, **settings)
 
 
 @engine.hookimpl
 def register_components():
-    return {"optimizer": {"sgd": sgd, "adam": adam, "adamw": adamw}}
+    return {"default": {"optimizer": "adam"}, "optimizer": {"sgd": sgd, "adam": adam, "adamw": adamw}}

@@ -11,8 +11,6 @@ any other optimizer ``GradScaler.step`` reads the inf flag back once per step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 import engine
@@ -33,16 +31,6 @@ def fp16_mixed(device: torch.device) -> engine.Precision:
     return engine.Precision(device.type, torch.float16, torch.amp.GradScaler(device.type))
 
 
-@dataclass(frozen=True)
-class Default:
-    name: str = "32"
-
-
-@engine.hookimpl
-def register_settings():
-    return {"precision": Default}
-
-
 @engine.hookimpl
 def register_components():
-    return {"precision": {"32": full, "bf16-mixed": bf16_mixed, "16-mixed": fp16_mixed}}
+    return {"default": {"precision": "32"}, "precision": {"32": full, "bf16-mixed": bf16_mixed, "16-mixed": fp16_mixed}}

@@ -20,7 +20,7 @@ class Settings:
     progress: bool = True  # a tqdm bar on a terminal
 
 
-def shown(trainer: engine.Trainer) -> bool:
+def shown(trainer: engine.TrainerView) -> bool:
     return trainer.config["log"]["progress"] and sys.stderr.isatty() and trainer.rank == 0
 
 
@@ -34,11 +34,11 @@ class Progress:
         return {"log": Settings}
 
     @engine.hookimpl
-    def skip_per_step(self, trainer: engine.Trainer) -> bool:
+    def skip_per_step(self, trainer: engine.TrainerView) -> bool:
         return not shown(trainer)
 
     @engine.hookimpl
-    def on_run_start(self, trainer: engine.Trainer) -> None:
+    def on_run_start(self, trainer: engine.TrainerView) -> None:
         if not shown(trainer):
             return
         from tqdm import tqdm

@@ -8,7 +8,6 @@ once per accumulation window).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Annotated
 
 import torch
@@ -71,24 +70,15 @@ def onecycle(
     return engine.Scheduled(scheduler)
 
 
-@dataclass(frozen=True)
-class Default:
-    name: str = "none"
-
-
-@engine.hookimpl
-def register_settings():
-    return {"scheduler": Default}
-
-
 @engine.hookimpl
 def register_components():
     return {
+        "default": {"scheduler": "none"},
         "scheduler": {
             "none": none,
             "step": step_lr,
             "cosine": cosine,
             "warmup_cosine": warmup_cosine,
             "onecycle": onecycle,
-        }
+        },
     }

@@ -40,7 +40,7 @@ class TensorBoard:
         return {"tensorboard": Settings}
 
     @engine.hookimpl
-    def on_run_start(self, trainer: engine.Trainer) -> None:
+    def on_run_start(self, trainer: engine.TrainerView) -> None:
         settings = trainer.config["tensorboard"]
         if not settings["enabled"] or trainer.rank:  # of a run's processes, rank 0 writes
             return
@@ -58,7 +58,7 @@ class TensorBoard:
                 self.writer.add_scalar(name, value, global_step=metrics["step"])
 
     @engine.hookimpl
-    def on_run_end(self, trainer: engine.Trainer, error: BaseException | None) -> None:
+    def on_run_end(self, trainer: engine.TrainerView, error: BaseException | None) -> None:
         if self.writer is None:
             return
         if error is None or isinstance(error, engine.Interrupted):

@@ -206,3 +206,17 @@ def labelled_dataset(seed: int, labels: tuple[float, ...] = (0, 1, 2), n_samples
     y = torch.tensor([labels[i % len(labels)] for i in range(n_samples - 1)] + [3])
     x = torch.randn(n_samples, 4, generator=torch.Generator().manual_seed(seed))
     return Pairs(x, y)
+
+
+def rewind(run_dir: Path, step: int, to: Path) -> Path:
+    """A copy of the run at `to`, as a run killed soon after its checkpoint of `step` leaves its
+    directory: the later checkpoints gone (the best ones and model.pt stay, as a resume must
+    replace them). ``engine.run(resume=to)`` then continues from that checkpoint."""
+    import shutil
+
+    shutil.copytree(run_dir, to)
+    later = [path for path in (to / "checkpoints").glob("step-*.pt") if int(path.stem.split("-")[1]) > step]
+    for path in later:
+        path.unlink()
+    assert (to / "checkpoints" / f"step-{step:09d}.pt").is_file(), f"run '{run_dir}' has no checkpoint of step {step}"
+    return to

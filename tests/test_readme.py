@@ -109,29 +109,61 @@ def test_the_python_snippet_runs(capsys):
     assert result.metrics["epoch"] == 200 and isinstance(namespace["model"], __import__("torch").nn.Module)
 
 
-def test_the_contributing_guide_examples_make_a_working_plugin(tmp_path, monkeypatch):
-    """CONTRIBUTING's settings dataclass and its EMA plugin (`wrap_model`), run as one module."""
+def contributing_example(marker: str) -> str:
+    """The python block after ``<!-- example: marker -->`` in CONTRIBUTING.md."""
     guide = (REPO / "CONTRIBUTING.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"^```python\n(.*?)^```$", guide, re.S | re.M)
-    settings = next(block for block in blocks if "class EmaSettings" in block)
-    plugin = next(block for block in blocks if "def wrap_model" in block)
-    (tmp_path / "ema_plugin.py").write_text(settings + "\n" + plugin)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import ema_plugin
+    found = re.search(rf"<!-- example: {re.escape(marker)} -->\s*```python\n(.*?)```", guide, re.S)
+    assert found, f"CONTRIBUTING.md has no python block after <!-- example: {marker} -->"
+    return found.group(1)
 
-    trainer = engine.setup(
-        {"epochs": 20, "run_name": "ema", "ema": {"decay": 0.5}, "data": {"val_fraction": 0.2}},
-        plugins=[ema_plugin.Ema],
-    )
-    result = trainer.fit()
-    wrapped = trainer.model
-    assert isinstance(wrapped, ema_plugin.EmaModel) and wrapped.module is trainer.module is result.model
-    averaged = dict(wrapped.average.named_parameters())
-    for name, weight in trainer.module.named_parameters():
-        assert not torch.equal(averaged[name], weight) and torch.allclose(averaged[name], weight, atol=0.2)
-    with pytest.raises(engine.ConfigError, match=r"ema.decay: must be < 1, got 1.5"):
-        engine.setup({"ema": {"decay": 1.5}}, plugins=[ema_plugin.Ema])
-    sys.modules.pop("ema_plugin", None)
+
+class EpochWeights:
+    """Records the trained weights at the end of each epoch."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    @engine.hookimpl
+    def on_epoch_end(self, epoch, trainer):
+        self.weights[epoch] = [p.detach().clone() for p in trainer.module.parameters()]
+
+
+def test_the_contributing_guides_weight_averaging_ends_with_the_mean_of_the_epochs_weights(write_plugin):
+    write_plugin("swa_plugin", contributing_example("swa_settings.py") + contributing_example("swa.py"))
+    import swa_plugin
+
+    recorder = EpochWeights()
+    result = engine.run({"epochs": 8, "run_name": "swa", "swa": {"start_epoch": 5}}, plugins=[swa_plugin.Swa, recorder])
+    for index, parameter in enumerate(result.model.parameters()):
+        mean = torch.stack([recorder.weights[epoch][index] for epoch in range(5, 9)]).mean(dim=0)
+        torch.testing.assert_close(parameter, mean)
+    trained = recorder.weights[8]
+    assert not all(torch.equal(a, b) for a, b in zip(result.model.parameters(), trained))
+    saved = engine.runs.load(result.run_dir / "model.pt", engine.runs.MODEL_FORMAT)["model"]
+    torch.testing.assert_close(saved["weight"], result.model.weight)  # model.pt holds the average
+    with pytest.raises(engine.ConfigError, match=r"swa.start_epoch: must be >= 0, got -1"):
+        engine.setup({"swa": {"start_epoch": -1}}, plugins=[swa_plugin.Swa])
+
+
+def test_the_contributing_guides_csv_logger_gets_new_columns_and_a_resume_right(write_plugin):
+    write_plugin("csv_plugin", contributing_example("csv_log.py"))
+    import csv
+
+    import csv_plugin
+
+    job = {"epochs": 6, "val_every": 3, "log": {"every": 1}, "data": {"val_fraction": 0.2}}
+    whole = engine.run({**job, "run_name": "whole"}, plugins=[csv_plugin.CsvLog])
+    engine.run({**job, "epochs": 4, "run_name": "cut", "checkpoint": {"every_epochs": 2}}, plugins=[csv_plugin.CsvLog])
+    (Path("runs/cut/checkpoints") / "step-000000004.pt").unlink()  # the run resumes from epoch 2
+    resumed = engine.run(job, resume="runs/cut", plugins=[csv_plugin.CsvLog])
+
+    def rows(run_dir: Path) -> list[dict[str, str]]:
+        with open(run_dir / "metrics.csv", newline="") as file:
+            return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(file)]
+
+    expected = rows(whole.run_dir)
+    assert len(expected) == 6 and expected[0]["val_loss"] == "" and expected[2]["val_loss"] != ""
+    assert rows(resumed.run_dir) == expected
 
 
 def test_the_after_training_commands_are_valid_commands():
@@ -140,8 +172,9 @@ def test_the_after_training_commands_are_valid_commands():
 
     from engine.cli import parser
 
+    top, _ = parser(engine.make_plugins())
     lines = [line.split("#")[0].strip() for line in block_after("## After training", "bash").splitlines()]
     commands = [shlex.split(line)[3:] for line in lines if line.startswith("python -m engine ")]
     assert [command[0] for command in commands] == ["run", "evaluate", "predict", "export", "export"]
     for command in commands:
-        parser().parse_args(command)  # exits 2 on an unknown option
+        top.parse_args(command)  # exits 2 on an unknown option

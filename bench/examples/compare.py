@@ -40,13 +40,10 @@ def references(task: str) -> dict[str, object]:
 
 
 def split(trainer: engine.Trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The run's training and validation samples, raw, in its split."""
+    """The run's training and validation samples, raw (the model standardizes them), in its split."""
     loaders = trainer.loaders
-    standardize = loaders.standardize
     x, y = loaders.x.cpu(), loaders.y.cpu()
     vx, vy = loaders.val_data[0].cpu(), loaders.val_data[1].cpu()
-    if standardize is not None:  # back to the raw features: scikit-learn gets them as the engine did
-        x, vx = x * standardize.std + standardize.mean, vx * standardize.std + standardize.mean
     return x.numpy(), y.numpy().ravel(), vx.numpy(), vy.numpy().ravel()
 
 

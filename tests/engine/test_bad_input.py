@@ -289,7 +289,11 @@ class FakeEntryPoint:
 def test_an_entry_point_named_like_a_built_in_names_both_packages(capsys, monkeypatch):
     real = discovery.entry_points
     clash = FakeEntryPoint("losses", "their_losses", "their-package")
-    monkeypatch.setattr(discovery, "entry_points", lambda group: [*real(group=group), clash])
+    monkeypatch.setattr(
+        discovery,
+        "entry_points",
+        lambda group: [*real(group=group), *([clash] if group == engine.ENTRY_POINT_GROUP else [])],
+    )
     code, out, err = run_cli(capsys, "run")
     assert code == 2 and out == ""
     assert one_line(err) == (

@@ -1,22 +1,21 @@
-"""The setup chain (engine/hookspecs.py): its order, what each link receives, pluggy's wrappers on
-every hook, and the checks that no plugin can switch off (the NaN guard)."""
+"""engine/chain.py: the setup chain (engine/hookspecs.py) in its order, what each link receives,
+what is resolved once (the hooks bound, the plugins whose feature is off unbound), the seeds, what
+the data tells recorded in [inferred], a checkpoint restored into the final objects, and
+`rebuild_optimizer`."""
 
 from __future__ import annotations
 
-import math
-import subprocess
-import sys
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import engine
 from engine import hookspecs
+from engine.chain import record_inferred, resolve_device, seed_everything
 from tests.helpers import job
-
-MARKER = f"{hookspecs.PROJECT}_spec"
-HOOKS = sorted(name for name, obj in vars(hookspecs).items() if hasattr(obj, MARKER))
 
 
 class Chain:
@@ -130,101 +129,131 @@ def test_each_link_receives_what_the_previous_one_produced():
     assert trainer.model.calls == 2
 
 
-def test_the_plugins_command_shows_the_chain(capsys):
-    from engine.cli import main
-
-    assert main(["plugins"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    start = next(i for i, line in enumerate(out) if line.startswith("setup chain"))
-    chain = [line.split(":")[0].strip() for line in out[start + 1 : start + 1 + len(hookspecs.SETUP_CHAIN)]]
-    assert chain == list(hookspecs.SETUP_CHAIN)
+# --- resolved once: the hooks bound, the features that are off ----------------------------------
 
 
-# --- pluggy's wrappers on every hook ----------------------------------------------------------
+def test_a_plugin_whose_feature_is_off_has_no_per_step_hook_bound():
+    class Off:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
 
-
-def wrapper_plugin(hook: str, style: str) -> type:
-    """A plugin class whose only implementation is a wrapper (new or old style) of `hook`."""
-    log: list[str] = []
-
-    if style == "wrapper":
-
-        def implementation(self):
-            log.append(hook)
-            return (yield)
-
-        marker = engine.hookimpl(wrapper=True)
-    else:
-
-        def implementation(self):
-            log.append(hook)
-            yield
-
-        marker = engine.hookimpl(hookwrapper=True)
-    return type(f"Wraps_{hook}", (), {hook: marker(implementation), "log": log})
-
-
-@pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
-@pytest.mark.parametrize("hook", HOOKS)
-def test_a_wrapper_on_any_hook_works_or_is_refused_at_registration(hook, style):
-    plugin = wrapper_plugin(hook, style)
-    if hook in hookspecs.ONE_BY_ONE:
-        with pytest.raises(engine.ConfigError) as raised:
-            engine.make_plugins([plugin])
-        assert str(raised.value).startswith(f"plugin 'Wraps_{hook}': hook {hook} is called ")
-        assert str(raised.value).endswith("by the engine and takes no wrapper")
-        return
-    result = engine.run(job(epochs=2, data={"val_fraction": 0.2}), plugins=[plugin])
-    assert plugin.log and set(plugin.log) == {hook}
-    assert math.isfinite(result.metrics["loss"])
-
-
-def test_a_refused_wrapper_is_exit_2_with_one_line_from_the_command(tmp_path):
-    (tmp_path / "wraps_step.py").write_text(
-        "import engine\n\n@engine.hookimpl(wrapper=True)\ndef wrap_step():\n    return (yield)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "engine", "run", "--plugin", "wraps_step.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 2
-    assert done.stderr == (
-        "error: plugin 'wraps_step': hook wrap_step is called one implementation at a time by the engine "
-        "and takes no wrapper\n"
-    )
-    assert not (tmp_path / "runs").exists()
-
-
-def test_every_hook_is_either_dispatched_by_pluggy_or_listed_as_one_by_one():
-    dispatched = {"build_loaders", "on_run_start", "on_log"}
-    assert set(HOOKS) == set(hookspecs.ONE_BY_ONE) | dispatched
-    assert not dispatched & hookspecs.ONE_BY_ONE
-
-
-# --- what no plugin can switch off ------------------------------------------------------------
-
-
-class NaNLoss:
-    @engine.hookimpl
-    def compute_loss(self, output):
-        return {"poison": output.sum() * float("nan")}
-
-
-@pytest.mark.parametrize("blocked", [[], ["console"], ["console", "progress", "run_files"]])
-def test_the_nan_guard_stays_when_loggers_are_blocked(blocked):
-    with pytest.raises(engine.TrainingError, match=r"non-finite loss \(nan\) in term 'poison' at epoch 1, step 1"):
-        engine.run(job(epochs=3, log={"every": 3}), plugins=[NaNLoss], blocked=blocked)
-
-
-def test_a_non_finite_validation_loss_is_reported_at_its_epoch():
-    class NaNValidation:
         @engine.hookimpl
-        def compute_loss(self, output, trainer):
-            if not trainer.model.training:
-                return {"poison": output.sum() * float("inf")}
-            return None
+        def skip_per_step(self, trainer):
+            return trainer.config["epochs"] == 2  # off in this run
 
-    with pytest.raises(engine.TrainingError, match=r"non-finite val_loss \(inf\) at epoch 1; training stopped"):
-        engine.run(job(epochs=3, data={"val_fraction": 0.2}), plugins=[NaNValidation])
+        @engine.hookimpl
+        def after_step(self):
+            self.calls.append("after_step")
+
+        @engine.hookimpl
+        def on_epoch_end(self):
+            self.calls.append("on_epoch_end")
+
+        @engine.hookimpl
+        def on_run_end(self):
+            self.calls.append("on_run_end")  # not per step: called as usual
+
+    off, on = Off(), Off()
+    trainer = engine.setup(job(epochs=2), plugins=[off])
+    assert "Off" in trainer.off
+    trainer.fit()
+    assert off.calls == ["on_run_end"]
+    engine.run(job(epochs=3, run_name="on"), plugins=[on])
+    assert on.calls == ["after_step", "on_epoch_end"] * 3 + ["on_run_end"]
+
+
+def test_a_per_step_scheduler_steps_before_the_plugins_after_step_and_only_after_a_window():
+    rates = []
+
+    class Rate:
+        @engine.hookimpl
+        def register_components(self):
+            def tenth(optimizer):  # a tenth of the rate after each optimizer step
+                return engine.Scheduled(torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1))
+
+            return {"scheduler": {"tenth": tenth}}
+
+        @engine.hookimpl
+        def after_step(self, window, trainer):
+            rates.append((window.last, trainer.optimizer.param_groups[0]["lr"]))
+
+    engine.run(job(epochs=1, grad_accumulation=2, data={"batch_size": 25}, scheduler={"name": "tenth"}), plugins=[Rate])
+    # Four batches, two windows: the rate drops after each window's optimizer step.
+    assert [last for last, _ in rates] == [False, True, False, True]
+    assert [lr for _, lr in rates] == pytest.approx([0.01, 0.001, 0.001, 0.0001])
+
+
+def test_a_logging_point_falls_every_tenth_of_the_run_unless_set():
+    assert engine.setup(job(epochs=25)).log_every == 2
+    assert engine.setup(job(epochs=5)).log_every == 1
+    assert engine.setup(job(epochs=25, log={"every": 7})).log_every == 7
+
+
+# --- seeds, devices, what the data tells --------------------------------------------------------
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    seed_everything(7)
+    drawn = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    assert drawn == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+def test_setup_leaves_the_python_and_numpy_streams_seeded():
+    engine.setup(job(seed=7))
+    assert random.random() == random.Random(7).random()
+    assert np.random.rand() == np.random.RandomState(7).rand()
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(engine.ConfigError, match=r"^device: 'cuda:1' asked for, but CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_record_inferred_fills_in_what_the_data_tells_and_refuses_a_mismatch():
+    config, _ = engine.load_config()
+    info = engine.DataInfo(n_features=3, n_outputs=2, task="binary", n_train=10, threshold=0.7)
+    transform = engine.InputTransform("standardize", nn.Identity())
+    recorded = record_inferred(config, info, transform)
+    assert dict(recorded["inferred"]) == {
+        "n_features": 3,
+        "n_outputs": 2,
+        "task": "binary",
+        "threshold": 0.7,
+        "input_transform": "standardize",
+    }
+    assert record_inferred(recorded, info, None)["inferred"]["input_transform"] == ""  # what this data fitted
+    assert dict(config["inferred"])["task"] == ""  # a new config; the given one is unchanged
+    other = engine.DataInfo(n_features=4, n_outputs=2, task="binary", n_train=10)
+    with pytest.raises(
+        engine.ConfigError, match=r"^inferred.n_features: the job was written for 3, but the data has 4$"
+    ):
+        record_inferred(recorded, other, None)
+
+
+# --- a checkpoint restored, the optimizer rebuilt ----------------------------------------------
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_a_config_error_naming_it(tmp_path):
+    result = engine.run(job(epochs=2))
+    [checkpoint] = (result.run_dir / "checkpoints").glob("step-*.pt")
+    with pytest.raises(engine.ConfigError, match=rf"^checkpoint '{checkpoint}' does not fit this run: RuntimeError"):
+        engine.setup(job(model={"name": "mlp", "hidden": [4]}), resume=result.run_dir)
+    assert [path.name for path in (result.run_dir / "checkpoints").iterdir()] == [checkpoint.name]
+
+
+def test_rebuild_optimizer_keeps_the_parameters_and_groups_and_applies_changes():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters()}]
+    optimizer = torch.optim.AdamW(groups, lr=0.01, weight_decay=0.5)
+    rebuilt = engine.rebuild_optimizer(optimizer, tensor_lr=True, amsgrad=True)
+    assert type(rebuilt) is torch.optim.AdamW and rebuilt is not optimizer
+    for old, new in zip(optimizer.param_groups, rebuilt.param_groups):
+        assert new["params"] == old["params"] and new["amsgrad"] and new["weight_decay"] == 0.5
+        assert isinstance(new["lr"], torch.Tensor) and new["lr"].item() == pytest.approx(old["lr"])
+    assert [group["lr"].item() for group in rebuilt.param_groups] == pytest.approx([0.1, 0.01])

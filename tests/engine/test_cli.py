@@ -1,9 +1,11 @@
-"""engine/cli.py: `python -m engine run | config | plugins`, their output, exit codes and errors.
+"""engine/cli.py: `python -m engine run | config | plugins`, their output, exit codes and errors,
+and the commands plugins add (`register_commands`).
 
 Most tests call `engine.cli.main` in-process; a few run the real command in a subprocess."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import engine
-from engine.cli import main
+from engine.cli import Commands, main, parser
 from tests.helpers import read_json, read_jsonl, tutorial_data
 
 PYTHON = sys.executable
@@ -56,7 +58,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_python_m_engine_run_trains_the_tutorial(tmp_path):
-    """The real command, as a new user types it."""
+    """The real command, as a new user types it; in a folder of theirs named `plugins`, which the
+    built-ins (installed as `engine_plugins`) do not import."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "__init__.py").write_text("raise ImportError('the user folder was imported')\n")
+    (tmp_path / "plugins" / "accelerate.py").write_text("raise ImportError('the user module was imported')\n")
     done = engine_command("run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -157,7 +163,7 @@ def test_plugins_lists_origin_hooks_components_and_call_order(capsys, write_plug
     lines = out.splitlines()
     assert lines[0] == "plugins (name, origin, hooks, components):"
     entry = lines.index("  losses  [built-in]")
-    assert lines[entry + 1] == "      hooks: register_components, register_settings"
+    assert lines[entry + 1] == "      hooks: register_components"  # its default declared there too
     assert lines[entry + 2] == (
         "      provides: loss mse, loss cross_entropy, loss l1, loss smooth_l1, loss huber, "
         "loss bce_with_logits, loss nll"
@@ -168,13 +174,12 @@ def test_plugins_lists_origin_hooks_components_and_call_order(capsys, write_plug
         "      provides: loss focal",
     ]
     assert "  progress  [built-in]" not in lines
+    assert "essential (cannot be blocked): batching" in lines
     order = lines[lines.index("hook call order:") + 1 :]
-    # Early stopping judges first and restores the best weights last.
-    epoch_end = " -> ".join(
-        ["listed_plugin (tryfirst)", "early_stopping (tryfirst)", "metrics", "checkpoint", "early_stopping (trylast)"]
-    )
-    assert f"  on_epoch_end: {epoch_end}" in order
-    assert any(line.startswith("  on_run_end: ") and line.endswith("run_files (trylast)") for line in order)
+    assert "  on_epoch_end: listed_plugin (tryfirst) -> metrics -> early_stopping -> checkpoint" in order
+    assert any(line.startswith("  on_run_end: checkpoint (tryfirst) -> ") for line in order)
+    assert "  final_model: ema -> early_stopping" in order
+    assert "  find_checkpoint: checkpoint" in order
     chain = lines[
         lines.index(next(line for line in lines if line.startswith("setup chain"))) + 1 : lines.index(
             "hook call order:"
@@ -183,6 +188,99 @@ def test_plugins_lists_origin_hooks_components_and_call_order(capsys, write_plug
     assert [line.split(":")[0].strip() for line in chain] == list(engine.hookspecs.SETUP_CHAIN)
     assert "  loss: component mse (from listed_plugin, losses)" in chain
     assert "  build_loaders: batching (trylast)" in chain
+
+
+def test_the_plugins_command_shows_the_setup_chain_in_order(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("setup chain"))
+    chain = [line.split(":")[0].strip() for line in out[start + 1 : start + 1 + len(engine.hookspecs.SETUP_CHAIN)]]
+    assert chain == list(engine.hookspecs.SETUP_CHAIN)
+
+
+# --- commands plugins add ----------------------------------------------------------------------------
+
+GREETING = """
+import engine
+
+
+def greet(args):
+    if args.name == "nobody":
+        raise engine.ConfigError("greet: nobody to greet")
+    print(f"hello {args.name}, {len(args.overrides)} overrides")
+    return 3
+
+
+@engine.hookimpl
+def register_commands(commands):
+    commands.add("greet", greet, "say hello", job=True).add_argument("--name", default="world")
+"""
+
+
+def test_a_plugin_adds_a_command_that_main_runs(capsys, tmp_path):
+    (tmp_path / "greeting.py").write_text(GREETING)
+    code, out, err = run_cli(capsys, "greet", "--name", "you", "--set", "epochs=2", "--plugin", "greeting.py")
+    assert (code, out, err) == (3, "hello you, 1 overrides\n", "")
+    code, out, err = run_cli(capsys, "greet", "--name", "nobody", "--plugin", "greeting.py")
+    assert (code, out, err) == (2, "", "error: greet: nobody to greet\n")  # its errors are one line too
+    with pytest.raises(SystemExit) as raised:
+        main(["greet"])  # without the plugin, no such command
+    assert raised.value.code == 2 and "invalid choice: 'greet'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("commands.add('run', lambda args: 0, 'again')", "command 'run' exists already"),
+        ("commands.parser('train')", "KeyError: 'train'"),
+        ("commands.wrap('train', None)", "KeyError: 'train'"),
+    ],
+)
+def test_a_plugin_failing_to_add_a_command_is_one_line_exit_2(capsys, tmp_path, body, message):
+    (tmp_path / "adding.py").write_text(
+        f"import engine\n\n@engine.hookimpl\ndef register_commands(commands):\n    {body}\n"
+    )
+    code, out, err = run_cli(capsys, "run", "--plugin", "adding.py")
+    assert (code, out) == (2, "")
+    assert err == f"error: plugin 'adding' failed in hook register_commands: {message}\n"
+    assert not Path("runs").exists()
+
+
+def test_run_nproc_comes_from_the_distributed_plugin(capsys):
+    def options(blocked: list[str]) -> set[str]:
+        _, commands = parser(engine.make_plugins(blocked=blocked))
+        return {option for action in commands.parser("run")._actions for option in action.option_strings}
+
+    assert "--nproc" in options([]) and "--nproc" not in options(["distributed"])
+    with pytest.raises(SystemExit) as raised:
+        main(["run", "--nproc", "2", "--block", "distributed"])
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "python -m engine: error: unrecognized arguments: --nproc"
+
+
+def test_commands_add_parse_the_common_options_and_wrap_runs_through_a_wrapper():
+    top = argparse.ArgumentParser(prog="engine")
+    commands = Commands(top.add_subparsers(dest="command", required=True))
+    commands.add("hi", lambda args: 7, "say hi", job=True).add_argument("--loud", action="store_true")
+    commands.add("bye", lambda args: 0, "say bye")
+    args = top.parse_args(["hi", "job.toml", "--set", "a=1", "--plugin", "p.py", "--block", "console", "--loud"])
+    assert (args.job, args.overrides, args.plugin, args.block, args.loud) == (
+        "job.toml",
+        ["a=1"],
+        ["p.py"],
+        ["console"],
+        True,
+    )
+    assert (args.no_imports, args.debug) == (False, False)
+    with pytest.raises(SystemExit):
+        top.parse_args(["bye", "job.toml"])  # a command without job takes no job file
+    seen = []
+    commands.wrap("hi", lambda args, handler: seen.append(args.command) or handler(args) + 1)
+    commands.wrap("hi", lambda args, handler: handler(args) * 10)  # wrappers nest: the last outermost
+    assert commands.handlers["hi"](args) == 80 and seen == ["hi"]
+    assert commands.parser("bye") is commands.parsers["bye"]
+    with pytest.raises(engine.ConfigError, match=r"^command 'bye' exists already$"):
+        commands.add("bye", lambda args: 0, "again")
 
 
 # --- bad input -----------------------------------------------------------------------------------

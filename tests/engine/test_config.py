@@ -20,6 +20,8 @@ EXPECTED_DEFAULTS = {
     "val_every": 1,
     "run_name": "",
     "runs_dir": "runs",
+    "resume": "",
+    "inferred": {"n_features": 0, "n_outputs": 0, "task": "", "threshold": 0.5, "input_transform": ""},
     "data": {
         "name": "linear_regression",
         "batch_size": 0,
@@ -53,7 +55,12 @@ EXPECTED_DEFAULTS = {
     "scheduler": {"name": "none"},
     "precision": {"name": "32"},
     "accelerate": {"name": "eager"},
-    "log": {"every": 0, "train_metrics": True, "progress": True},
+    "log": {
+        "every": 0,
+        "train_metrics": True,
+        "curves": True,
+        "progress": True,
+    },  # curves: blocked (conftest), its setting known
     "grad_clip": {"max_norm": 0.0, "norm_type": 2.0},
 }
 
@@ -227,7 +234,7 @@ def test_a_job_file_lists_plugin_modules(tmp_path, write_plugin):
 
 
 @dataclass(frozen=True)
-class Ema:
+class Averaging:
     decay: Annotated[float, engine.Range(gt=0, lt=1)] = 0.99
     enabled: bool = False
 
@@ -242,7 +249,7 @@ class Owns:
 
     @engine.hookimpl
     def register_settings(self):
-        return {"ema": Ema, "sampler": SamplerDefault}
+        return {"averaging": Averaging, "sampler": SamplerDefault}
 
     @engine.hookimpl
     def register_components(self):
@@ -250,19 +257,21 @@ class Owns:
 
 
 def test_plugins_add_their_own_sections_and_component_kinds():
-    config, _ = engine.load_config({"ema": {"decay": 0.9}}, ["sampler.name=weighted"], plugins=[Owns])
-    assert dict(config["ema"]) == {"decay": 0.9, "enabled": False}
+    config, _ = engine.load_config({"averaging": {"decay": 0.9}}, ["sampler.name=weighted"], plugins=[Owns])
+    assert dict(config["averaging"]) == {"decay": 0.9, "enabled": False}
     assert dict(config["sampler"]) == {"name": "weighted", "power": 1.0}
-    with pytest.raises(engine.ConfigError, match=r"ema.decay: must be < 1, got 1.5"):
-        engine.load_config({"ema": {"decay": 1.5}}, plugins=[Owns])
-    with pytest.raises(engine.ConfigError, match=r"ema.decai: unknown key in \[ema\] \(did you mean 'decay'\?\)"):
-        engine.load_config({"ema": {"decai": 0.9}}, plugins=[Owns])
+    with pytest.raises(engine.ConfigError, match=r"averaging.decay: must be < 1, got 1.5"):
+        engine.load_config({"averaging": {"decay": 1.5}}, plugins=[Owns])
+    with pytest.raises(
+        engine.ConfigError, match=r"averaging.decai: unknown key in \[averaging\] \(did you mean 'decay'\?\)"
+    ):
+        engine.load_config({"averaging": {"decai": 0.9}}, plugins=[Owns])
     with pytest.raises(
         engine.ConfigError, match=r"sampler.name: unknown sampler 'weighed' \(did you mean 'weighted'\?\)"
     ):
         engine.load_config({"sampler": {"name": "weighed"}}, plugins=[Owns])
-    with pytest.raises(engine.ConfigError, match=r"unknown section \[ema\]"):
-        engine.load_config({"ema": {"decay": 0.9}})  # without the plugin, nobody owns [ema]
+    with pytest.raises(engine.ConfigError, match=r"unknown section \[averaging\]"):
+        engine.load_config({"averaging": {"decay": 0.9}})  # without the plugin, nobody owns [averaging]
 
 
 @dataclass(frozen=True)

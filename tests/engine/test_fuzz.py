@@ -7,8 +7,8 @@ the CLI's `main`. Whatever the input:
 - every run file there is parses: config.toml as TOML, summary.json and each line of
   metrics.jsonl as strict JSON.
 
-CI runs a fixed-seed profile in about 10 seconds (2 shared cores). By hand, a longer one with a new seed each time
-(hypothesis prints how to reproduce what it finds):
+CI runs a fixed-seed profile in about 10 seconds (2 shared cores). By hand, one a hundred times longer with a new
+seed each time (hypothesis prints how to reproduce what it finds):
 
     ENGINE_FUZZ=long pytest tests/engine/test_fuzz.py -p no:cacheprovider
 """
@@ -38,7 +38,7 @@ from engine.cli import main
 
 PROFILES = {
     "ci": {"derandomize": True, "scale": 1},  # derandomized: the same examples every run
-    "long": {"derandomize": False, "scale": 25},
+    "long": {"derandomize": False, "scale": 100},
 }
 PROFILE = PROFILES[os.environ.get("ENGINE_FUZZ", "ci")]
 
@@ -262,7 +262,7 @@ def flags(chosen: list[list[str]]) -> list[str]:
 # --- the properties, per kind of input ----------------------------------------------------------------
 
 
-@fuzz(120)
+@fuzz(30)
 @given(pairs=st.lists(settings_pairs(), max_size=4), command=COMMANDS, chosen=FLAGS)
 def test_set_values(pairs, command, chosen):
     overrides = [item for key, value in pairs for item in ("--set", f"{key}={toml_value(value)}")]
@@ -270,7 +270,7 @@ def test_set_values(pairs, command, chosen):
         assert_well_behaved([*command[:1], *overrides, *command[1:], *flags(chosen)], directory)
 
 
-@fuzz(80)
+@fuzz(20)
 @given(
     pairs=st.lists(settings_pairs(), max_size=6), command=COMMANDS, mangle=st.integers(0, 4), text=st.text(max_size=20)
 )
@@ -320,7 +320,7 @@ def array(dtype: str, shape: list[int], fill: float) -> np.ndarray:
     return out
 
 
-@fuzz(60)
+@fuzz(15)
 @given(
     x=ARRAYS,
     y=TARGETS,
@@ -359,7 +359,7 @@ def csv_texts(draw: st.DrawFn) -> str:
     return draw(st.sampled_from(["", "\ufeff"])) + text
 
 
-@fuzz(60)
+@fuzz(15)
 @given(
     text=csv_texts(),
     target=st.sampled_from(["t", "a", "z"]),
@@ -389,7 +389,13 @@ HOOKS = {
     "compute_metrics": "batch, output",
     "on_log": "metrics",
     "on_epoch_end": "epoch",
-    "state_dict": "",
+    "after_validation": "",
+    "skip_per_step": "trainer",
+    "save_plugin_state": "",
+    "load_plugin_state": "state",
+    "final_model": "module",
+    "register_commands": "commands",
+    "find_checkpoint": "run_dir, which",
     "on_run_end": "error",
     "on_step_end": "",  # not a hook of the engine
 }
@@ -438,7 +444,7 @@ def plugin_sources(draw: st.DrawFn) -> str:
     return "\n".join(lines)
 
 
-@fuzz(80)
+@fuzz(25)
 @given(
     source=plugin_sources(),
     how=st.sampled_from(["file", "job"]),
@@ -527,7 +533,7 @@ def model(info):
 """
 
 
-@fuzz(60)
+@fuzz(15)
 @given(
     data=st.sampled_from([None, *FACTORY_RETURNS["data"]]),
     model=st.sampled_from([None, *FACTORY_RETURNS["model"]]),
@@ -564,7 +570,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory / "runs" / "r"
 
 
-@fuzz(40)
+@fuzz(10)
 @given(damaged=st.lists(st.tuples(RUN_FILES, DAMAGE, st.integers(0, 200)), min_size=1, max_size=2), more=st.booleans())
 def test_resuming_damaged_runs(finished_run, damaged, more):
     with example_directory() as directory:

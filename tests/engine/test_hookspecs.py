@@ -1,16 +1,33 @@
-"""engine/hookspecs.py: every hook documented and typed, its order declared, the per-step contract."""
+"""engine/hookspecs.py: every hook documented and typed, its order declared, the per-step contract,
+and pluggy's wrappers: taken by every hook pluggy dispatches, refused at registration by the ones
+the core calls one implementation at a time."""
 
 from __future__ import annotations
 
 import inspect
+import math
 import types
 
 import pytest
 
 import engine
 from engine import hookspecs
+from engine.cli import main, parser
+from tests.helpers import job
 
 MARKER = f"{hookspecs.PROJECT}_spec"
+HOOKS = sorted(name for name, obj in vars(hookspecs).items() if hasattr(obj, MARKER))
+# The hooks pluggy dispatches (they take its wrappers); every other hook is called one by one.
+DISPATCHED = {
+    "register_commands",
+    "build_loaders",
+    "load_plugin_state",
+    "on_run_start",
+    "after_validation",
+    "on_log",
+    "save_plugin_state",
+    "find_checkpoint",
+}
 
 
 def specs(module: types.ModuleType) -> dict[str, types.FunctionType]:
@@ -65,10 +82,9 @@ def test_the_tutorial_hook_names_are_kept():
 
 def test_firstresult_is_declared_where_one_answer_wins():
     firstresult = {name for name, spec in specs(hookspecs).items() if getattr(spec, MARKER)["firstresult"]}
-    assert firstresult == {"build_loaders"}
-    assert "firstresult" in inspect.getdoc(hookspecs.build_loaders) or "first non-None" in inspect.getdoc(
-        hookspecs.build_loaders
-    )
+    assert firstresult == {"build_loaders", "find_checkpoint"}
+    for name in firstresult:
+        assert "first non-None result wins" in " ".join(inspect.getdoc(getattr(hookspecs, name)).split()), name
 
 
 def test_hook_order_of_the_built_ins_is_declared():
@@ -78,7 +94,7 @@ def test_hook_order_of_the_built_ins_is_declared():
         impl = next(i for i in getattr(plugins.hook, hook).get_hookimpls() if i.plugin_name == plugin)
         return {"tryfirst": impl.tryfirst, "trylast": impl.trylast}
 
-    assert opts("on_run_end", "run_files")["trylast"]  # the summary after every other plugin reported
+    assert opts("on_run_end", "checkpoint")["tryfirst"]  # the weights first: a later failure must not cost them
     assert opts("build_loaders", "batching")["trylast"]  # a plugin may batch data its own way
 
 
@@ -100,11 +116,12 @@ def test_call_order_does_not_depend_on_install_order(monkeypatch):
         return order
 
     normal = call_order(engine.make_plugins([LateRunEnd]))
-    found = list(discovery.entry_points(group=engine.ENTRY_POINT_GROUP))
-    monkeypatch.setattr(discovery, "entry_points", lambda group: list(reversed(found)))
+    real = discovery.entry_points
+    monkeypatch.setattr(discovery, "entry_points", lambda group: list(reversed(list(real(group=group)))))
     assert call_order(engine.make_plugins([LateRunEnd])) == normal
-    # A plugin's own hook runs before the trylast run_files plugin, whatever its position.
-    assert normal["on_run_end"][0] == "run_files"  # pluggy lists the last-called first
+    # The tryfirst checkpoint plugin runs before a plugin registered after every built-in.
+    assert normal["on_run_end"][-1] == "checkpoint"  # pluggy lists the last-called first
+    assert normal["on_run_end"][-2] == "LateRunEnd"
 
 
 class PerStepWrapper:
@@ -130,3 +147,71 @@ def test_an_implementation_of_an_unknown_hook_is_rejected():
         match=r"plugin 'Misspelled': after_steps is not a hook of the engine \(did you mean 'after_step'\?\)",
     ):
         engine.make_plugins([Misspelled])
+
+
+# --- pluggy's wrappers on every hook ----------------------------------------------------------
+
+
+def test_every_hook_is_either_dispatched_by_pluggy_or_called_one_by_one():
+    assert set(HOOKS) == hookspecs.ONE_BY_ONE | DISPATCHED
+    assert not DISPATCHED & hookspecs.ONE_BY_ONE
+    assert hookspecs.PER_STEP | hookspecs.CHAINED <= hookspecs.ONE_BY_ONE
+
+
+def wrapper_plugin(hook: str, style: str) -> type:
+    """A plugin class whose only implementation is a wrapper (new or old style) of `hook`."""
+    log: list[str] = []
+
+    if style == "wrapper":
+
+        def implementation(self):
+            log.append(hook)
+            return (yield)
+
+        marker = engine.hookimpl(wrapper=True)
+    else:
+
+        def implementation(self):
+            log.append(hook)
+            yield
+
+        marker = engine.hookimpl(hookwrapper=True)
+    return type(f"Wraps_{hook}", (), {hook: marker(implementation), "log": log})
+
+
+def call_every_dispatched_hook(plugin: type) -> None:
+    """A run with validation data, its resume (find_checkpoint, load_plugin_state), and the
+    command line's parser (register_commands)."""
+    data = {"val_fraction": 0.2}
+    result = engine.run(job(epochs=2, data=data), plugins=[plugin])
+    assert math.isfinite(result.metrics["loss"])
+    resumed = engine.run(job(epochs=3, data=data), plugins=[plugin], resume=result.run_dir)
+    assert resumed.state.step == 3  # the wrapped find_checkpoint found the checkpoint
+    parser(engine.make_plugins([plugin]))
+
+
+@pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_wrapper_on_any_hook_works_or_is_refused_at_registration(hook, style):
+    plugin = wrapper_plugin(hook, style)
+    if hook in hookspecs.ONE_BY_ONE:
+        with pytest.raises(engine.ConfigError) as raised:
+            engine.make_plugins([plugin])
+        assert str(raised.value).startswith(f"plugin 'Wraps_{hook}': hook {hook} is called ")
+        assert str(raised.value).endswith("by the engine and takes no wrapper")
+        return
+    call_every_dispatched_hook(plugin)
+    assert plugin.log and set(plugin.log) == {hook}
+
+
+def test_a_refused_wrapper_is_exit_2_with_one_line_from_the_command(capsys, tmp_path):
+    (tmp_path / "wraps_step.py").write_text(
+        "import engine\n\n@engine.hookimpl(wrapper=True)\ndef wrap_step():\n    return (yield)\n"
+    )
+    assert main(["run", "--plugin", "wraps_step.py"]) == 2
+    assert capsys.readouterr() == (
+        "",
+        "error: plugin 'wraps_step': hook wrap_step is called one implementation at a time by the engine "
+        "and takes no wrapper\n",
+    )
+    assert not (tmp_path / "runs").exists()

@@ -1,6 +1,7 @@
-"""engine/plugins.py: discovery through entry points, origins, the component table and its clashes,
-plugin modules by name or file, and blaming a plugin for its exception. Also: the core names no
-built-in (it has no list of them)."""
+"""engine/plugins.py: discovery through entry points, the essential plugins, origins, the component
+table with its defaults and their clashes, plugin modules by name or file, hooks bound one by one.
+Also: the core names no built-in (it has no list of them), and plugins reach it only through its
+public API."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 
 import engine
 import engine.plugins as discovery
+from engine.cli import main
+from engine.plugins import is_plugin_file, plugin_target
 from tests.conftest import REPO
 from tests.helpers import LossOnly, job
 
@@ -39,9 +42,14 @@ def register_components():
 """
 
 
-def built_in_entry_points() -> dict[str, str]:
+def built_in_entry_points(group: str = engine.ENTRY_POINT_GROUP) -> dict[str, str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return project["project"]["entry-points"][engine.ENTRY_POINT_GROUP]
+    return project["project"]["entry-points"][group]
+
+
+def plugin_sources() -> list[Path]:
+    """Every module of plugins/, its packages' included."""
+    return sorted((REPO / "plugins").rglob("*.py"))
 
 
 def test_every_built_in_is_registered_through_the_entry_point_group(monkeypatch):
@@ -50,9 +58,38 @@ def test_every_built_in_is_registered_through_the_entry_point_group(monkeypatch)
     plugins = engine.make_plugins()
     assert set(plugins.names()) == set(declared)
     assert all(plugins.sources[name] == "built-in" for name in declared)
-    assert {path.stem for path in (REPO / "plugins").glob("*.py")} - {"__init__"} == {
-        value.split(":")[0].split(".")[1] for value in declared.values()
-    }
+    modules = {path.stem for path in (REPO / "plugins").glob("*.py")} - {"__init__"}
+    packages = {path.parent.name for path in (REPO / "plugins").glob("*/__init__.py")}
+    assert modules | packages == {value.split(":")[0].split(".")[1] for value in declared.values()}
+
+
+# --- the essential plugins -----------------------------------------------------------------------
+
+
+def test_the_essential_plugins_are_declared_beside_the_built_ins_and_cannot_be_blocked(monkeypatch, capsys):
+    essential = built_in_entry_points(discovery.ESSENTIAL_GROUP)
+    assert set(essential) == {"batching"} and essential.items() <= built_in_entry_points().items()
+    assert engine.make_plugins().essential == {"batching"}
+    message = "plugin 'batching' is essential and cannot be blocked (the engine cannot run without it)"
+    with pytest.raises(engine.ConfigError, match=rf"^{re.escape(message)}$"):
+        engine.make_plugins(blocked=["batching"])
+    assert main(["run", "--block", "batching"]) == 2
+    assert capsys.readouterr() == ("", f"error: {message}\n")
+    assert not Path("runs").exists()
+    monkeypatch.setenv("ENGINE_BLOCK", "curves, batching")  # nor for every run of an environment
+    with pytest.raises(engine.ConfigError, match=re.escape(message)):
+        engine.make_plugins()
+
+
+def test_the_plugins_command_prints_the_essential_set(capsys):
+    assert main(["plugins"]) == 0
+    assert "\nessential (cannot be blocked): batching\n" in capsys.readouterr().out
+
+
+def also_declared(*extra: object):
+    """`entry_points` as importlib.metadata answers it, with `extra` entry points in the plugins' group."""
+    real = discovery.entry_points
+    return lambda group: [*real(group=group), *(extra if group == engine.ENTRY_POINT_GROUP else ())]
 
 
 def test_plugins_are_listed_in_registration_order(monkeypatch):
@@ -86,12 +123,7 @@ class FakeEntryPoint:
 def installed(monkeypatch, write_plugin):
     """Pretend a package `my-losses` is installed that declares `my_losses` in the engine's group."""
     write_plugin("my_losses", FOCAL)
-    real = discovery.entry_points
-    monkeypatch.setattr(
-        discovery,
-        "entry_points",
-        lambda group: [*real(group=group), FakeEntryPoint("my_losses", "my_losses", "my-losses")],
-    )
+    monkeypatch.setattr(discovery, "entry_points", also_declared(FakeEntryPoint("my_losses", "my_losses", "my-losses")))
 
 
 def test_an_installed_package_provides_a_loss_through_its_entry_point(installed):
@@ -107,7 +139,6 @@ def test_an_installed_package_provides_a_loss_through_its_entry_point(installed)
 
 
 def test_plugins_command_shows_the_installed_package(installed, capsys):
-    from engine.cli import main
 
     assert main(["plugins"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -117,7 +148,7 @@ def test_plugins_command_shows_the_installed_package(installed, capsys):
 
 def test_an_entry_point_that_cannot_load_is_a_config_error(monkeypatch):
     broken = FakeEntryPoint("broken", "no_such_module_xyz", "broken-pkg")
-    monkeypatch.setattr(discovery, "entry_points", lambda group: [broken])
+    monkeypatch.setattr(discovery, "entry_points", lambda group: [broken] if group == engine.ENTRY_POINT_GROUP else [])
     with pytest.raises(engine.ConfigError, match=r"plugin 'broken' \(entry point no_such_module_xyz\): cannot load"):
         engine.make_plugins()
 
@@ -205,9 +236,9 @@ def test_a_plugin_name_can_only_be_taken_once(write_plugin):
     write_plugin("losses_clone", FOCAL)
 
     class Named:
-        __name__ = "run_files"
+        __name__ = "metrics_file"
 
-    with pytest.raises(engine.ConfigError, match="plugin name 'run_files' is taken by built-in"):
+    with pytest.raises(engine.ConfigError, match="plugin name 'metrics_file' is taken by built-in"):
         engine.make_plugins([Named()])
 
 
@@ -218,6 +249,7 @@ def test_components_have_a_kind_a_name_and_an_owner():
         "data": ["classification", "csv", "linear_regression", "npz"],
         "distributed": ["ddp"],
         "export": ["aoti", "exported", "onnx", "tensorrt"],
+        "input_transform": ["standardize"],
         "predictions": ["csv", "npz"],
         "precision": ["16-mixed", "32", "bf16-mixed"],
         "scheduler": ["cosine", "none", "onecycle", "step", "warmup_cosine"],
@@ -232,13 +264,107 @@ def test_components_have_a_kind_a_name_and_an_owner():
         plugins.component("optimizer", "zzz")
 
 
-def test_a_component_by_reference_imports_it():
-    plugins = engine.make_plugins()
-    assert plugins.component("model", "tests.helpers:scaled_model").factory.__name__ == "scaled_model"
-    with pytest.raises(engine.ConfigError, match=r"model.name: cannot import module 'tests.nope'"):
-        plugins.component("model", "tests.nope:factory")
-    with pytest.raises(engine.ConfigError, match=r"model.name: module 'tests.helpers' has no attribute 'nope'"):
-        plugins.component("model", "tests.helpers:nope")
+# --- the default of a kind, declared where its components are registered --------------------------
+
+
+def registering(name: str, provided: dict) -> type:
+    """A plugin class `name` whose register_components returns `provided`."""
+
+    def register_components(self):
+        return provided
+
+    return type(name, (), {"register_components": engine.hookimpl(register_components)})
+
+
+def squared(output, target):
+    return ((output - target) ** 2).mean()
+
+
+def test_a_plugin_declares_the_default_of_a_kind_beside_its_components():
+    sampler = registering("Sampling", {"default": {"sampler": "plain"}, "sampler": {"plain": lambda: None}})
+    config, plugins = engine.load_config(plugins=[sampler])
+    assert config["sampler"]["name"] == "plain" and plugins.default("sampler") == "plain"
+    assert plugins.default("loss") == "mse" and plugins.defaults["loss"].plugin == "losses"
+    # A kind whose section names no component, and no plugin's default: none is chosen.
+    unchosen = registering("Unchosen", {"sampler": {"plain": lambda: None}})
+    assert engine.load_config(plugins=[unchosen])[0]["sampler"]["name"] is None
+    # Blocked, the built-in's default goes with it: another plugin may declare its own.
+    own = registering("OwnLoss", {"default": {"loss": "sq"}, "loss": {"sq": lambda: squared}})
+    config, _ = engine.load_config(plugins=[own], blocked=["losses"])
+    assert config["loss"]["name"] == "sq"
+
+
+@pytest.mark.parametrize(
+    ("provided", "message"),
+    [
+        (  # pluggy calls the plugin registered last first
+            {"default": {"loss": "sq"}, "loss": {"sq": lambda: squared}},
+            "the default loss is declared by both plugin 'Declaring' and plugin 'losses'",
+        ),
+        (
+            {"default": {"model": "nope"}},
+            "the default model is declared by both plugin 'Declaring' and plugin 'models'",
+        ),
+        (  # a kind no plugin provides
+            {"default": {"sampler": "plain"}},
+            "plugin 'Declaring': the default sampler 'plain' is not a sampler component",
+        ),
+        (  # a name the kind does not have
+            {"default": {"sampler": "plian"}, "sampler": {"plain": lambda: None}},
+            "plugin 'Declaring': the default sampler 'plian' is not a sampler component",
+        ),
+        ({"default": {"loss": 5}}, "plugin 'Declaring': the default loss must be a component's name, got 5"),
+        ({"default": ["loss"]}, "plugin 'Declaring': register_components must return a dict keyed by default name"),
+    ],
+)
+def test_a_default_is_declared_once_and_names_a_component(provided, message):
+    with pytest.raises(engine.ConfigError) as raised:
+        engine.make_plugins([registering("Declaring", provided)])
+    assert str(raised.value).startswith(message)
+
+
+# --- plugin specs, and hooks bound one by one ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "target", "attribute", "is_file"),
+    [
+        ("pkg.module", "pkg.module", "", False),
+        ("pkg.module:Class", "pkg.module", "Class", False),
+        ("path/file.py", "path/file.py", "", True),
+        ("file.py:Class", "file.py", "Class", True),
+        ("sub/file.py:make_plugin", "sub/file.py", "make_plugin", True),
+        ("C:\\plugins\\file.py", "C:\\plugins\\file.py", "", True),  # a drive's colon names no attribute
+        ("pkg.module:", "pkg.module:", "", False),
+        (":Class", ":Class", "", False),
+        ("file.py:not-a-name", "file.py:not-a-name", "", False),
+    ],
+)
+def test_a_plugin_spec_names_a_module_and_maybe_an_attribute(spec, target, attribute, is_file):
+    assert plugin_target(spec) == (target, attribute)
+    assert is_plugin_file(spec) == is_file
+
+
+def test_bound_hooks_receive_their_constants_and_only_the_arguments_they_declare():
+    seen = []
+
+    class Some:
+        @engine.hookimpl
+        def after_step(self, window):
+            seen.append(("Some", window))
+
+    class Every:
+        @engine.hookimpl
+        def after_step(self, state, loss, terms, window, trainer):
+            seen.append(("Every", state, loss, terms, window, trainer))
+
+    plugins = engine.make_plugins([Some, Every], blocked=["progress", "ema", "checkpoint"])
+    bound = plugins.bind_by_plugin("after_step", trainer="T", state="S")
+    assert [name for name, _ in bound] == ["Every", "Some"]  # in call order: the last registered first
+    for _, call in bound:
+        call(loss=1, terms={}, window="W")
+    assert seen == [("Every", "S", 1, {}, "W", "T"), ("Some", "W")]
+    assert len(plugins.bind("after_step", without={"Some"}, trainer="T", state="S")) == 1
 
 
 class BadRegistration:
@@ -286,11 +412,15 @@ def core_words() -> set[str]:
     return words
 
 
-def test_the_core_names_no_particular_loss_optimizer_model_dataset_logger_or_export_format():
+def test_the_core_names_no_particular_loss_optimizer_model_dataset_logger_or_export_format(monkeypatch):
+    monkeypatch.delenv("ENGINE_BLOCK")
     plugins = engine.make_plugins()
-    kinds = ("loss", "optimizer", "model", "data", "export", "predictions")
+    kinds = ("loss", "optimizer", "model", "data", "export", "predictions", "input_transform")
     named = {name for kind in kinds for name in plugins.components[kind]}
-    named |= {"console", "tqdm", "progress", "run_files", "crossentropy", "mseloss", "adamw"}
+    # The plugins by name, but those named after a word of the core's own (a component kind, a
+    # checkpoint, the state's losses and metrics).
+    named |= set(plugins.names()) - {"accelerate", "checkpoint", "distributed", "losses", "metrics", "precision"}
+    named |= {"tqdm", "crossentropy", "mseloss", "adamw", "evaluate", "predict", "plot", "nproc"}
     # "classification" and "regression" are tasks (DataInfo.task), the core's words; the dataset
     # plugin happens to name a component after one.
     named -= {"classification"}
@@ -310,10 +440,12 @@ def test_the_core_runs_with_the_loss_plugin_blocked(tmp_path):
 
 def test_plugins_import_only_the_engines_public_api():
     public = set(engine.__all__)
-    for path in (REPO / "plugins").glob("*.py"):
+    for path in plugin_sources():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module:
+            if isinstance(node, ast.ImportFrom) and node.level:  # a relative import: its own package only
+                assert node.level == 1 and path.parent != REPO / "plugins", f"{path.name}: {node.module}"
+            elif isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith(("engine.", "plugins", "engine_plugins")), (
                     f"{path.name}: {node.module}"
                 )
@@ -329,7 +461,7 @@ def test_plugins_import_only_the_engines_public_api():
 def test_plugins_talk_only_through_hooks_and_documented_attributes():
     """No plugin looks another up (`pm.get_plugin(`), sets Trainer attributes, or replaces an
     optimizer's methods: what one plugin hands another goes through the setup chain."""
-    for path in (REPO / "plugins").glob("*.py"):
+    for path in plugin_sources():
         source = path.read_text()
         assert "get_plugin(" not in source, path.name
         for node in ast.walk(ast.parse(source)):
@@ -343,18 +475,3 @@ def test_plugins_talk_only_through_hooks_and_documented_attributes():
                     assert target.attr not in ("step", "zero_grad", "accumulation_window"), (
                         f"{path.name}: .{target.attr} ="
                     )
-
-
-def test_a_users_plugins_folder_does_not_shadow_the_built_ins(tmp_path):
-    """The built-ins install as `engine_plugins`: a folder named `plugins` where the user works is theirs."""
-    import subprocess
-    import sys
-
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "__init__.py").write_text("raise ImportError('the user folder was imported')\n")
-    (tmp_path / "plugins" / "accelerate.py").write_text("raise ImportError('the user module was imported')\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "engine", "run", "--set", "epochs=2"], cwd=tmp_path, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert "Epoch [2/2]" in done.stdout

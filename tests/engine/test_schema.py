@@ -11,7 +11,7 @@ import pytest
 from torch import nn
 
 import engine
-from engine.schema import MISSING, convert, settings_of
+from engine.schema import MISSING, convert, is_path, settings_of, type_words
 
 Positive = Annotated[float, engine.Range(gt=0)]
 
@@ -102,6 +102,41 @@ def test_an_annotation_that_does_not_evaluate_names_its_owner():
         settings_of(factory, "model 'mine'")
 
 
+@pytest.mark.parametrize(
+    ("annotation", "words"),
+    [
+        (float, "float"),
+        (Positive, "float"),
+        (int | None, "int or unset"),
+        (tuple[float, float], "a list of 2 values"),
+        (tuple[int, ...], "a list of int"),
+        (list[str], "a list of str"),
+        (Literal["a", 1], "one of 'a', 1"),
+    ],
+)
+def test_an_annotation_in_words(annotation, words):
+    assert type_words(annotation) == words
+
+
+def test_a_file_path_setting_is_marked_by_its_annotation_and_resolved_against_the_job_file(tmp_path):
+    assert is_path(engine.FilePath) and not is_path(str) and not is_path(Positive)
+
+    def reader(path: engine.FilePath = ""):
+        return None
+
+    class Reading:
+        @engine.hookimpl
+        def register_components(self):
+            return {"reader": {"file": reader}}
+
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "job.toml").write_text('[reader]\nname = "file"\npath = "data.npz"\n')
+    config, _ = engine.load_config(tmp_path / "jobs" / "job.toml", plugins=[Reading])
+    assert config["reader"]["path"] == str(tmp_path / "jobs" / "data.npz")  # the job file's folder
+    config, _ = engine.load_config(None, ["reader.name=file", "reader.path=data.npz"], plugins=[Reading])
+    assert config["reader"]["path"] == str(tmp_path / "data.npz")  # --set: where the command runs
+
+
 # --- through the config: the built-in components' schemas -----------------------------------------
 
 
@@ -121,7 +156,7 @@ def test_an_annotation_that_does_not_evaluate_names_its_owner():
         (["plugins=[1]"], "plugins[0]: expected str, got 1"),
         (["log.every=-1"], "log.every: must be >= 0, got -1"),
         (["precision.name=fp8"], "precision.name: unknown precision 'fp8'"),
-        (["accelerate.name=auto", "accelerate.steps=2"], "accelerate.steps: must be >= 4, got 2"),
+        (["accelerate.name=auto", "accelerate.steps=2"], "accelerate.steps: must be >= 5, got 2"),
     ],
 )
 def test_bad_values_are_config_errors_before_any_run_directory(overrides, message, tmp_path):

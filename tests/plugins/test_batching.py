@@ -1,11 +1,11 @@
-"""plugins/batching.py: tensors sliced from a seeded permutation per epoch, Datasets through
+"""plugins/batching/loaders.py: tensors sliced from a seeded permutation per epoch, Datasets through
 DataLoader, the validation split, and resuming an epoch at any batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from engine_plugins.batching import DatasetLoaders, TensorLoaders
+from engine_plugins.batching.loaders import DatasetLoaders, TensorLoaders
 from torch.utils.data import DataLoader
 
 import engine

@@ -20,7 +20,7 @@ runs = engine.runs
 
 
 def steps(run_dir) -> list[int]:
-    return [step for step, _ in runs.numbered(run_dir, "step")]
+    return [step for step, _ in checkpoint_plugin.numbered(run_dir, "step")]
 
 
 def test_by_default_the_run_keeps_its_final_checkpoint_and_model():
@@ -72,25 +72,14 @@ def test_a_checkpoint_holds_everything_a_resumed_run_needs_and_loads_without_pic
             precision={"name": "16-mixed"},
         )
     )
-    path = runs.latest_checkpoint(result.run_dir)
+    path = checkpoint_plugin.Checkpoints().find_checkpoint(result.run_dir, "last")
     saved = torch.load(path, weights_only=True)  # raises on anything but tensors and plain values
     assert saved["format"] == runs.CHECKPOINT_FORMAT
-    assert set(saved) == {
-        "format",
-        "model",
-        "optimizer",
-        "scheduler",
-        "scaler",
-        "state",
-        "grads",
-        "standardize",
-        "plugins",
-    }
+    assert set(saved) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "plugins"}
     assert saved["scheduler"]["last_epoch"] == 12 and saved["scaler"]["scale"] > 0
     assert saved["state"]["epoch"] == 4 and saved["state"]["step"] == 12
     assert set(saved["state"]["rng"]) >= {"python", "numpy", "torch"}
-    assert set(saved["plugins"]) == {"run_files", "checkpoint"}
-    assert saved["grads"] is None  # taken at a window's end: no gradients pending
+    assert set(saved["plugins"]) == {"metrics_file", "checkpoint"}
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -102,7 +91,7 @@ def test_a_file_that_would_run_code_is_refused(tmp_path):
     bad = tmp_path / "evil.pt"
     with open(bad, "wb") as handle:
         pickle.dump({"format": runs.CHECKPOINT_FORMAT, "x": Payload()}, handle)
-    with pytest.raises(engine.ConfigError, match=r"evil.pt' is not a readable engine.checkpoint/1 file"):
+    with pytest.raises(engine.ConfigError, match=r"evil.pt' is not a readable engine.checkpoint/2 file"):
         runs.load(bad, runs.CHECKPOINT_FORMAT)
 
 
@@ -132,9 +121,12 @@ def test_the_best_checkpoints_are_ranked_by_the_monitored_metric(mode, keep):
         plugins=[seen],
     )
     ranked = sorted(seen.by_step.items(), key=lambda item: item[1], reverse=mode == "max")[:keep]
-    index = read_json(result.run_dir / "checkpoints" / "best.json")
+    index = json.loads((result.run_dir / "checkpoints" / "best.json").read_text())  # JSON a reader can use
+    assert (index["monitor"], index["mode"]) == ("val_loss", mode)
     assert [(entry["step"], entry["value"]) for entry in index["ranking"]] == ranked
-    assert [step for step, _ in runs.numbered(result.run_dir, "best")] == sorted(step for step, _ in ranked)
+    assert [step for step, _ in checkpoint_plugin.numbered(result.run_dir, "best")] == sorted(
+        step for step, _ in ranked
+    )
     best = engine.load(result.run_dir, which="best")
     saved = torch.load(result.run_dir / "checkpoints" / f"best-{ranked[0][0]:09d}.pt", weights_only=True)
     for name, weight in best.state_dict().items():
@@ -166,7 +158,11 @@ def test_engine_load_rebuilds_the_model_without_the_data(tmp_path):
     [
         (lambda: None, "final", "'nowhere' is not a run directory (it has no config.toml)"),
         (lambda: engine.run(job(epochs=2, run_name="plain")), "best", "has no best checkpoint"),
-        (lambda: engine.run(job(epochs=2, run_name="plain")), "latest", "which: expected 'final', 'best' or 'last'"),
+        (
+            lambda: engine.run(job(epochs=2, run_name="plain")),
+            "latest",
+            "which: expected one of 'final', 'best', 'last', got 'latest'",
+        ),
     ],
 )
 def test_engine_load_names_what_is_missing(setup, which, message):
@@ -196,13 +192,50 @@ def test_checkpoint_settings_are_checked():
         engine.load_config(job(checkpoint={"keep_last": 0}))
 
 
-def test_the_best_index_is_json_a_reader_can_use():
-    result = engine.run({**BEST_JOB, "checkpoint": {"keep_best": 2}})
-    index = json.loads((result.run_dir / "checkpoints" / "best.json").read_text())
-    assert index["monitor"] == "val_loss" and index["mode"] == "min" and len(index["ranking"]) == 2
-
-
 def test_a_monitor_the_run_does_not_produce_is_named():
     job = {"epochs": 3, "run_name": "typo", "data": {"val_fraction": 0.2}, "checkpoint": {"keep_best": 1}}
     with pytest.raises(engine.TrainingError, match=r"checkpoint.monitor: 'val_los' is not a metric of this run \("):
         engine.run({**job, "checkpoint": {"keep_best": 1, "monitor": "val_los"}})
+
+
+def test_a_step_trigger_inside_an_accumulation_window_waits_for_its_end():
+    # 4 batches an epoch in windows of 3 and 1: step 2 falls inside the first window, step 4 ends one.
+    result = engine.run(
+        job(
+            epochs=2,
+            grad_accumulation=3,
+            data={"batch_size": 25},
+            checkpoint={"every_steps": 2, "every_seconds": 0.0, "keep_last": 10},
+        )
+    )
+    assert steps(result.run_dir) == [3, 4, 7, 8]
+    saved = runs.load(checkpoint_plugin.checkpoint_path(result.run_dir, "step", 3), runs.CHECKPOINT_FORMAT)
+    assert (saved["state"]["epoch"], saved["state"]["batch"]) == (1, 3)
+
+
+def test_find_checkpoint_answers_last_and_best():
+    result = engine.run({**BEST_JOB, "checkpoint": {"every_seconds": 0.0, "every_steps": 4, "keep_best": 2}})
+    found = engine.make_plugins().hook.find_checkpoint
+    ranking = read_json(result.run_dir / "checkpoints" / "best.json")["ranking"]
+    assert found(run_dir=result.run_dir, which="last") == checkpoint_plugin.checkpoint_path(result.run_dir, "step", 40)
+    assert found(run_dir=result.run_dir, which="best") == result.run_dir / "checkpoints" / ranking[0]["file"]
+    assert ranking[0]["value"] <= ranking[1]["value"] and ranking[0]["step"] != 40  # the run overfits
+    plain = engine.run(job(epochs=2, run_name="plain", checkpoint={"keep_best": 0}))
+    assert found(run_dir=plain.run_dir, which="best") is None  # no validation: no best checkpoint
+    assert found(run_dir=Path("nowhere"), which="last") is None
+
+
+def test_without_the_checkpoint_plugin_the_run_keeps_its_model_and_engine_load_works():
+    result = engine.run(job(epochs=3, run_name="bare"), blocked=["checkpoint"])
+    assert sorted(path.name for path in result.run_dir.iterdir()) == [
+        "config.toml",
+        "metrics.jsonl",
+        "model.pt",
+        "summary.json",
+    ]
+    assert read_json(result.run_dir / "summary.json")["status"] == "completed"
+    assert torch.equal(engine.load(result.run_dir).weight, result.model.weight)
+    with pytest.raises(engine.ConfigError, match=r"^run 'runs/bare' has no last checkpoint$"):
+        engine.load(result.run_dir, which="last")
+    with pytest.raises(engine.ConfigError, match=r"^--resume: no plugin implements find_checkpoint"):
+        engine.setup(resume=result.run_dir, blocked=["checkpoint"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_plugins import inference
 
 import engine
 from engine.cli import main
@@ -27,6 +28,12 @@ ZOO = {
         "loss": {"name": "cross_entropy"},
     },
     "user-module": {"model": {"name": "tests.helpers:scaled_model", "scale": 0.5}},
+    # The model behind its input transform (engine.WithInputTransform): raw inputs in.
+    "standardized": {
+        "data": {**CLASSES, "standardize": True},
+        "model": {"name": "mlp", "hidden": [8]},
+        "loss": {"name": "cross_entropy"},
+    },
 }
 BATCHES = (1, 5, 64)
 
@@ -57,16 +64,20 @@ def _width(run: Path) -> int:
 
 @pytest.mark.parametrize("job", list(ZOO))
 def test_exported_agrees_with_eager_on_the_zoo(zoo, job):
-    written = engine.export(zoo[job], "exported")
+    written = inference.export(zoo[job], "exported")
     assert written.path == zoo[job] / "exports" / "final-exported.pt2"
     assert written.verified["max_abs_diff"] <= 1e-5
     agree(zoo[job], torch.export.load(written.path).module(), 1e-5)
 
 
-@pytest.mark.parametrize("job", list(ZOO))
+# The richest models in the default run; the others (a second each) with the slow tests.
+RICHEST = ("mlp-layer-norm-dropout", "standardized")
+
+
+@pytest.mark.parametrize("job", [job if job in RICHEST else pytest.param(job, marks=pytest.mark.slow) for job in ZOO])
 def test_onnx_agrees_with_eager_on_the_zoo(zoo, job):
     onnxruntime = pytest.importorskip("onnxruntime")
-    written = engine.export(zoo[job], "onnx")
+    written = inference.export(zoo[job], "onnx")
     assert written.path.suffix == ".onnx" and not Path(f"{written.path}.data").exists()  # weights inside
     session = onnxruntime.InferenceSession(str(written.path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -86,10 +97,11 @@ torch.save([package(x) for x in inputs], sys.argv[3])
 """
 
 
+@pytest.mark.slow  # an AOTInductor compile: 13 s on two cores
 def test_aoti_package_loads_without_the_engine_and_agrees_with_eager(zoo, tmp_path):
     """One AOTInductor compile (seconds): the zoo's richest model, layer norm and dropout."""
     run = zoo["mlp-layer-norm-dropout"]
-    written = engine.export(run, "aoti")
+    written = inference.export(run, "aoti")
     assert written.verified["batch_sizes"] == [1, 7, 256] and written.verified["max_abs_diff"] <= 1e-5
     generator = torch.Generator().manual_seed(3)
     inputs = [torch.randn(size, 6, generator=generator) * 3 for size in BATCHES]
@@ -108,7 +120,7 @@ def test_aoti_package_loads_without_the_engine_and_agrees_with_eager(zoo, tmp_pa
             torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
     # The backend (the verified file, not compiled again) calls the compiled runner directly,
     # past the package's Python wrapper.
-    backend = engine.load_backend(run, backend="aoti")
+    backend = inference.load_backend(run, backend="aoti")
     assert backend.description == f"aoti (asked for; verified export {written.path})"
     agree(run, backend, 1e-5)
 
@@ -123,7 +135,7 @@ def test_tensorrt_agrees_with_eager_within_fp16_and_fp32_tolerance(zoo, tmp_path
     run = zoo["mlp"]
     for precision, tolerance in (("fp16", 1e-2), ("fp32", 1e-4)):
         out = tmp_path / f"{precision}.ep"
-        written = engine.export(run, "tensorrt", out=out, overrides=[f"export.precision={precision}"])
+        written = inference.export(run, "tensorrt", out=out, overrides=[f"export.precision={precision}"])
         assert written.verified["tolerance"] == tolerance
         agree(run, tensorrt(precision).load(written.path), tolerance)  # the file written, at its own tolerance
 
@@ -154,5 +166,5 @@ def test_onnx_without_its_packages_says_what_to_install(zoo, monkeypatch, capsys
     assert capsys.readouterr().err == (
         "error: export onnx: ONNX export needs onnxruntime: pip install 'torch-plugin-engine[onnx]'\n"
     )
-    backend = engine.load_backend(zoo["linear"], blocked=["export_aoti"])  # auto passes it over, and says so
+    backend = inference.load_backend(zoo["linear"], blocked=["export_aoti"])  # auto passes it over, and says so
     assert "onnx: ONNX export needs onnxruntime" in backend.description

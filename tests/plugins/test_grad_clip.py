@@ -9,18 +9,25 @@ import engine
 from tests.helpers import job, tutorial_data
 
 
-def test_clipping_matches_the_hand_written_loop():
-    result = engine.run(job(epochs=3, optimizer={"name": "sgd", "lr": 0.5}, grad_clip={"max_norm": 0.25}))
+def hand_written(epochs: int, max_norm: float | None) -> nn.Linear:
+    """The tutorial's loop with SGD at a rate of 0.5, clipping the gradients to `max_norm` if given."""
     x, y = tutorial_data()
     torch.manual_seed(42)
     model = nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(3):
+    for _ in range(epochs):
         loss = nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        if max_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
+    return model
+
+
+def test_clipping_matches_the_hand_written_loop():
+    result = engine.run(job(epochs=3, optimizer={"name": "sgd", "lr": 0.5}, grad_clip={"max_norm": 0.25}))
+    model = hand_written(3, max_norm=0.25)
     torch.testing.assert_close(result.model.weight, model.weight)
     torch.testing.assert_close(result.model.bias, model.bias)
 
@@ -47,7 +54,18 @@ def test_each_step_moves_the_parameters_at_most_lr_times_max_norm():
 
 
 def test_off_by_default():
-    unclipped = engine.run(job(optimizer={"name": "sgd", "lr": 0.5}, run_name="a"))
-    zero = engine.run(job(optimizer={"name": "sgd", "lr": 0.5}, grad_clip={"max_norm": 0.0}, run_name="b"))
-    assert unclipped.config["grad_clip"]["max_norm"] == 0.0
-    assert torch.equal(unclipped.model.weight, zero.model.weight)
+    sgd = {"name": "sgd", "lr": 0.5}
+    default = engine.setup(job(optimizer=sgd, run_name="default"))
+    assert default.config["grad_clip"]["max_norm"] == 0.0
+    assert "grad_clip" in default.off and default.before_optimizer_step == []  # nothing runs per step
+    unclipped = default.fit()
+    clipped = engine.run(job(optimizer=sgd, grad_clip={"max_norm": 0.25}, run_name="clipped"))
+    without = engine.run(job(optimizer=sgd, run_name="without"), blocked=["grad_clip"])
+    # The job's gradients are far above 0.25: clipping would have changed the weights...
+    assert not torch.allclose(clipped.model.weight, unclipped.model.weight)
+    # ... and max_norm = 0 leaves them as a run without the plugin, and the hand-written loop, have them.
+    assert torch.equal(unclipped.model.weight, without.model.weight)
+    assert torch.equal(unclipped.model.bias, without.model.bias)
+    model = hand_written(3, max_norm=None)
+    torch.testing.assert_close(unclipped.model.weight, model.weight, rtol=0, atol=0)
+    torch.testing.assert_close(unclipped.model.bias, model.bias, rtol=0, atol=0)

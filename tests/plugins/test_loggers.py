@@ -1,14 +1,11 @@
 """plugins/tensorboard.py and plugins/mlflow.py: what they record, read back with each tool's own
-reader; plugins/curves.py and `python -m engine plot`: the picture, read back."""
+reader."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 
 import engine
-from engine.cli import main
 
 JOB = {
     "epochs": 4,
@@ -67,35 +64,3 @@ def test_an_mlflow_run_holds_the_params_metrics_artifacts_and_status(tmp_path):
     assert [point.step for point in history] == [3, 6, 9, 12]
     assert history[-1].value == pytest.approx(result.metrics["loss"])
     assert {artifact.path for artifact in client.list_artifacts(run.info.run_id)} == {"config.toml", "model.pt"}
-
-
-def test_a_run_leaves_its_curves_and_plot_overlays_runs(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    from matplotlib import image
-
-    monkeypatch.delenv("ENGINE_BLOCK")  # tests block the curves plugin: this one is about it
-    first = engine.run({**JOB, "run_name": "first"})
-    second = engine.run({**JOB, "run_name": "second", "optimizer": {"lr": 0.05}})
-    picture = image.imread(first.run_dir / "curves.png")
-    assert picture.shape[0] > 300 and picture.shape[1] > 600  # a real figure: several panels
-    assert picture[..., :3].std() > 0.05  # not blank
-    assert main(["plot", "runs/first", "runs/second", "--out", "both.png"]) == 0
-    both = image.imread(tmp_path / "both.png")
-    orange = (both[..., 0] > 0.9) & (both[..., 1] > 0.4) & (both[..., 1] < 0.6) & (both[..., 2] < 0.2)  # C1
-    assert orange.sum() > 50  # the second run's curves are drawn
-    assert second.run_dir.joinpath("curves.png").is_file()
-
-
-def test_a_run_that_failed_before_its_first_logging_point_plots_without_a_warning(tmp_path):
-    pytest.importorskip("matplotlib")
-    (tmp_path / "early").mkdir()
-    (tmp_path / "early" / "metrics.jsonl").write_text("")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
-        engine.report.plot([tmp_path / "early"], tmp_path / "early.png")
-    assert (tmp_path / "early.png").is_file()
-
-
-def test_plot_names_a_missing_run(capsys):
-    assert main(["plot", "runs/nothing"]) == 2
-    assert capsys.readouterr().err == "error: plot: 'runs/nothing' is not a run directory (it has no metrics.jsonl)\n"

@@ -155,7 +155,7 @@ def test_the_default_loss_is_mse_and_all_seven_are_registered():
     assert sorted(plugins.components["loss"]) == sorted(
         ["mse", "cross_entropy", "l1", "smooth_l1", "huber", "bce_with_logits", "nll"]
     )
-    assert (plugins.settings["loss"]["name"].default, plugins.settings["loss"]["name"].owner) == ("mse", "losses")
+    assert (plugins.default("loss"), plugins.defaults["loss"].plugin) == ("mse", "losses")
 
 
 def test_a_class_weight_per_class_or_a_config_error():

@@ -1,4 +1,4 @@
-"""What batching does before it batches (plugins/batching.py): standardized inputs from the
+"""What batching does before it batches (plugins/batching/): standardized inputs from the
 training split's statistics, saved with the model; stratified splits drawn with split_seed; a test
 split evaluated once at the end; binary labels; and the task of whole-number csv targets."""
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_plugins.batching import split_indices
+from engine_plugins import inference
+from engine_plugins.batching.splits import split_indices
 from engine_plugins.datasets import looks_like_classes
 
 import engine
@@ -41,30 +42,37 @@ def npz_job(path: Path, **data) -> dict:
 
 def test_standardize_uses_the_training_split_alone_and_the_saved_model_takes_raw_features(tmp_path):
     path = scaled_classes(tmp_path / "data.npz")
-    trainer = engine.setup(npz_job(path, standardize=True, val_fraction=0.25, test_fraction=0.2))
-    loaders = trainer.loaders
-    assert loaders.x.mean(0).abs().max() < 1e-4 and (loaders.x.std(0, correction=0) - 1).abs().max() < 1e-4
+    trainer = engine.setup({**npz_job(path, standardize=True, val_fraction=0.25, test_fraction=0.2), "epochs": 3})
+    loaders, transform = trainer.loaders, trainer.loaders.input_transform
+    assert transform.name == "standardize" and trainer.config["inferred"]["input_transform"] == "standardize"
+    # The loaders give raw inputs; the model the run trains applies the transform first.
+    assert isinstance(trainer.module, engine.types.WithInputTransform) and trainer.module.transform is transform.module
+    standardized = transform.module(loaders.x)
+    assert standardized.mean(0).abs().max() < 1e-4 and (standardized.std(0, correction=0) - 1).abs().max() < 1e-4
     raw = np.load(path)["x"]
     kept, val, test = split_indices(len(raw), torch.as_tensor(np.load(path)["y"]), trainer.config["data"])
     train_raw = torch.as_tensor(raw)[kept].double()
-    assert torch.allclose(loaders.standardize.mean.double(), train_raw.mean(0), rtol=1e-6)
+    assert torch.equal(loaders.x, torch.as_tensor(raw)[kept])
+    assert torch.allclose(transform.module.mean.double(), train_raw.mean(0), rtol=1e-6)
+    assert torch.allclose(transform.module.std.double(), train_raw.std(0, correction=0), rtol=1e-5)
     # Validation and test take the training statistics, not their own.
-    expected_val = (torch.as_tensor(raw)[val] - loaders.standardize.mean) / loaders.standardize.std
-    assert torch.allclose(loaders.val_data[0], expected_val, atol=1e-5)
-    assert not torch.allclose(loaders.val_data[0].mean(0), torch.zeros(4), atol=1e-3)
+    assert torch.equal(loaders.val_data[0], torch.as_tensor(raw)[val])
+    assert not torch.allclose(transform.module(loaders.val_data[0]).mean(0), torch.zeros(4), atol=1e-3)
 
     result = trainer.fit()
     model = engine.load(result.run_dir)  # Standardize in front: raw features in
+    assert isinstance(model, engine.types.WithInputTransform)
     with torch.inference_mode():
         assert torch.allclose(model(torch.as_tensor(raw)[test]), result.model(loaders.test_data[0]), atol=1e-5)
-    predicted = engine.predict(result.run_dir, raw[test.numpy()], backend="eager")
+    predicted = inference.predict(result.run_dir, raw[test.numpy()], backend="eager")
     assert predicted["class"].tolist() == model(torch.as_tensor(raw)[test]).argmax(1).tolist()
 
 
 def test_standardize_reaches_what_unscaled_inputs_do_not(tmp_path):
     path = scaled_classes(tmp_path / "data.npz", n=400)
-    plain = engine.run({**npz_job(path, val_fraction=0.25), "run_name": "plain"})
-    scaled = engine.run({**npz_job(path, val_fraction=0.25, standardize=True), "run_name": "scaled"})
+    short = {"epochs": 10, "optimizer": {"lr": 0.05}, "val_every": 10, "log": {"every": 10}}
+    plain = engine.run({**npz_job(path, val_fraction=0.25), **short, "run_name": "plain"})
+    scaled = engine.run({**npz_job(path, val_fraction=0.25, standardize=True), **short, "run_name": "scaled"})
     assert scaled.metrics["val_accuracy"] >= 0.9 > plain.metrics["val_accuracy"] + 0.1
 
 
@@ -122,9 +130,8 @@ def test_a_test_split_is_evaluated_once_at_the_end_into_the_summary(tmp_path, ca
     trainer = engine.setup({**npz_job(path, standardize=True, val_fraction=0.2, test_fraction=0.2), "run_name": "t"})
     test_x, test_y = trainer.loaders.test_data
     model = engine.load(result.run_dir)
-    raw_x = test_x * trainer.loaders.standardize.std + trainer.loaders.standardize.mean
-    with torch.inference_mode():
-        accuracy = (model(raw_x).argmax(1) == test_y).float().mean().item()
+    with torch.inference_mode():  # the loaders' inputs are raw; the model standardizes them
+        accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()
     assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-6)
 
 
@@ -145,7 +152,7 @@ def test_a_dataset_is_standardized_and_split_too():
         )
     )
     assert (trainer.info.n_train, trainer.info.n_test) == (72, 24)
-    x = torch.cat([batch.x for batch in trainer.loaders.train(1)])
+    x = trainer.loaders.input_transform.module(torch.cat([batch.x for batch in trainer.loaders.train(1)]))
     assert x.mean(0).abs().max() < 1e-5 and (x.std(0, correction=0) - 1).abs().max() < 1e-4
     assert trainer.fit().state.test_metrics["test_accuracy"] > 0.5
 
@@ -177,7 +184,7 @@ def test_binary_labels_with_bce_with_logits_have_accuracy_metrics_and_prediction
     assert result.metrics["val_accuracy"] == pytest.approx(((logits > 0).float() == y).float().mean().item())
     matrix = read_json(result.run_dir / "confusion_matrix.json")["matrix"]
     assert len(matrix) == 2 and sum(map(sum, matrix)) == 50
-    predicted = engine.predict(result.run_dir, x.numpy(), backend="eager")
+    predicted = inference.predict(result.run_dir, x.numpy(), backend="eager")
     assert predicted["probability"].shape == (50,)
     assert torch.equal(predicted["class"], (torch.sigmoid(logits[:, 0]) > 0.5).long())
 
@@ -199,9 +206,9 @@ def test_the_binary_threshold_decides_accuracy_metrics_confusion_and_predictions
     assert result.metrics["val_recall"] == pytest.approx(true_positives / truth.sum().item())
     matrix = read_json(result.run_dir / "confusion_matrix.json")["matrix"]
     assert matrix[1][1] == true_positives and matrix[0][1] == ((predicted == 1) & (truth == 0)).sum().item()
-    assert torch.equal(engine.predict(result.run_dir, x.numpy(), backend="eager")["class"], predicted)
+    assert torch.equal(inference.predict(result.run_dir, x.numpy(), backend="eager")["class"], predicted)
     np.savez(tmp_path / "val.npz", x=x.numpy(), y=truth.numpy())
-    evaluated = engine.evaluate(result.run_dir, tmp_path / "val.npz", backend="eager")
+    evaluated = inference.evaluate(result.run_dir, tmp_path / "val.npz", backend="eager")
     assert evaluated["accuracy"] == pytest.approx(result.metrics["val_accuracy"])
     with pytest.raises(engine.ConfigError, match=r"^data.threshold: "):
         engine.setup(job(run_name="one", data={**data, "threshold": 1.0}, loss={"name": "bce_with_logits"}))

@@ -1,4 +1,4 @@
-"""engine/inference.py and its commands: `evaluate`, `predict` and `export` from a run directory.
+"""plugins/inference/ and its commands: `evaluate`, `predict` and `export` from a run directory.
 
 The oracle is the run's own model (`engine.load`) called by hand, and the run's own validation
 figures (summary.json). Runs are trained once per module; each test works in its own directory.
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_plugins import inference
 from torch import nn
 
 import engine
@@ -109,7 +110,7 @@ def test_evaluate_a_regression_run_on_a_csv_file_matches_the_loss_by_hand(traine
         rows = csv.writer(handle)
         rows.writerow(["x", "y"])
         rows.writerows(zip(x[:, 0].tolist(), y[:, 0].tolist()))
-    result = engine.evaluate(
+    result = inference.evaluate(
         trained["default"], tmp_path / "held_out.csv", backend="eager", overrides=["data.target=y"]
     )
     model = engine.load(trained["default"])
@@ -124,7 +125,7 @@ def test_figures_that_overflow_on_the_data_are_null_and_named(trained, tmp_path,
     code, out, err = run_cli(capsys, "evaluate", trained["default"], "--data", tmp_path / "huge.npz")
     assert code == 0 and err.splitlines()[-1] == "warning: not finite on this data (null below): loss, mse, rmse"
     result = json.loads(out)
-    assert result["loss"] is result["mse"] is result["rmse"] is None and result["not_finite"] == ["loss", "mse", "rmse"]
+    assert result["loss"] is result["mse"] is result["rmse"] is None and result["non_finite"] == ["loss", "mse", "rmse"]
     assert read_json(trained["default"] / "evaluations" / "huge-final.json") == result
 
 
@@ -136,7 +137,7 @@ def test_predict_gives_classes_and_probabilities_of_the_runs_model(trained):
     x = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = torch.softmax(engine.load(run)(x), dim=1)
-    predicted = engine.predict(run, x.numpy(), backend="eager", batch_size=64)
+    predicted = inference.predict(run, x.numpy(), backend="eager", batch_size=64)
     assert set(predicted) == {"class", "probability"}
     torch.testing.assert_close(predicted["probability"], expected, rtol=0, atol=0)
     assert torch.equal(predicted["class"], expected.argmax(dim=1))
@@ -146,7 +147,7 @@ def test_predict_gives_a_regression_runs_values(trained):
     x = torch.linspace(-2, 2, 9)[:, None]
     with torch.inference_mode():
         expected = engine.load(trained["default"])(x)
-    torch.testing.assert_close(engine.predict(trained["default"], x, backend="eager")["value"], expected)
+    torch.testing.assert_close(inference.predict(trained["default"], x, backend="eager")["value"], expected)
 
 
 def test_predict_reads_npz_and_csv_and_writes_csv_and_npz(trained, tmp_path, capsys):
@@ -161,7 +162,7 @@ def test_predict_reads_npz_and_csv_and_writes_csv_and_npz(trained, tmp_path, cap
     with open("p.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["class", "probability_0", "probability_1", "probability_2"]
-    expected = engine.predict(run, x, backend="eager")
+    expected = inference.predict(run, x, backend="eager")
     assert [int(row[0]) for row in rows[1:]] == expected["class"].tolist()
     np.testing.assert_allclose(np.array(rows[1:], dtype=float)[:, 1:], expected["probability"].numpy(), rtol=1e-6)
 
@@ -184,21 +185,21 @@ def test_predict_on_auto_uses_the_fastest_verified_export_and_agrees_with_eager(
     assert capsys.readouterr().err.startswith("backend: onnx (auto; ")
     assert (run / "exports" / "final-onnx.onnx").is_file()
     # The next call finds the verified export of these weights instead of exporting again.
-    backend = engine.load_backend(run)
+    backend = inference.load_backend(run)
     assert backend.description == f"onnx (auto; verified export {run / 'exports' / 'final-onnx.onnx'})"
-    expected = engine.predict(run, x, backend="eager")
+    expected = inference.predict(run, x, backend="eager")
     np.testing.assert_allclose(np.load("p.npz")["probability"], expected["probability"].numpy(), atol=1e-6)
 
 
 def test_an_export_of_other_weights_is_not_reused():
     pytest.importorskip("onnxruntime")
     run = engine.run({"epochs": 20, "run_name": "retrained"}).run_dir
-    first = engine.load_backend(run, backend="onnx")
+    first = inference.load_backend(run, backend="onnx")
     assert "verified export" not in first.description  # exported and checked now
     saved = engine.runs.load(run / "model.pt", engine.runs.MODEL_FORMAT)
     saved["model"] = {name: weight + 1.0 for name, weight in saved["model"].items()}  # as if trained on
     engine.runs.save(saved, run / "model.pt")
-    again = engine.load_backend(run, backend="onnx")
+    again = inference.load_backend(run, backend="onnx")
     assert "verified export" not in again.description  # stale: exported again
     x = torch.randn(5, 1)
     np.testing.assert_allclose(again(x).numpy(), engine.load(run)(x).detach().numpy(), rtol=1e-5, atol=1e-5)
@@ -232,6 +233,7 @@ class Shifted:
 
     suffix = ".shifted"
     tolerance = 1e-5
+    max_batch = None
     auto_rank = 99
 
     def __init__(self, shift):
@@ -240,8 +242,8 @@ class Shifted:
     def missing(self):
         return None
 
-    def write(self, module, example, path):
-        torch.export.save(engine.export_program(module, example), path)
+    def write(self, program, example, path):
+        torch.export.save(program, path)
 
     def load(self, path):
         module = torch.export.load(path).module()
@@ -285,7 +287,7 @@ def test_a_model_torch_export_cannot_trace_is_exit_2_naming_the_model_and_the_li
     assert "test_inference.py" in err and "in forward (`if x.sum() > 0:`)" in err
     assert "data-dependent expression" in err
     assert not (run / "exports" / "final-exported.pt2").exists()
-    backend = engine.load_backend(run)  # auto falls back to eager, saying why
+    backend = inference.load_backend(run)  # auto falls back to eager, saying why
     assert backend.name == "eager" and "torch.export cannot trace it" in backend.description
 
 

@@ -1,13 +1,18 @@
-"""engine/loop.py: the loop against the hand-written PyTorch loop, hook order, validation mode,
-gradient accumulation, the state object, and `engine.run` from Python."""
+"""engine/trainer.py: the loop against the hand-written PyTorch loop, hook order, validation mode,
+gradient accumulation, the logging points and their checks, the end of a run (the `final_model`
+chain), checkpoints and the plugins' state in them, and `engine.run` and `engine.setup` from Python."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import inspect
-import random
+import io
+import textwrap
+import tokenize
+from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,10 +25,21 @@ from tests.helpers import (
     classification_data,
     epoch_order,
     job,
-    read_jsonl,
     tutorial_data,
     tutorial_loop,
 )
+
+
+class Logged:
+    """Keeps what each logging point passes to `on_log`."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+
+    @engine.hookimpl
+    def on_log(self, metrics):
+        self.metrics.append(dict(metrics))
+
 
 # --- the oracle ----------------------------------------------------------------------------------
 
@@ -62,6 +78,7 @@ def test_mlp_classification_with_minibatches_matches_a_hand_written_loop():
             losses.append(loss.item())
         epoch_losses.append(sum(losses) / len(losses))
 
+    logged = Logged()
     result = engine.run(
         {
             "seed": seed,
@@ -79,11 +96,11 @@ def test_mlp_classification_with_minibatches_matches_a_hand_written_loop():
             "loss": {"name": "cross_entropy"},
             "optimizer": {"lr": lr},
             "run_name": "mlp",
-        }
+        },
+        plugins=[logged],
     )
 
-    logged = [line["loss"] for line in read_jsonl(result.run_dir / "metrics.jsonl")]
-    assert logged == pytest.approx(epoch_losses, abs=1e-5)
+    assert [line["loss"] for line in logged.metrics] == pytest.approx(epoch_losses, abs=1e-5)
     assert result.state.step == epochs * 7  # ceil(200 / 32) batches per epoch
     for mine, theirs in zip(result.model.parameters(), model.parameters()):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
@@ -196,15 +213,14 @@ class L2:
         return {"l2": 0.1 * sum((p**2).sum() for p in trainer.model.parameters())}
 
 
-def test_extra_loss_terms_are_summed_and_logged_by_name(capsys):
-    result = engine.run(job(epochs=2, log={"every": 1}), plugins=[L2])
-    lines = read_jsonl(result.run_dir / "metrics.jsonl")
-    for line in lines:
-        assert set(line) >= {"loss", "mse", "l2"}
-        assert line["loss"] == pytest.approx(line["mse"] + line["l2"], rel=1e-5)
-    last = capsys.readouterr().out.splitlines()[1]
-    m = result.metrics
-    assert last == f"Epoch [2/2], Loss: {m['loss']:.4f}, mse: {m['mse']:.4f}, l2: {m['l2']:.4f}"
+def test_extra_loss_terms_are_summed_and_logged_by_name():
+    logged = Logged()
+    result = engine.run(job(epochs=2, log={"every": 1}), plugins=[L2, logged])
+    assert [line["epoch"] for line in logged.metrics] == [1, 2]
+    for line in logged.metrics:
+        assert set(line) == {"epoch", "step", "loss", "mse", "l2", "lr"}
+        assert line["l2"] > 0 and line["loss"] == pytest.approx(line["mse"] + line["l2"], rel=1e-6)
+    assert result.metrics == logged.metrics[-1]
 
 
 def test_the_optimized_loss_is_the_sum_of_the_terms():
@@ -259,40 +275,6 @@ def test_wrap_step_wraps_the_whole_step_once():
     assert wrapped.metrics["loss"] == plain.metrics["loss"]
 
 
-def test_train_step_is_one_function_of_a_batch_and_its_window_returning_detached_losses():
-    trainer = engine.setup(job())
-    batch = next(trainer.loaders.train(1))
-    before = trainer.model.weight.detach().clone()
-    loss, terms = trainer.train_step(batch, engine.Window(first=True, last=True, scale=1.0))
-    assert not loss.requires_grad and loss.shape == ()
-    assert set(terms) == {"mse"} and terms["mse"] is loss
-    with torch.no_grad():
-        assert loss.item() == pytest.approx(nn.functional.mse_loss(trainer.model(batch.x), batch.y).item(), rel=0.2)
-    assert not torch.equal(before, trainer.model.weight)
-
-
-def test_the_loop_fits_on_one_screen():
-    source = inspect.getsource(engine.Trainer.loop)
-    code = [line for line in source.splitlines() if line.strip() and not line.strip().startswith("#")]
-    assert len(code) <= 40
-
-
-def test_state_dict_restores_the_rng_streams():
-    state = engine.State(epoch=3, batch=2, step=12)
-    saved = state.state_dict()
-    first = (random.random(), np.random.rand(), torch.rand(1).item())
-    restored = engine.State()
-    restored.load_state_dict(saved)
-    assert (restored.epoch, restored.batch, restored.step) == (3, 2, 12)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
-
-
-def test_seed_sets_python_numpy_and_torch():
-    engine.setup(job(seed=7))
-    assert random.random() == random.Random(7).random()
-    assert np.random.rand() == np.random.RandomState(7).rand()
-
-
 def test_the_same_seed_gives_the_same_model_and_another_seed_another():
     a = engine.run(job(seed=1, run_name="a", data={"batch_size": 10}))
     b = engine.run(job(seed=1, run_name="b", data={"batch_size": 10}))
@@ -335,10 +317,10 @@ def test_run_takes_extra_plugin_objects_and_many_runs_share_nothing():
     results = [engine.run(job(run_name=f"r{i}"), plugins=[r]) for i, r in enumerate(recorders)]
     assert recorders[0].calls == recorders[1].calls and recorders[0].calls.count("after_step") == 3
     assert results[0].metrics == results[1].metrics
-    # A plugin class is instantiated per run: the run_files plugin starts empty each time.
-    first = engine.setup(job()).plugins.pm.get_plugin("run_files")
-    second = engine.setup(job()).plugins.pm.get_plugin("run_files")
-    assert first is not second
+    # A plugin class is instantiated per run: the metrics_file plugin starts empty each time.
+    first = engine.setup(job()).plugins.pm.get_plugin("metrics_file")
+    second = engine.setup(job()).plugins.pm.get_plugin("metrics_file")
+    assert first is not None and second is not None and first is not second
 
 
 def test_plugins_passed_to_run_can_replace_a_blocked_built_in():
@@ -481,3 +463,339 @@ def test_the_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
     trainer.fit()
     monkeypatch.undo()
     assert reads == ["tolist"]  # the metrics plugin's one read, at the only logging point (epoch 6)
+
+
+# --- the checks at a logging point, which no plugin can switch off -------------------------------
+
+
+class NaNLoss:
+    @engine.hookimpl
+    def compute_loss(self, output):
+        return {"poison": output.sum() * float("nan")}
+
+
+@pytest.mark.parametrize("blocked", [[], ["console"], ["console", "progress", "metrics_file"]])
+def test_the_nan_guard_stays_when_loggers_are_blocked(blocked):
+    with pytest.raises(engine.TrainingError, match=r"non-finite loss \(nan\) in term 'poison' at epoch 1, step 1"):
+        engine.run(job(epochs=3, log={"every": 3}), plugins=[NaNLoss], blocked=blocked)
+
+
+def test_a_non_finite_validation_loss_is_reported_at_its_epoch():
+    class NaNValidation:
+        @engine.hookimpl
+        def compute_loss(self, output, trainer):
+            if not trainer.model.training:
+                return {"poison": output.sum() * float("inf")}
+            return None
+
+    with pytest.raises(engine.TrainingError, match=r"non-finite val_loss \(inf\) at epoch 1; training stopped"):
+        engine.run(job(epochs=3, data={"val_fraction": 0.2}), plugins=[NaNValidation])
+
+
+# --- the loop: what it calls, in one screen --------------------------------------------------------
+
+
+class Numbered:
+    """Loaders whose batches are named by (epoch, position)."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def train(self, epoch: int, start: int = 0):
+        return iter([(epoch, position) for position in range(start, self.batches)])
+
+
+def stub(epochs: int = 2, batches: int = 3, accumulation: int = 2, state: engine.State | None = None):
+    """What `Trainer.loop` and `Trainer.end_epoch` read of a trainer, recording what they call:
+    the step, the after_step hooks, validation (every 2nd epoch), the logging point (every epoch),
+    the epoch scheduler and the on_epoch_end hooks."""
+    calls: list[tuple] = []
+
+    def train_step(batch, window):
+        calls.append(("train_step", batch, window))
+        return torch.tensor(float(len(calls))), {}
+
+    def validate():
+        calls.append(("validate",))
+        return {"val_loss": 1.0}
+
+    trainer = SimpleNamespace(
+        state=state or engine.State(),
+        epochs=epochs,
+        model=nn.Linear(1, 1).eval(),
+        loaders=Numbered(batches),
+        windows=engine.windows([1.0] * batches, accumulation),
+        train_step=train_step,
+        after_step=[lambda loss, terms, window: calls.append(("after_step", window))],
+        epoch_end=[lambda epoch: calls.append(("on_epoch_end", epoch))],
+        interrupted=0,
+        rank=0,
+        has_validation=True,
+        val_every=2,
+        log_every=1,
+        validate=validate,
+        log=lambda: calls.append(("log",)),
+        epoch_scheduler=lambda: calls.append(("epoch_scheduler",)),
+    )
+    trainer.end_epoch = lambda: engine.Trainer.end_epoch(trainer)
+    return trainer, calls
+
+
+def epoch_calls(epoch: int, windows: tuple[engine.Window, ...], start: int = 0, validated: bool = False) -> list:
+    """What the loop calls for `epoch`, from batch position `start`, as `stub` records it."""
+    calls: list[tuple] = []
+    for position in range(start, len(windows)):
+        calls += [("train_step", (epoch, position), windows[position]), ("after_step", windows[position])]
+    calls += [("validate",)] if validated else []
+    return [*calls, ("log",), ("epoch_scheduler",), ("on_epoch_end", epoch)]
+
+
+def test_the_loop_runs_each_batch_through_the_step_and_after_step_then_ends_the_epoch():
+    trainer, calls = stub()
+    engine.Trainer.loop(trainer)
+    windows = trainer.windows
+    assert windows == (engine.Window(True, False, 0.5), engine.Window(False, True, 0.5), engine.Window(True, True, 1.0))
+    assert calls == [*epoch_calls(1, windows), *epoch_calls(2, windows, validated=True)]
+    state = trainer.state
+    assert (state.epoch, state.batch, state.step) == (3, 0, 6)
+    assert [(epoch, step) for epoch, step, *_ in state.losses] == [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (2, 6)]
+    assert (state.val_metrics, state.val_epoch) == ({"val_loss": 1.0}, 2)
+    assert trainer.model.training  # validation's eval mode ends when training goes on
+
+
+def test_the_loop_continues_a_resumed_epoch_from_its_position_and_window():
+    trainer, calls = stub(state=engine.State(epoch=2, batch=1, step=4))
+    engine.Trainer.loop(trainer)
+    assert calls == epoch_calls(2, trainer.windows, start=1, validated=True)
+    assert (trainer.state.epoch, trainer.state.step) == (3, 6)
+
+
+def test_a_stop_request_ends_the_loop_after_its_epoch():
+    trainer, calls = stub(epochs=5)
+    trainer.epoch_end.append(lambda epoch: setattr(trainer.state, "stop", epoch == 2))
+    engine.Trainer.loop(trainer)
+    assert [call for call in calls if call[0] == "on_epoch_end"] == [("on_epoch_end", 1), ("on_epoch_end", 2)]
+    assert trainer.state.step == 6
+
+
+def test_a_signal_stops_the_loop_at_the_end_of_the_current_window():
+    trainer, calls = stub()
+    step = trainer.train_step
+
+    def signalled(batch, window):
+        trainer.interrupted = 15  # SIGTERM, during the window's first batch
+        return step(batch, window)
+
+    trainer.train_step = signalled
+    with pytest.raises(engine.Interrupted) as raised:
+        engine.Trainer.loop(trainer)
+    assert raised.value.exit_code == 143
+    assert calls == epoch_calls(1, trainer.windows)[:4]  # the window's two batches, then no more
+    assert (trainer.state.batch, trainer.state.step) == (2, 2)
+    trainer, _ = stub()
+    trainer.train_step, trainer.rank = signalled, 1  # another process stops at its next collective
+    engine.Trainer.loop(trainer)
+    assert trainer.state.step == 6
+
+
+def code_lines(function) -> int:
+    """Lines holding code in a function's body: no signature, docstring, comment or blank line."""
+    source = textwrap.dedent(inspect.getsource(function))
+    definition = ast.parse(source).body[0]
+    body = definition.body[1:] if ast.get_docstring(definition) else definition.body
+    quiet = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    lines = {
+        token.start[0] for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type not in quiet
+    }
+    return len({line for line in lines if line >= body[0].lineno})
+
+
+def test_code_lines_counts_the_code_of_a_body_only():
+    def sample(x: int) -> int:
+        """A docstring
+        of two lines."""
+        # a comment
+
+        y = (
+            x  # a comment inside a statement
+            + 1
+        )
+        return y
+
+    assert code_lines(sample) == 5  # y = (, x, + 1, ), return y
+
+
+def test_the_loop_and_the_end_of_an_epoch_read_in_one_screen():
+    """STYLE.md: the loop reads like the tutorial's and stays under 40 lines; resume, interruption
+    and evaluation live in the state, the trainer's other methods and plugins, not in the loop."""
+    functions = (engine.Trainer.loop, engine.Trainer.end_epoch)
+    assert sum(code_lines(function) for function in functions) <= 40, [code_lines(f) for f in functions]
+    for function in functions:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+        assert not any(isinstance(node, ast.Try) for node in ast.walk(tree)), function.__name__
+
+
+# --- the end of a run: the final_model chain -----------------------------------------------------
+
+
+class Ending(Recorder):
+    """Records the hooks, and ends the run with a copy of the trained module, its weights doubled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[bool] = []
+
+    @engine.hookimpl
+    def final_model(self, module, trainer):
+        self.calls.append("final_model")
+        self.received.append(module is trainer.module)
+        doubled = copy.deepcopy(module)
+        with torch.no_grad():
+            for parameter in doubled.parameters():
+                parameter.mul_(2)
+        return doubled
+
+
+def test_the_run_ends_with_the_final_model_chain_called_once_after_the_last_epoch():
+    ending = Ending()
+    trainer = engine.setup(job(epochs=3, data={"test_fraction": 0.2}), plugins=[ending])
+    result = trainer.fit()
+    assert ending.calls.count("final_model") == 1 and ending.received == [True]
+    test = ["before_forward", "compute_loss", "compute_metrics"]  # the test data, once, on the final model
+    assert ending.calls[-6:] == ["on_epoch_end", "final_model", *test, "on_run_end"]
+    # The run ends with the chain's result; the trainer keeps the trained weights.
+    assert result.model is trainer.final_module and not result.model.training
+    assert torch.equal(result.model.weight, 2 * trainer.module.weight)
+    plain = engine.run(job(epochs=3, data={"test_fraction": 0.2}, run_name="plain"))
+    assert torch.equal(trainer.module.weight, plain.model.weight)
+    # The test data is evaluated on the final model; model.pt holds it.
+    [test] = trainer.loaders.test()
+    with torch.no_grad():
+        assert result.metrics["test_loss"] == pytest.approx(nn.functional.mse_loss(result.model(test.x), test.y).item())
+    saved = engine.runs.load(result.run_dir / engine.runs.MODEL, engine.runs.MODEL_FORMAT)
+    assert torch.equal(saved["model"]["weight"], result.model.weight)
+
+
+def test_trainer_final_model_runs_the_chain_on_the_weights_as_they_are_now():
+    ending = Ending()
+    trainer = engine.setup(job(), plugins=[ending])
+    assert torch.equal(trainer.final_model().weight, 2 * trainer.module.weight)
+    assert ending.received == [True] and trainer.final_module is None  # the run has not ended
+
+
+class NotAModule:
+    @engine.hookimpl
+    def final_model(self):
+        return 5
+
+
+def test_a_final_model_that_is_not_a_module_fails_the_run_in_one_line():
+    with pytest.raises(engine.TrainingError) as raised:
+        engine.run(job(epochs=2), plugins=[NotAModule])
+    assert (
+        str(raised.value) == "end of epoch 2, step 2: plugin 'NotAModule': hook final_model returned a int, not Module"
+    )
+    summary = engine.runs.read_summary(Path("runs/quick"))
+    assert summary["status"] == "failed" and summary["error"] == str(raised.value)
+    assert not (Path("runs/quick") / engine.runs.MODEL).exists()
+
+
+# --- checkpoints and the plugins' state in them ----------------------------------------------------
+
+
+def test_a_checkpoint_is_taken_only_at_the_end_of_an_accumulation_window():
+    trainer = engine.setup(job(grad_accumulation=2, data={"batch_size": 25}))  # windows: batches 1-2, 3-4
+    trainer.state.batch = 1
+    with pytest.raises(engine.TrainingError, match="at the end of an accumulation window, not inside one"):
+        trainer.checkpoint()
+    trainer.state.batch = 2
+    taken = trainer.checkpoint()
+    assert taken["format"] == engine.runs.CHECKPOINT_FORMAT and taken["state"]["batch"] == 2
+    assert set(taken) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "plugins"}
+
+
+def test_two_plugins_returning_one_state_key_is_an_error_naming_the_key():
+    class First:
+        @engine.hookimpl
+        def save_plugin_state(self):
+            return {"shared": 1}
+
+    class Second(First):
+        pass
+
+    class NotADict:
+        @engine.hookimpl
+        def save_plugin_state(self):
+            return [1]
+
+    trainer = engine.setup(job(), plugins=[First, Second])
+    with pytest.raises(engine.TrainingError, match=r"^hook save_plugin_state: two plugins return the state 'shared'$"):
+        trainer.checkpoint()
+    trainer = engine.setup(job(), plugins=[NotADict])
+    with pytest.raises(engine.TrainingError, match=r"^hook save_plugin_state returned a list, not a dict$"):
+        trainer.checkpoint()
+
+
+def test_a_plugins_state_goes_through_a_checkpoint_and_comes_back_on_resume():
+    made = []
+
+    class Counted:
+        """Counts the steps of the run, across its resumes."""
+
+        def __init__(self) -> None:
+            self.steps, self.received = 0, None
+            made.append(self)
+
+        @engine.hookimpl
+        def after_step(self):
+            self.steps += 1
+
+        @engine.hookimpl
+        def save_plugin_state(self):
+            return {"counted": {"steps": torch.tensor(self.steps), "note": "kept"}}
+
+        @engine.hookimpl
+        def load_plugin_state(self, state):
+            self.received = state
+            self.steps = int(state["counted"]["steps"])
+
+    first = engine.run(job(epochs=3), plugins=[Counted])
+    assert made[0].steps == 3 and made[0].received is None
+    engine.run(job(epochs=5), plugins=[Counted], resume=first.run_dir)
+    resumed = made[1]
+    assert resumed.received["counted"]["note"] == "kept" and int(resumed.received["counted"]["steps"]) == 3
+    assert "checkpoint" in resumed.received  # every plugin's state, merged
+    assert resumed.steps == 5
+
+
+def test_resume_auto_starts_a_named_run_then_continues_it():
+    first = engine.setup(job(epochs=2, resume="auto"))
+    assert first.resumed_from is None and first.run_dir is None  # created when it starts
+    first.fit()
+    again = engine.setup(job(epochs=4, resume="auto"))
+    assert again.run_dir == first.run_dir and again.resumed_from is not None
+    assert again.state.step == 2
+    assert again.fit().state.step == 4
+
+
+def test_resume_needs_a_plugin_that_finds_the_checkpoint_inside_the_run(tmp_path):
+    bare = engine.run(job(epochs=2, run_name="bare"), blocked=["checkpoint"])
+    with pytest.raises(engine.ConfigError, match="--resume: no plugin implements find_checkpoint"):
+        engine.setup(resume=bare.run_dir, blocked=["checkpoint"])
+    result = engine.run(job(epochs=2))
+
+    class Elsewhere:
+        @engine.hookimpl(tryfirst=True)
+        def find_checkpoint(self):
+            return tmp_path / "elsewhere.pt"
+
+    with pytest.raises(engine.ConfigError, match=r"checkpoint '.*elsewhere.pt' is outside run 'runs/quick'"):
+        engine.setup(resume=result.run_dir, plugins=[Elsewhere])
+
+    class Numbered:
+        @engine.hookimpl(tryfirst=True)
+        def find_checkpoint(self):
+            return 5
+
+    with pytest.raises(engine.ConfigError, match=r"^hook find_checkpoint returned int 5, not a path$"):
+        engine.setup(resume=result.run_dir, plugins=[Numbered])

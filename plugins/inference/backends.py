@@ -1,0 +1,109 @@
+"""A run's model ready to run on a batch: eager PyTorch, or a verified export loaded back.
+
+``auto`` tries the formats this machine can run, by their `auto_rank` (highest first), uses a
+verified export of these weights in the run's ``exports/`` folder or exports one, and falls back
+to eager, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import engine
+
+from .exporting import Run, export_format, record_path, write_export
+
+EAGER = "eager"
+
+
+@dataclass(slots=True)
+class Backend:
+    """A run's model ready to run: eager, or a verified export loaded back."""
+
+    name: str
+    run: engine.Runner
+    info: engine.DataInfo
+    description: str  # one line: which backend, from which file, and why
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+def backend_names(plugins: engine.Plugins) -> list[str]:
+    return ["auto", EAGER, *sorted(plugins.components.get("export", {}))]
+
+
+def load_backend(
+    run_dir: str | Path,
+    which: str = "final",
+    backend: str = "auto",
+    *,
+    plugins: Iterable[Any] = (),
+    blocked: Iterable[str] = (),
+) -> Backend:
+    """A run's model on `backend`: ``eager``, an export format, or ``auto`` (see the module docstring)."""
+    return backend_of(Run.open(run_dir, which, plugins, blocked), backend)
+
+
+def backend_of(run: Run, backend: str) -> Backend:
+    names = backend_names(run.plugins)
+    if backend not in names:
+        raise engine.ConfigError(f"--backend: unknown backend {backend!r}{engine.suggest(backend, names)}")
+    if backend == EAGER:
+        return eager(run, "eager (asked for)")
+    if backend != "auto":
+        return exported(run, backend, export_format(run, backend))
+    skipped = []
+    ranked = []
+    for name in run.plugins.components.get("export", {}):
+        chosen = export_format(run, name)
+        if chosen.auto_rank is not None:
+            ranked.append((chosen.auto_rank, name, chosen))
+    for _, name, chosen in sorted(ranked, key=lambda item: -item[0]):
+        missing = chosen.missing()
+        if missing:
+            skipped.append(f"{name}: {missing}")
+            continue
+        try:
+            return exported(run, name, chosen, auto=True)
+        except (engine.ConfigError, engine.TrainingError, OSError) as error:
+            skipped.append(f"{name}: {error}")
+    return eager(run, "eager (auto; " + ("; ".join(skipped) or "no export format can serve") + ")")
+
+
+def eager(run: Run, description: str) -> Backend:
+    module = run.module()
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x)
+
+    return Backend(EAGER, call, run.info, description)
+
+
+def exported(run: Run, name: str, chosen: engine.ExportFormat, auto: bool = False) -> Backend:
+    """The format's verified export of the run's weights, written first if there is none."""
+    missing = chosen.missing()
+    if missing:
+        raise engine.ConfigError(f"--backend {name}: {missing}")
+    path = run.export_path(name, chosen.suffix)
+    how = "auto" if auto else "asked for"
+    if verified(path, run):
+        return Backend(name, chosen.load(path), run.info, f"{name} ({how}; verified export {path})")
+    report = write_export(run, name, chosen, path)
+    return Backend(name, chosen.load(path), run.info, f"{name} ({how}; {report.describe()})")
+
+
+def verified(path: Path, run: Run) -> bool:
+    """Whether `path` holds an export of these weights that passed its check."""
+    try:
+        record = json.loads(record_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return path.is_file() and record.get("fingerprint") == run.fingerprint()

@@ -1,0 +1,236 @@
+"""`predict` and `evaluate` on a run's model, and the files they read and write: a ``data``
+component named after the file's suffix (``path``, ``val_path``) reads inputs and labels with the
+checks training applies, and a ``predictions`` component, named likewise, writes what `predict`
+returns."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import engine
+
+from .backends import Backend, backend_of, load_backend
+from .exporting import Run
+
+EVALUATIONS = "evaluations"  # in the run directory: what `evaluate` writes
+
+
+def predictions(backend: Backend, x: Any, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    """The backend's predictions for the inputs `x` ([N, n_features], array or tensor), in batches:
+    ``class`` (indices) and ``probability`` ([N, classes]) for classification, ``class`` (0 or 1)
+    and ``probability`` ([N], of class 1) for binary labels, ``value`` for regression."""
+    info = backend.info
+    x, width = inputs(x, info.n_features)
+    if width != info.n_features:
+        raise engine.ConfigError(
+            f"inputs have {width} features per sample, but the model was trained on {info.n_features}"
+        )
+    outputs = torch.cat([backend(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]).detach()
+    if info.task == "classification":
+        # softmax turns logits into probabilities, and leaves log-probabilities' exp unchanged
+        probability = torch.softmax(outputs.float(), dim=-1)
+        return {"class": probability.argmax(dim=-1), "probability": probability}
+    if info.task == "binary":  # one logit: the probability of class 1, which wins above the threshold
+        probability = torch.sigmoid(outputs.float().reshape(-1))
+        return {"class": (probability > info.threshold).long(), "probability": probability}
+    return {"value": outputs}
+
+
+def predict(
+    run_dir: str | Path,
+    x: Any,
+    *,
+    which: str = "final",
+    backend: str = "auto",
+    batch_size: int = 1024,
+    plugins: Iterable[Any] = (),
+) -> dict[str, torch.Tensor]:
+    """A run's predictions for the inputs `x` (see `predictions`), on `backend` (see `load_backend`)."""
+    return predictions(load_backend(run_dir, which, backend, plugins=plugins), x, batch_size)
+
+
+def read_inputs(run: Run, file: str | Path, overrides: Sequence[str] = ()) -> torch.Tensor:
+    """The inputs of a data file, read by the data component named after its suffix (without
+    labels where the component can do without), checked against the run's input width."""
+    config, found = file_config(run, Path(file), overrides, labelled=False)
+    cpu = torch.device("cpu")
+    data = engine.build_component(config, found, "data", seed=config["seed"], device=cpu, labelled=False)
+    x, width = inputs(data[0] if isinstance(data, tuple) else data, run.info.n_features)
+    if width != run.info.n_features:
+        raise wrong_width(file, width, run)
+    return x
+
+
+def inputs(x: Any, n_features: int) -> tuple[torch.Tensor, int]:
+    """`x` (an array or tensor) as a float32 CPU tensor of samples, one feature a column when the
+    model takes one; and its features per sample, for the caller to check (1 for a flat array: a
+    value per sample; 0 for a single number)."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float().cpu()
+    if x.dim() == 1 and n_features == 1:
+        x = x[:, None]
+    return x, x.shape[-1] if x.dim() > 1 else x.dim()
+
+
+def wrong_width(file: str | Path, width: int, run: Run) -> engine.ConfigError:
+    trained, run_dir = run.info.n_features, run.run_dir
+    return engine.ConfigError(
+        f"--data '{file}': {width} features per sample, but run '{run_dir}' was trained on {trained}"
+    )
+
+
+def write_predictions(run: Run, columns: Mapping[str, torch.Tensor], out: str | Path, overrides: Sequence[str] = ()):
+    """Write `columns` with the ``predictions`` component named after `out`'s suffix."""
+    out = Path(out)
+    name = suffix(out, "--out")
+    table = run.plugins.components.get("predictions", {})
+    if name not in table:
+        raise engine.ConfigError(
+            f"--out '{out}': no predictions component writes .{name} files{engine.suggest(name, table)}"
+        )
+    config, found = run.load_config(overrides=[f"predictions.name={name}", *overrides])
+    writer = engine.build_component(config, found, "predictions")
+    writer(out, {key: value.numpy() for key, value in columns.items()})
+
+
+def suffix(path: Path, option: str) -> str:
+    if not path.suffix:
+        raise engine.ConfigError(
+            f"{option} '{path}': the file name needs a suffix: it names the component that handles the file"
+        )
+    return path.suffix.lstrip(".").lower()
+
+
+def file_config(
+    run: Run,
+    file: Path,
+    overrides: Sequence[str],
+    labelled: bool,
+    changes: Mapping[str, Any] | None = None,
+    plugins: Iterable[Any] = (),
+) -> tuple[engine.Config, engine.Plugins]:
+    """The run's config with ``[data]`` reading `file`: the data component named after its suffix,
+    with the run's own settings for it when the run used the same one, and the file as every split
+    it reads (so that none is drawn from it); `changes` replace top-level keys or sections."""
+    if not file.is_file():
+        raise engine.ConfigError(f"--data: file '{file}' does not exist")
+    reader = suffix(file, "--data")
+    table = run.plugins.components.get("data", {})
+    if reader not in table:
+        raise engine.ConfigError(
+            f"--data '{file}': no data component reads .{reader} files{engine.suggest(reader, table)}"
+        )
+    params = inspect.signature(table[reader].factory).parameters
+    if "path" not in params:
+        raise engine.ConfigError(
+            f"--data '{file}': data component {reader!r} reads no files (it has no setting 'path')"
+        )
+    job = run.config.to_dict()
+    old = run.config["data"]
+    data = {key: value for key, value in old.items() if key not in old.params and key != "name"}
+    if old["name"] == reader:
+        data.update(old.component_settings())
+    data.update(name=reader, path=str(file.absolute()))
+    for split in ("val_path", "test_path"):
+        if split in params:
+            data[split] = str(file.absolute()) if labelled else ""
+    job["data"] = data
+    job.update(changes or {})
+    return run.load_config(job, overrides, plugins)
+
+
+class EvaluationData:
+    """Checks the evaluation file against the run and gives the trainer the run's DataInfo, so that
+    the loss and metrics are built as they were for the run (a file holding some classes only
+    still has the run's class count)."""
+
+    def __init__(self, run: Run, file: Path) -> None:
+        self.run, self.file = run, file
+
+    @engine.hookimpl(wrapper=True)
+    def build_loaders(self) -> Iterator[None]:
+        loaders = yield
+        found, info, run = loaders.info, self.run.info, self.run
+        where = f"--data '{self.file}'"
+        if found.n_features != info.n_features:
+            raise wrong_width(self.file, found.n_features, run)
+        if found.task != info.task:
+            raise engine.ConfigError(
+                f"{where}: its labels are for {found.task}, but run '{run.run_dir}' did {info.task}"
+            )
+        if info.task == "classification" and found.n_outputs > info.n_outputs:
+            raise engine.ConfigError(
+                f"{where}: has class index {found.n_outputs - 1}, but run '{run.run_dir}' has {info.n_outputs} classes"
+            )
+        if info.task == "regression" and found.n_outputs != info.n_outputs:
+            raise engine.ConfigError(
+                f"{where}: {found.n_outputs} target columns, but run '{run.run_dir}' predicts {info.n_outputs}"
+            )
+        loaders.info = replace(info, n_train=found.n_train, n_val=found.n_val)  # the run's classes and sizes
+        return loaders
+
+
+class Served(torch.nn.Module):
+    """A backend as the module validation calls."""
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend(x)
+
+
+def evaluate(
+    run_dir: str | Path,
+    data: str | Path,
+    *,
+    which: str = "final",
+    backend: str | Backend = "auto",
+    overrides: Sequence[str] = (),
+    plugins: Iterable[Any] = (),
+    blocked: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The loss terms and metrics of a run's model on a labelled data file, by the run's own
+    validation: a Trainer built from the run's config (nothing is written, nothing trained, the
+    global RNGs left as they were) with the file as its validation data and `backend` as the
+    model. On the run's validation data it gives the run's final validation figures. A figure
+    that is not finite (the model's outputs overflow on this data) is None, and named in
+    ``non_finite``."""
+    run = Run.open(run_dir, which, plugins, blocked)
+    file = Path(data)
+    # On the CPU, where the backends run; no accelerate component: the train step is never called.
+    changes = {"device": "cpu", "accelerate": {"name": None}}
+    config, found = file_config(run, file, overrides, True, changes, [EvaluationData(run, file)])
+    chosen = backend if isinstance(backend, Backend) else backend_of(run, backend)
+    with engine.kept_rng(torch.device("cpu")):
+        trainer = engine.Trainer(config, found)
+        try:
+            # compute_loss hooks (a regularizer) read the trained weights from the trainer's module.
+            trainer.module.load_state_dict(engine.runs.load(run.weights, run.weights_format)["model"])
+            metrics = trainer.validate(model=Served(chosen))
+        finally:
+            trainer.loaders.close()
+    result: dict[str, Any] = {"run": str(run.run_dir), "which": which, "data": str(file)}
+    result.update(samples=trainer.info.n_val, backend=chosen.name)
+    result.update({name.removeprefix("val_"): value for name, value in metrics.items()})
+    non_finite = [name for name, value in result.items() if isinstance(value, float) and not math.isfinite(value)]
+    if non_finite:  # JSON has no inf or nan
+        result.update(dict.fromkeys(non_finite), non_finite=non_finite)
+    return result
+
+
+def write_evaluation(result: Mapping[str, Any]) -> Path:
+    """`result` as ``runs/<name>/evaluations/<data file stem>-<which>.json``."""
+    path = Path(result["run"]) / EVALUATIONS / f"{Path(result['data']).stem}-{result['which']}.json"
+    path.parent.mkdir(exist_ok=True)
+    engine.runs.write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return path

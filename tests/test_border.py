@@ -1,0 +1,149 @@
+"""The core's border, across every built-in plugin: what plugins may read of the trainer and the
+config, and that blocking any of them leaves a run directory that the core's API opens.
+
+- Plugins read only what `engine.TrainerView` lists (checked on their source), annotate their
+  hooks' ``trainer`` with it, and read no other plugin's settings.
+- A run with any built-in plugin blocked is refused up front in one line, or its directory works
+  with `engine.load`, ``--resume``, ``evaluate`` and ``runs``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_FILES = sorted((REPO / "plugins").rglob("*.py"))
+# The core's own settings, which every plugin may read: its sections and top-level keys.
+CORE_SECTIONS = {"log", "inferred", *inspect.signature(engine.config.CoreSettings).parameters}
+
+
+def trainer_surface() -> set[str]:
+    view = engine.TrainerView
+    methods = {name for name, _ in inspect.getmembers(view, inspect.isfunction) if not name.startswith("_")}
+    return set(view.__annotations__) | methods
+
+
+def reads_of(tree: ast.AST, owner: str) -> list[tuple[int, str]]:
+    """(line, attribute) of every ``owner.X`` and ``self.owner.X`` in `tree`."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        value = node.value
+        if (isinstance(value, ast.Name) and value.id == owner) or (
+            isinstance(value, ast.Attribute) and value.attr == owner and isinstance(value.value, ast.Name)
+        ):
+            found.append((node.lineno, node.attr))
+    return found
+
+
+@pytest.mark.parametrize("path", PLUGIN_FILES, ids=lambda path: str(path.relative_to(REPO)))
+def test_plugins_read_only_what_the_trainer_view_lists(path: Path) -> None:
+    surface = trainer_surface()
+    tree = ast.parse(path.read_text())
+    unlisted = [f"line {line}: trainer.{name}" for line, name in reads_of(tree, "trainer") if name not in surface]
+    assert not unlisted, f"{path.name} reads what engine.TrainerView does not list: {unlisted}"
+    assert "engine.Trainer)" not in path.read_text() and "engine.Trainer," not in path.read_text(), (
+        f"{path.name}: annotate hooks' trainer with engine.TrainerView"
+    )
+
+
+def test_the_trainer_has_everything_its_view_lists() -> None:
+    trainer = engine.setup({"epochs": 2})
+    trainer.run_dir = Path("unused")
+    missing = [name for name in trainer_surface() if not hasattr(trainer, name)]
+    assert not missing, f"engine.Trainer lacks what engine.TrainerView lists: {missing}"
+
+
+def declared_sections(plugin: object) -> set[str]:
+    """The config sections `plugin` declares settings in, and the component kinds it provides."""
+    sections: set[str] = set()
+    for hook in ("register_settings", "register_components"):
+        implementation = getattr(plugin, hook, None)
+        if implementation is not None and hasattr(implementation, "engine_impl"):
+            sections |= set(implementation() or {}) - {"default"}
+    return sections
+
+
+@pytest.mark.parametrize(
+    "ep", sorted(entry_points(group=engine.ENTRY_POINT_GROUP), key=lambda ep: ep.name), ids=lambda ep: ep.name
+)
+def test_plugins_read_no_other_plugins_settings(ep) -> None:
+    """Every ``config["section"]`` a built-in plugin reads is its own, the core's, or a component
+    kind's ``name`` (which the core resolves)."""
+    loaded = ep.load()
+    plugin = loaded() if inspect.isclass(loaded) else loaded
+    own = declared_sections(plugin) | CORE_SECTIONS
+    module = inspect.getmodule(loaded)
+    files = [Path(module.__file__)]
+    if Path(module.__file__).name == "__init__.py":
+        files = sorted(Path(module.__file__).parent.glob("*.py"))
+    kinds = set(engine.components.CORE_KINDS)
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)):
+                continue
+            value = node.value
+            reads_config = (isinstance(value, ast.Attribute) and value.attr == "config") or (
+                isinstance(value, ast.Name) and value.id == "config"
+            )
+            section = node.slice.value
+            if reads_config and isinstance(section, str) and section not in own and section not in kinds:
+                pytest.fail(f"{path.name}:{node.lineno}: plugin {ep.name!r} reads config[{section!r}], not its own")
+
+
+# --- blocking each built-in plugin --------------------------------------------------------------
+
+BUILT_INS = sorted(
+    ep.name for ep in entry_points(group=engine.ENTRY_POINT_GROUP) if ep.value.startswith("engine_plugins")
+)
+ESSENTIAL = {ep.name for ep in entry_points(group="engine.essential")}
+# In the default run: the essential one, the two that were load-bearing, one whose component the
+# job needs; the others run with the slow tests.
+QUICK = {"batching", "checkpoint", "metrics_file", "losses"}
+
+
+@pytest.fixture(scope="module")
+def tutorial_file(tmp_path_factory) -> Path:
+    """The tutorial's data as an npz file, for evaluate."""
+    rng = np.random.RandomState(42)
+    x = rng.randn(100, 1).astype(np.float32)
+    path = tmp_path_factory.mktemp("data") / "tutorial.npz"
+    np.savez(path, x=x, y=(2 * x + 3).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize(
+    "blocked", [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in BUILT_INS]
+)
+def test_a_run_with_any_plugin_blocked_is_refused_up_front_or_its_directory_works(
+    blocked: str, tutorial_file: Path, capsys
+) -> None:
+    code = main(["run", "--set", "epochs=3", "--set", "run_name=r", "--block", blocked, "--quiet"])
+    err = capsys.readouterr().err
+    if code:
+        assert code == 2 and len(err.strip().splitlines()) == 1, err  # refused up front, in one line
+        assert not Path("runs/r").exists()
+        assert blocked in ESSENTIAL or blocked in err or "name" in err, err
+        return
+    run_dir = Path("runs/r")
+    assert tuple(engine.load(run_dir)(torch.ones(2, 1)).shape) == (2, 1)
+    assert main(["evaluate", str(run_dir), "--data", str(tutorial_file), "--backend", "eager"]) == 0
+    assert main(["runs"]) == 0 and " r " in capsys.readouterr().out.replace("\n", " ")
+    resumed = main(["run", "--resume", str(run_dir), "--set", "epochs=4", "--quiet"])
+    err = capsys.readouterr().err
+    if blocked == "checkpoint":  # a run that wrote no checkpoints has none to continue from
+        assert resumed == 2 and "has no checkpoint to continue from" in err, err
+    else:
+        assert resumed == 0, err
+        assert engine.runs.read_summary(run_dir)["steps"] == 4

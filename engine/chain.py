@@ -17,6 +17,7 @@ from . import runs
 from .checks import returned
 from .config import Config
 from .errors import ConfigError, one_line
+from .hookspecs import CHAINED_TYPES
 from .step import build_step
 from .types import (
     DataInfo,
@@ -30,14 +31,6 @@ from .types import (
     WithInputTransform,
     windows,
 )
-
-# What each chained hook must return (or None), for the next link and the loop.
-CHAINED_TYPES: dict[str, type] = {
-    "wrap_model": torch.nn.Module,
-    "wrap_optimizer": torch.optim.Optimizer,
-    "wrap_step": Callable,  # type: ignore[dict-item]
-    "final_model": torch.nn.Module,
-}
 
 
 def build_chain(trainer: Any, checkpoint: Path | None) -> None:
@@ -133,10 +126,10 @@ def scheduler_after_window(scheduler: Any) -> Callable[..., None]:
     return step_scheduler
 
 
-def chain(trainer: Any, hook: str, argument: str, value: Any) -> Any:
+def chain(trainer: Any, hook: str, argument: str, value: Any, **constants: Any) -> Any:
     """`value` passed through every implementation of a chained hook, in hook order; each returns
     what the next one receives (or None: unchanged)."""
-    for plugin, link in trainer.plugins.bind_by_plugin(hook, trainer=trainer):
+    for plugin, link in trainer.plugins.bind_by_plugin(hook, trainer=trainer, **constants):
         returned_value = link(**{argument: value})
         expected = CHAINED_TYPES[hook]
         if returned_value is not None and not isinstance(returned_value, expected):

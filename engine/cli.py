@@ -20,7 +20,7 @@ import pluggy
 from .checks import setup_error
 from .components import CORE_KINDS
 from .config import Reference, dump_toml, merged_job, references
-from .errors import ConfigError, EngineError, Interrupted, one_line
+from .errors import ConfigError, EngineError, Interrupted, one_line, suggest
 from .hookspecs import SETUP_CHAIN
 from .plugins import OWN_DISTRIBUTION, Plugins, make_plugins
 from .trainer import setup
@@ -81,11 +81,14 @@ class Commands:
 
     def parser(self, name: str) -> argparse.ArgumentParser:
         """The parser of command `name`, to add options to (``--nproc`` of ``run``)."""
+        if name not in self.parsers:
+            raise ConfigError(f"no command is named {name!r}{suggest(name, self.parsers)}")
         return self.parsers[name]
 
     def wrap(self, name: str, wrapper: Wrapper) -> None:
         """Run command `name` through ``wrapper(args, handler)``, which calls ``handler(args)`` or
         does the command its own way (``run --nproc`` starts processes that each run the job)."""
+        self.parser(name)  # one that exists
         handler = self.handlers[name]
         self.handlers[name] = lambda args: wrapper(args, handler)
 

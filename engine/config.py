@@ -305,7 +305,12 @@ def load_config(
     # absolute path. (Plugin objects passed from Python cannot be recorded.)
     listed += [recorded(item) for item in plugins if isinstance(item, str) and recorded(item) not in listed]
     merged["plugins"] = listed
-    return resolve(merged, found, base), found
+    try:
+        return resolve(merged, found, base), found
+    except ConfigError:
+        if not found.add_blocked_settings():  # a setting of a blocked plugin? known, and unused
+            raise
+        return resolve(merged, found, base), found
 
 
 def merged_job(

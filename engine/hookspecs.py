@@ -68,19 +68,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 import torch
 
 from .types import Batch, Loaders, State, Step, TrainerView, Window
 
+if TYPE_CHECKING:
+    from .cli import Commands
+
 PROJECT = "engine"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # The setup chain in the order the trainer runs it: component kinds the core builds
-# (engine.config.CORE_KINDS) and the hooks between them. `python -m engine plugins` shows it.
+# (engine.components.CORE_KINDS) and the hooks between them. `python -m engine plugins` shows it.
 SETUP_CHAIN = (
     "distributed",
     "data",
@@ -101,8 +104,14 @@ SETUP_CHAIN = (
 PER_STEP = frozenset(
     {"before_forward", "compute_loss", "before_optimizer_step", "after_step", "compute_metrics", "on_epoch_end"}
 )
-# Chained: each implementation receives what the previous one returned.
-CHAINED = frozenset({"wrap_model", "wrap_optimizer", "wrap_step", "final_model"})
+# Chained, with what each implementation must return (or None), for the next link and the loop.
+CHAINED_TYPES: dict[str, type] = {
+    "wrap_model": torch.nn.Module,
+    "wrap_optimizer": torch.optim.Optimizer,
+    "wrap_step": Callable,  # type: ignore[dict-item]
+    "final_model": torch.nn.Module,
+}
+CHAINED = frozenset(CHAINED_TYPES)
 ONE_BY_ONE = PER_STEP | CHAINED | {"register_settings", "register_components", "skip_per_step", "on_run_end"}
 
 
@@ -134,7 +143,7 @@ def register_components() -> Mapping[str, Mapping[str, Any]] | None:
     in the setup chain (see the top of this module); plugins may add kinds of their own. The
     config section of the kind picks one by ``name``. The factory's keyword parameters are its
     settings (the rest of the section), typed by their annotations, except those named after the
-    kind's run context, which receive it (engine.config.CORE_KINDS): ``device`` (distributed);
+    kind's run context, which receive it (engine.components.CORE_KINDS): ``device`` (distributed);
     ``seed`` and ``device`` (data); ``info`` (a :class:`DataInfo`) and ``device`` (model, loss);
     ``params`` (optimizer); ``device`` (precision); ``trainer`` (accelerate);
     ``optimizer`` and ``length`` (a :class:`RunLength`, scheduler). Two plugins providing one
@@ -153,7 +162,7 @@ def register_components() -> Mapping[str, Mapping[str, Any]] | None:
 
 
 @hookspec
-def register_commands(commands: Any) -> None:
+def register_commands(commands: Commands) -> None:
     """Add subcommands to ``python -m engine`` (an :class:`engine.cli.Commands`): ``evaluate``,
     ``export``, ``runs``, or options of an existing command, as ``--nproc`` is of ``run``.
 
@@ -368,21 +377,24 @@ def save_plugin_state(trainer: TrainerView) -> Mapping[str, Any] | None:
 
 
 @hookspec
-def final_model(module: torch.nn.Module, trainer: TrainerView) -> torch.nn.Module | None:
-    """Choose the model the run ends with: what `model.pt` holds, the test data is evaluated on and
-    `engine.load` returns.
+def final_model(module: torch.nn.Module, ending: bool, trainer: TrainerView) -> torch.nn.Module | None:
+    """Choose the model of the run: with ``ending``, the one it ends with (what `model.pt` holds,
+    the test data is evaluated on and `engine.load` returns); without, the one it has now (what
+    validation evaluates, and what a checkpoint keeps beside the trained weights for
+    ``which = "best" | "last"``).
 
-    Called once, when the run completes or is interrupted (after its last checkpoint of the
-    trained weights), and by `trainer.final_model()`. Chained: the first implementation receives
-    ``trainer.module`` (the trained weights); return another module (the weights' average, an
-    earlier epoch's) or None to keep what you received. Never change what you receive: the
-    trained module goes on being checkpointed and trained.
+    Called with ``ending=True`` once, when the run completes or is interrupted, before the test and
+    `model.pt`; with ``ending=False`` by `trainer.final_model()` (at every checkpoint, and by a
+    plugin that keeps the model of an epoch). Chained: the first implementation receives
+    ``trainer.module`` (the trained weights); return another module of the same architecture
+    (the weights' average, an earlier epoch's) or None to keep what you received. Never change
+    what you receive: the trained module goes on being checkpointed and trained.
 
     The order of the implementations does not matter, because each keeps to its kind:
     - one that derives the model from the trained weights (weight averaging) replaces ``module``
-      only when it receives ``trainer.module`` itself, so that a choice made by another stands;
-    - one that chooses among the models of earlier epochs (early stopping's best) made its choice
-      among what `trainer.final_model()` gave then, while it held none, and returns it.
+      only when it receives ``trainer.module`` itself, so that another's choice stands;
+    - one that chooses among the models of earlier epochs (early stopping's best) returns its
+      choice only when ``ending``, and chooses among what `trainer.final_model()` gave then.
     """
 
 

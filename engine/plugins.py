@@ -46,6 +46,7 @@ class Plugins:
     pm: pluggy.PluginManager
     sources: dict[str, str] = field(default_factory=dict)
     essential: frozenset[str] = frozenset()
+    blocked: list[Any] = field(default_factory=list)  # the blocked entry points, not loaded
     components: dict[str, dict[str, Component]] = field(default_factory=dict)
     defaults: dict[str, Component] = field(default_factory=dict)  # kind: the default component
     settings: dict[str, dict[str, Setting]] = field(default_factory=dict)
@@ -108,20 +109,25 @@ class Plugins:
                 )
             table[key] = setting
 
-    def blocked_settings(self, ep: Any) -> None:
-        """The settings of a blocked entry-point plugin that no registered plugin declares, so that a
-        job that sets them (a run's config.toml does) stays valid: they are checked against their
-        schema and go unused."""
-        try:
-            loaded = ep.load()
-            declare = getattr(loaded() if inspect.isclass(loaded) else loaded, "register_settings", None)
-            declared = declare() if declare is not None and hasattr(declare, f"{hookspecs.PROJECT}_impl") else {}
-        except Exception:  # a blocked plugin that cannot even load has nothing to say here
-            return
-        for section, settings_class in _mapping(declared, ep.name, "register_settings", "section").items():
-            table = self.settings.setdefault(section, {})
-            for key, setting in settings_of(settings_class, f"{ep.name} (blocked)").items():
-                table.setdefault(key, setting)
+    def add_blocked_settings(self) -> bool:
+        """The settings of the blocked entry-point plugins that no registered plugin declares, so
+        that a job that sets them (a run's config.toml does) stays valid: checked against their
+        schema and unused. Loaded only when a job names a setting nobody else declares; whether
+        any was added."""
+        added, blocked, self.blocked = False, self.blocked, []
+        for ep in blocked:
+            try:
+                loaded = ep.load()
+                declare = getattr(loaded() if inspect.isclass(loaded) else loaded, "register_settings", None)
+                declared = declare() if declare is not None and hasattr(declare, f"{hookspecs.PROJECT}_impl") else {}
+            except Exception:  # a blocked plugin that cannot even load has nothing to say here
+                continue
+            for section, settings_class in _mapping(declared, ep.name, "register_settings", "section").items():
+                table = self.settings.setdefault(section, {})
+                for key, setting in settings_of(settings_class, f"{ep.name} (blocked)").items():
+                    added = added or key not in table
+                    table.setdefault(key, setting)
+        return added
 
     def add_component(self, plugin: str, kind: str, name: str, factory: Any) -> None:
         table = self.components.setdefault(kind, {})
@@ -269,9 +275,7 @@ def make_plugins(extra: Iterable[Any] = (), blocked: Iterable[str] = ()) -> Plug
         register(plugins, loaded, name, origin)
     check_hook_names(pm)
     plugins.collect()
-    for ep in installed:
-        if pm.is_blocked(ep.name):
-            plugins.blocked_settings(ep)
+    plugins.blocked = [ep for ep in installed if pm.is_blocked(ep.name)]
     return plugins
 
 

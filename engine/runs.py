@@ -35,7 +35,6 @@ from .errors import ConfigError, one_line
 CONFIG, SUMMARY, MODEL = "config.toml", "summary.json", "model.pt"
 MODEL_FORMAT = "engine.model/2"
 CHECKPOINT_FORMAT = "engine.checkpoint/2"
-STATUSES = ("running", "completed", "failed", "interrupted")
 # Temporary files being written now: a second signal removes them before the process exits.
 IN_FLIGHT: set[Path] = set()
 _UMASK = os.umask(0o022)  # read it (only os.umask can), then put it back

@@ -12,9 +12,10 @@ from typing import Any, Literal
 import torch
 
 from . import runs
+from .checks import kept_rng
 from .components import build_component
 from .config import Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 from .plugins import Plugins
 from .types import DataInfo, WithInputTransform
 
@@ -79,13 +80,14 @@ def found_checkpoint(run_dir: Path, found: Any) -> Path:
 def trained_module(config: Config, plugins: Plugins, info: DataInfo, path: Path, expected: str) -> torch.nn.Module:
     """The run's model rebuilt on the CPU in eval mode, behind its input transform if the run had
     one, with the weights of the file `path` (of format `expected`)."""
-    module = build_component(config, plugins, "model", info=info, device=torch.device("cpu"))
+    with kept_rng(torch.device("cpu")):  # building draws initial weights: opening a run leaves the RNGs be
+        module = build_component(config, plugins, "model", info=info, device=torch.device("cpu"))
     transform = config["inferred"]["input_transform"]
     if transform:
         module = WithInputTransform(plugins.component("input_transform", transform).factory(info=info), module)
     saved = runs.load(path, expected)
-    try:
-        module.load_state_dict(saved["model"])
+    try:  # a checkpoint's evaluated model (an average) where it kept one: what validation ranked
+        module.load_state_dict(saved.get("evaluated") or saved["model"])
     except RuntimeError as error:
-        raise ConfigError(f"file '{path}' does not fit the model of the run's config.toml: {error}") from None
+        raise ConfigError(f"file '{path}' does not fit the model of the run's config.toml: {one_line(error)}") from None
     return module.eval()

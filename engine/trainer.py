@@ -87,9 +87,9 @@ class Trainer:
         passing the context it asks for. An optional kind with no component chosen builds None."""
         return build_component(self.config, self.plugins, kind, name, **context)
 
-    def final_model(self) -> torch.nn.Module:
+    def final_model(self, ending: bool = False) -> torch.nn.Module:
         """The `final_model` chain on the weights as they are now."""
-        return chain(self, "final_model", "module", self.module)
+        return chain(self, "final_model", "module", self.module, ending=ending)
 
     def elapsed(self) -> float:
         """Seconds of training so far, across the resumes of the run."""
@@ -153,6 +153,8 @@ class Trainer:
                 if self.interrupted and window.last and self.rank == 0:
                     raise Interrupted(self.interrupted)
             self.end_epoch()
+            if self.interrupted and self.rank == 0:  # a signal during validation: the epoch's end is a window's
+                raise Interrupted(self.interrupted)
 
     def end_epoch(self) -> None:
         """Validation and the logging point when due, the epoch scheduler, then on to the next epoch."""
@@ -174,7 +176,7 @@ class Trainer:
         the test on it (a completed run), and `model.pt`."""
         if completed and self.state.losses:
             self.log()
-        self.final_module = self.final_model()
+        self.final_module = self.final_model(ending=True)
         test = self.loaders.test() if completed else None
         if test is not None:  # once, on the model the run ended with
             self.state.test_metrics = self.validate(test, "test", self.final_module)
@@ -300,13 +302,16 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         """Everything a resumed run needs, as tensors and plain values (it loads with
         weights_only=True): the model, optimizer, scheduler, gradient scaler, the loop state with
-        every RNG, and the state the plugins return from `save_plugin_state`. Taken at the end of an
-        accumulation window (within one the gradients are half summed) or of an epoch."""
+        every RNG, the state the plugins return from `save_plugin_state`, and the model validation
+        evaluates when it is not the trained one (`final_model`: an average), which
+        ``which = "best" | "last"`` opens. Taken at the end of an accumulation window (within one
+        the gradients are half summed) or of an epoch."""
         state, scaler = self.state, self.precision.scaler
         if state.batch and not self.windows[state.batch - 1].last:
             raise TrainingError("a checkpoint is taken at the end of an accumulation window, not inside one")
         saved = state.state_dict()
         saved["seconds"] = self.elapsed()
+        evaluated = self.final_model()  # the model validation evaluates (an average), if not the trained one
         return {
             "format": runs.CHECKPOINT_FORMAT,
             "model": self.module.state_dict(),
@@ -314,6 +319,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": saved,
+            "evaluated": evaluated.state_dict() if evaluated is not self.module else None,
             "plugins": self.plugin_state(),
         }
 

@@ -396,9 +396,10 @@ class TrainerView(Protocol):
         """The mean loss terms and metrics of `model` (default: `model`, as validation runs) over
         `batches` (default: the validation data), named ``<prefix>_<name>``: one host sync."""
 
-    def final_model(self) -> torch.nn.Module:
-        """The `final_model` chain run on the weights as they are now: the model the run would end
-        with if it ended here (early stopping keeps the best of these)."""
+    def final_model(self, ending: bool = False) -> torch.nn.Module:
+        """The `final_model` chain run on the weights as they are now: the model validation
+        evaluates (early stopping keeps the best of these); with `ending`, the one the run would
+        end with if it ended here."""
 
     def elapsed(self) -> float:
         """Seconds of training so far, across the resumes of the run."""

@@ -131,7 +131,9 @@ class Checkpoints:
     def skip_per_step(self, trainer: engine.TrainerView) -> bool:
         return trainer.rank != 0  # rank 0 alone takes checkpoints
 
-    @engine.hookimpl
+    # Last in the step's and the epoch's hooks: a checkpoint holds the state every other plugin
+    # updated there (an average after its step, early stopping's count and its stop).
+    @engine.hookimpl(trylast=True)
     def after_step(self, state: engine.State, window: engine.Window, trainer: engine.TrainerView) -> None:
         if (self.every_steps and state.step % self.every_steps == 0) or time.monotonic() >= self.due or self.waiting:
             if window.last:
@@ -139,7 +141,7 @@ class Checkpoints:
             else:
                 self.waiting = True
 
-    @engine.hookimpl
+    @engine.hookimpl(trylast=True)
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.TrainerView) -> None:
         improved = self.improved(epoch, state) if self.keep_best else None
         if (

@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 import engine
 
 ERROR_KEY = "error"  # in the store: the first error of the run, as JSON
+COLLECTED_AT_EXIT: list[object] = []  # gc.collect, once registered with atexit
 
 
 class DataParallel:
@@ -133,7 +134,9 @@ class Joined:
         # reducer, and the trainer's reference cycles keep it until the garbage collector runs;
         # collected during interpreter shutdown instead, gloo aborted a process now and then after
         # a completed run ("terminate called without an active exception", exit 134).
-        atexit.register(gc.collect)
+        if gc.collect not in COLLECTED_AT_EXIT:
+            atexit.register(gc.collect)
+            COLLECTED_AT_EXIT.append(gc.collect)
 
     def broadcast(self, value: Any) -> Any:
         shared = [value]

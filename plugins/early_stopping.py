@@ -6,8 +6,8 @@ than ``min_delta`` in the direction of ``mode`` resets the count; ``patience`` v
 one end the run after that epoch. With ``restore_best`` the run ends with the best epoch's model
 (`final_model`): ``model.pt``, the test and `engine.load` get it, while the checkpoints keep the
 trained weights that go with the optimizer's state, so a resumed run continues the same training.
-The best epoch's model is what `trainer.final_model()` gave then: with weight averaging, the best
-average. ``patience = 0`` (the default) switches it off.
+The best epoch's model is what `trainer.final_model()` gave then, the model validation
+evaluated: with weight averaging, the best average. ``patience = 0`` (the default) switches it off.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ class EarlyStopping:
         if self.best is None or (value < self.best - delta if settings["mode"] == "min" else value > self.best + delta):
             self.best, self.best_epoch, self.waited = value, epoch, 0
             if settings["restore_best"]:
-                self.model = None  # so that the chain gives this epoch's model, not the best so far
                 self.model = copy.deepcopy(trainer.final_model())
             return
         self.waited += 1
@@ -69,8 +68,10 @@ class EarlyStopping:
                 )
 
     @engine.hookimpl
-    def final_model(self, trainer: engine.TrainerView) -> torch.nn.Module | None:
-        if self.model is not None and trainer.rank == 0:
+    def final_model(self, ending: bool, trainer: engine.TrainerView) -> torch.nn.Module | None:
+        if not ending or self.model is None:
+            return None
+        if trainer.rank == 0:
             monitored = f"{trainer.config['early_stopping']['monitor']} {self.best:.4f}"
             print(f"early stopping: the run ends with the model of epoch {self.best_epoch} ({monitored})")
         return self.model
@@ -91,6 +92,5 @@ class EarlyStopping:
             return
         self.best, self.best_epoch, self.waited = saved["best"], saved["epoch"], saved["waited"]
         if saved["model"] is not None:
-            self.model = None
             self.model = copy.deepcopy(trainer.final_model())  # its structure; the weights are the saved ones
             self.model.load_state_dict(saved["model"])

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -9,10 +8,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-# The curves plugin is blocked for the whole session (ENGINE_BLOCK, inherited by subprocesses)
-# but where a test asks for it: drawing a PNG at the end of each of the suite's hundreds of runs
-# would cost a minute.
-os.environ["ENGINE_BLOCK"] = "curves"
+@pytest.fixture(autouse=True)
+def no_curves(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawing curves.png at the end of each of the suite's hundreds of runs would cost a minute:
+    in this process, runs draw none but where a test asks for them (``@pytest.mark.curves``)."""
+    if request.node.get_closest_marker("curves") is None:
+        from engine_plugins import metrics_file
+
+        monkeypatch.setattr(metrics_file, "plot", lambda run_dirs, out: None)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -53,9 +54,15 @@ def test_plugins_read_only_what_the_trainer_view_lists(path: Path) -> None:
     tree = ast.parse(path.read_text())
     unlisted = [f"line {line}: trainer.{name}" for line, name in reads_of(tree, "trainer") if name not in surface]
     assert not unlisted, f"{path.name} reads what engine.TrainerView does not list: {unlisted}"
-    assert "engine.Trainer)" not in path.read_text() and "engine.Trainer," not in path.read_text(), (
-        f"{path.name}: annotate hooks' trainer with engine.TrainerView"
-    )
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and any("hookimpl" in ast.unparse(d) for d in node.decorator_list):
+            for argument in node.args.args:
+                if argument.arg == "trainer":
+                    annotation = ast.unparse(argument.annotation) if argument.annotation else "nothing"
+                    assert annotation == "engine.TrainerView", (
+                        f"{path.name}:{node.lineno}: {node.name}'s trainer is annotated {annotation}, "
+                        "not engine.TrainerView"
+                    )
 
 
 def test_the_trainer_has_everything_its_view_lists() -> None:
@@ -91,15 +98,31 @@ def test_plugins_read_no_other_plugins_settings(ep) -> None:
     kinds = set(engine.components.CORE_KINDS)
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
-            if not (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)):
+            section = config_section(node)
+            if section is None or section in own:
                 continue
-            value = node.value
-            reads_config = (isinstance(value, ast.Attribute) and value.attr == "config") or (
-                isinstance(value, ast.Name) and value.id == "config"
-            )
-            section = node.slice.value
-            if reads_config and isinstance(section, str) and section not in own and section not in kinds:
-                pytest.fail(f"{path.name}:{node.lineno}: plugin {ep.name!r} reads config[{section!r}], not its own")
+            # A core kind's section: only its component's `name` (the core resolves it).
+            outer = node.slice.value if isinstance(node.slice, ast.Constant) else None
+            if section in kinds and outer in (None, "name"):
+                continue
+            pytest.fail(f"{path.name}:{node.lineno}: plugin {ep.name!r} reads config[{section!r}][{outer!r}]")
+
+
+def config_section(node: ast.AST) -> str | None:
+    """``"x"`` when `node` is ``config["x"][...]`` (or ``something.config["x"][...]``): the
+    section whose key it reads; for ``config["x"]`` alone, the outer subscript is None."""
+    if not (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)):
+        return None
+    inner = node.value
+    if isinstance(inner, ast.Subscript) and isinstance(inner.slice, ast.Constant) and reads_config(inner.value):
+        return inner.slice.value if isinstance(inner.slice.value, str) else None
+    return None
+
+
+def reads_config(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "config") or (
+        isinstance(node, ast.Name) and node.id == "config"
+    )
 
 
 # --- blocking each built-in plugin --------------------------------------------------------------
@@ -134,7 +157,13 @@ def test_a_run_with_any_plugin_blocked_is_refused_up_front_or_its_directory_work
     if code:
         assert code == 2 and len(err.strip().splitlines()) == 1, err  # refused up front, in one line
         assert not Path("runs/r").exists()
-        assert blocked in ESSENTIAL or blocked in err or "name" in err, err
+        if blocked in ESSENTIAL:
+            assert (
+                err
+                == f"error: plugin {blocked!r} is essential and cannot be blocked (the engine cannot run without it)\n"
+            )
+        else:  # it provides the component a kind of the job needs
+            assert re.fullmatch(r"error: \w+\.name: required, and no plugin provides one .*\n", err), err
         return
     run_dir = Path("runs/r")
     assert tuple(engine.load(run_dir)(torch.ones(2, 1)).shape) == (2, 1)

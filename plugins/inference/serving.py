@@ -211,7 +211,8 @@ def evaluate(
     changes = {"device": "cpu", "accelerate": {"name": None}}
     config, found = file_config(run, file, overrides, True, changes, [EvaluationData(run, file)])
     chosen = backend if isinstance(backend, Backend) else backend_of(run, backend)
-    with engine.kept_rng(torch.device("cpu")):
+    # The trainer's setup seeds every RNG (every CUDA device's too): all kept as they were.
+    with engine.kept_rng(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         trainer = engine.Trainer(config, found)
         try:
             # compute_loss hooks (a regularizer) read the trained weights from the trainer's module.

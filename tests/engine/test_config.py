@@ -55,12 +55,7 @@ EXPECTED_DEFAULTS = {
     "scheduler": {"name": "none"},
     "precision": {"name": "32"},
     "accelerate": {"name": "eager"},
-    "log": {
-        "every": 0,
-        "train_metrics": True,
-        "curves": True,
-        "progress": True,
-    },  # curves: blocked (conftest), its setting known
+    "log": {"every": 0, "train_metrics": True, "progress": True},
     "grad_clip": {"max_norm": 0.0, "norm_type": 2.0},
 }
 

@@ -53,7 +53,7 @@ def plugin_sources() -> list[Path]:
 
 
 def test_every_built_in_is_registered_through_the_entry_point_group(monkeypatch):
-    monkeypatch.delenv("ENGINE_BLOCK")
+    monkeypatch.delenv("ENGINE_BLOCK", raising=False)
     declared = built_in_entry_points()
     plugins = engine.make_plugins()
     assert set(plugins.names()) == set(declared)
@@ -76,7 +76,7 @@ def test_the_essential_plugins_are_declared_beside_the_built_ins_and_cannot_be_b
     assert main(["run", "--block", "batching"]) == 2
     assert capsys.readouterr() == ("", f"error: {message}\n")
     assert not Path("runs").exists()
-    monkeypatch.setenv("ENGINE_BLOCK", "curves, batching")  # nor for every run of an environment
+    monkeypatch.setenv("ENGINE_BLOCK", "progress, batching")  # nor for every run of an environment
     with pytest.raises(engine.ConfigError, match=re.escape(message)):
         engine.make_plugins()
 
@@ -93,7 +93,7 @@ def also_declared(*extra: object):
 
 
 def test_plugins_are_listed_in_registration_order(monkeypatch):
-    monkeypatch.delenv("ENGINE_BLOCK")
+    monkeypatch.delenv("ENGINE_BLOCK", raising=False)
     plugins = engine.make_plugins([LossOnly], blocked=["losses"])
     assert plugins.names() == [*sorted(set(built_in_entry_points()) - {"losses"}), "LossOnly"]
     assert plugins.sources["LossOnly"] == "passed to engine.run"
@@ -413,7 +413,7 @@ def core_words() -> set[str]:
 
 
 def test_the_core_names_no_particular_loss_optimizer_model_dataset_logger_or_export_format(monkeypatch):
-    monkeypatch.delenv("ENGINE_BLOCK")
+    monkeypatch.delenv("ENGINE_BLOCK", raising=False)
     plugins = engine.make_plugins()
     kinds = ("loss", "optimizer", "model", "data", "export", "predictions", "input_transform")
     named = {name for kind in kinds for name in plugins.components[kind]}
@@ -475,3 +475,20 @@ def test_plugins_talk_only_through_hooks_and_documented_attributes():
                     assert target.attr not in ("step", "zero_grad", "accumulation_window"), (
                         f"{path.name}: .{target.attr} ="
                     )
+
+
+def test_a_blocked_plugin_is_not_imported_unless_a_job_sets_its_settings_which_stay_valid():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, engine; engine.make_plugins(blocked=['tensorboard']); "
+        "print('engine_plugins.tensorboard' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    # A job (a run's config.toml) that sets the blocked plugin's settings stays valid; they go unused.
+    config, plugins = engine.load_config({"tensorboard": {"enabled": True}}, blocked=["tensorboard"])
+    assert config["tensorboard"]["enabled"] is True and plugins.pm.get_plugin("tensorboard") is None
+    with pytest.raises(engine.ConfigError, match=r"^tensorboard.enabld: unknown key in \[tensorboard\]"):
+        engine.load_config({"tensorboard": {"enabld": True}}, blocked=["tensorboard"])

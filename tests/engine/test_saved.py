@@ -47,13 +47,16 @@ def test_load_rebuilds_the_final_model_behind_its_input_transform(trained):
 
 def test_load_last_and_best_read_the_checkpoints_that_the_checkpoint_plugin_finds(trained):
     trainer, result = trained
+    # A checkpoint keeps the trained weights (to resume) and the model validation evaluated (the
+    # final_model chain's, not ending): what "last" and "best" open.
     last = engine.load(result.run_dir, which="last")
-    assert torch.equal(last.model.weight, trainer.module.model.weight)  # the trained weights, not the final model's
+    assert torch.equal(last.model.weight, 2 * trainer.module.model.weight)
     best = engine.load(result.run_dir, which="best")
     plugins = engine.make_plugins()
     path = plugins.hook.find_checkpoint(run_dir=result.run_dir, which="best")
     saved = engine.runs.load(path, engine.runs.CHECKPOINT_FORMAT)
-    assert torch.equal(best.model.weight, saved["model"]["model.weight"])
+    assert torch.equal(best.model.weight, saved["evaluated"]["model.weight"])
+    assert torch.equal(saved["evaluated"]["model.weight"], 2 * saved["model"]["model.weight"])
 
 
 def test_model_file_names_the_file_of_each_choice(trained):
@@ -111,3 +114,10 @@ def test_open_run_reads_the_config_and_what_the_run_inferred(trained):
     assert config.to_dict() == result.config.to_dict()
     assert (info.n_features, info.n_outputs, info.task, info.threshold) == (1, 1, "regression", 0.5)
     assert "losses" in plugins.names()
+
+
+def test_opening_a_run_leaves_the_global_random_streams_as_they_were(trained):
+    _, result = trained
+    state = torch.get_rng_state()
+    engine.load(result.run_dir)  # building the model draws initial weights, then loads the saved ones
+    assert torch.equal(torch.get_rng_state(), state)

@@ -75,7 +75,8 @@ def test_a_checkpoint_holds_everything_a_resumed_run_needs_and_loads_without_pic
     path = checkpoint_plugin.Checkpoints().find_checkpoint(result.run_dir, "last")
     saved = torch.load(path, weights_only=True)  # raises on anything but tensors and plain values
     assert saved["format"] == runs.CHECKPOINT_FORMAT
-    assert set(saved) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "plugins"}
+    assert set(saved) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "evaluated", "plugins"}
+    assert saved["evaluated"] is None  # validation evaluates the trained model here (no average)
     assert saved["scheduler"]["last_epoch"] == 12 and saved["scaler"]["scale"] > 0
     assert saved["state"]["epoch"] == 4 and saved["state"]["step"] == 12
     assert set(saved["state"]["rng"]) >= {"python", "numpy", "torch"}
@@ -239,3 +240,21 @@ def test_without_the_checkpoint_plugin_the_run_keeps_its_model_and_engine_load_w
         engine.load(result.run_dir, which="last")
     with pytest.raises(engine.ConfigError, match=r"^--resume: no plugin implements find_checkpoint"):
         engine.setup(resume=result.run_dir, blocked=["checkpoint"])
+
+
+def test_a_checkpoint_holds_the_state_other_plugins_updated_in_the_same_step_whatever_their_order(tmp_path):
+    """The checkpoint's step and epoch hooks run last, so a plugin registered after it (which pluggy
+    calls first otherwise) has updated its state when the checkpoint is taken: an average resumed
+    from a mid-run checkpoint ends as the uninterrupted run's, bit for bit."""
+    from engine_plugins.ema import WeightAveraging
+
+    from tests.helpers import rewind
+
+    whole = WeightAveraging()  # the checkpoint registered after it
+    job_ = {"epochs": 4, "run_name": "whole", "ema": {"decay": 0.5}, "checkpoint": {"every_steps": 1, "keep_last": 9}}
+    engine.run(job_, plugins=[whole, checkpoint_plugin.Checkpoints()], blocked=["ema", "checkpoint"])
+    rewound = rewind(Path("runs/whole"), 2, tmp_path / "rewound")
+    resumed = WeightAveraging()
+    engine.run(resume=rewound, plugins=[resumed, checkpoint_plugin.Checkpoints()], blocked=["ema", "checkpoint"])
+    for name, value in whole.average.state_dict().items():
+        assert torch.equal(resumed.average.state_dict()[name], value), name

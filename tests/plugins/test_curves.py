@@ -1,5 +1,5 @@
-"""plugins/curves.py: a run's curves.png and `python -m engine plot`, which overlays runs; the
-pictures read back. The suite blocks the plugin (tests/conftest.py) but here."""
+"""plugins/metrics_file/curves.py: a run's curves.png and `python -m engine plot`, which overlays runs;
+the pictures read back. The suite's other runs draw none (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import warnings
 
 import pytest
-from engine_plugins.curves import _panels, plot
+from engine_plugins.metrics_file.curves import _panels, plot
 
 import engine
 from engine.cli import main
@@ -22,9 +22,7 @@ JOB = {
 }
 
 
-@pytest.fixture(autouse=True)
-def curves_plugin(monkeypatch):
-    monkeypatch.delenv("ENGINE_BLOCK")  # tests block the curves plugin: these are about it
+pytestmark = pytest.mark.curves  # the suite's other runs draw no curves (tests/conftest.py)
 
 
 def test_a_run_leaves_its_curves_and_plot_overlays_runs(tmp_path):

@@ -102,9 +102,12 @@ def test_model_pt_engine_load_and_export_hold_the_average(averaged):
     assert same(torch.load(result.run_dir / "model.pt", weights_only=True)["model"], by_hand.average)
     loaded = engine.load(result.run_dir)
     assert same(loaded.state_dict(), by_hand.average)
-    # The checkpoint keeps the trained weights (what the optimizer's state goes with) and the average.
+    # The checkpoint keeps the trained weights (what the optimizer's state goes with, and a resume
+    # continues) and the average, which validation ranked: what which = "last" opens.
     last = engine.load(result.run_dir, which="last")
-    assert same(last.state_dict(), by_hand.epochs[4]["trained"])
+    assert same(last.state_dict(), by_hand.epochs[4]["average"])
+    saved = torch.load(sorted((result.run_dir / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+    assert same(saved["model"], by_hand.epochs[4]["trained"]) and same(saved["evaluated"], by_hand.epochs[4]["average"])
     written = inference.export(result.run_dir, "exported", out="average.pt2")
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine_plugins.metrics_file import METRICS, alive, runs_table
+from engine_plugins.metrics_file.table import METRICS, alive, runs_table
 
 import engine
 from engine.cli import main

@@ -1,51 +1,16 @@
-"""``curves.png`` in the run directory at the end of a run (its losses and metrics over the
-epochs, read from ``metrics.jsonl``), and ``python -m engine plot``, which draws several runs
-overlaid. Only with matplotlib (the ``plot`` extra); ``log.curves = false`` skips the run's file;
-drawing costs about a second, once."""
+"""The curves of runs, drawn from their ``metrics.jsonl``: the run's ``curves.png`` at its end and
+``python -m engine plot``, several runs overlaid. Needs matplotlib (the ``plot`` extra)."""
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import engine
 
-METRICS = "metrics.jsonl"  # one JSON object per logging point (the metrics_file plugin's)
-
-
-@dataclass(frozen=True)
-class Settings:
-    curves: bool = True  # curves.png in the run directory when matplotlib is installed
-
-
-@engine.hookimpl
-def register_settings():
-    return {"log": Settings}
-
-
-@engine.hookimpl
-def on_run_end(trainer: engine.TrainerView) -> None:
-    if trainer.rank or not trainer.config["log"]["curves"] or importlib.util.find_spec("matplotlib") is None:
-        return
-    if trainer.run_dir is not None and (trainer.run_dir / METRICS).is_file():
-        plot([trainer.run_dir], trainer.run_dir / "curves.png")
-
-
-@engine.hookimpl
-def register_commands(commands: engine.Commands) -> None:
-    curves = commands.add("plot", plot_command, "the loss and metric curves of runs, overlaid, as a PNG")
-    curves.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to plot")
-    curves.add_argument("--out", default="curves.png", help="the PNG file to write (default: curves.png)")
-
-
-def plot_command(args: argparse.Namespace) -> int:
-    print(f"Curves: {plot(args.run_dirs, args.out)}")
-    return 0
+METRICS = "metrics.jsonl"
 
 
 def plot(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
@@ -73,9 +38,7 @@ def plot(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     for axis, metric in zip(axes.flat, metrics):
         for index, (name, lines) in enumerate(curves.items()):
             for prefix, style, phase in phases:
-                points = [
-                    (line["epoch"], line[prefix + metric]) for line in lines if _finite(line.get(prefix + metric))
-                ]
+                points = [(line["epoch"], line[prefix + metric]) for line in lines if finite(line.get(prefix + metric))]
                 if points:
                     label = f"{name}: {phase}"
                     axis.plot(*zip(*points), style, marker="o", markersize=3, color=f"C{index % 10}", label=label)
@@ -104,7 +67,7 @@ def _panels(lines: list[dict[str, Any]]) -> list[str]:
     found: dict[str, None] = {"loss": None}
     for line in lines:
         for key in line:
-            if key in ("epoch", "step", "time", "lr") or not _finite(line[key]):
+            if key in ("epoch", "step", "time", "lr") or not finite(line[key]):
                 continue
             found[key.removeprefix("val_").removeprefix("train_")] = None
 
@@ -117,5 +80,5 @@ def _panels(lines: list[dict[str, Any]]) -> list[str]:
     return ["loss", *(name for name in found if name != "loss" and not the_loss(name))]
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -55,7 +55,7 @@ EXPECTED_DEFAULTS = {
     "scheduler": {"name": "none"},
     "precision": {"name": "32"},
     "accelerate": {"name": "eager"},
-    "log": {"every": 0, "train_metrics": True, "progress": True},
+    "log": {"every": 0, "train_metrics": True, "progress": True, "curves": True},
     "grad_clip": {"max_norm": 0.0, "norm_type": 2.0},
 }
 

@@ -153,7 +153,9 @@ def test_model_pt_holds_the_final_model_chain_and_engine_load_returns_it():
 
     class Halved:
         @engine.hookimpl
-        def final_model(self, module):
+        def final_model(self, module, ending):
+            if not ending:  # the checkpoints keep the trained weights
+                return None
             halved = type(module)(1, 1)
             halved.load_state_dict({name: value / 2 for name, value in module.state_dict().items()})
             return halved

@@ -150,7 +150,8 @@ def described(x: torch.Tensor, n_outputs: int, task: str, parts: list[Any], sett
     """The DataInfo of data whose training inputs look like `x`, split into `parts`."""
     train, val, test = (0 if part is None else len(part[0]) if isinstance(part, tuple) else len(part) for part in parts)
     width = x.shape[-1] if x.dim() > 1 else 1
-    return engine.DataInfo(width, n_outputs, task, train, val, test, threshold=settings["threshold"])
+    shape = tuple(x.shape[1:])
+    return engine.DataInfo(width, n_outputs, task, train, val, test, settings["threshold"], shape)
 
 
 def prepare_tensors(splits: dict[str, Any], settings: Any, recorded_task: str) -> Prepared:

@@ -254,7 +254,7 @@ def test_components_have_a_kind_a_name_and_an_owner():
         "precision": ["16-mixed", "32", "bf16-mixed"],
         "scheduler": ["cosine", "none", "onecycle", "step", "warmup_cosine"],
         "loss": ["bce_with_logits", "cross_entropy", "huber", "l1", "mse", "nll", "smooth_l1"],
-        "model": ["linear", "mlp"],
+        "model": ["cnn", "linear", "mlp"],
         "optimizer": ["adam", "adamw", "sgd"],
     }
     assert plugins.component("optimizer", "sgd").plugin == "optimizers"

@@ -40,7 +40,8 @@ def test_the_cnn_is_sized_from_the_images():
 
 
 def test_the_cnn_settings_change_what_is_built():
-    cnn = model(channels=[4], convs=2, kernel=5, batch_norm=False, pool="avg", activation="gelu", hidden=[], dropout=0.5)
+    settings = {"convs": 2, "kernel": 5, "batch_norm": False, "pool": "avg", "activation": "gelu", "dropout": 0.5}
+    cnn = model(channels=[4], hidden=[], **settings)
     assert kinds(cnn) == [nn.Conv2d, nn.GELU, nn.Conv2d, nn.GELU, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.Linear]
     assert cnn[0].kernel_size == (5, 5) and cnn[0].padding == (2, 2) and cnn[0].bias is not None
     assert cnn[2].in_channels == 4 and cnn[6].p == 0.5 and cnn[7].in_features == 4 * 4 * 4

@@ -161,9 +161,10 @@ def record_inferred(config: Config, info: DataInfo, transform: InputTransform | 
     """The config with `[inferred]` filled from the data (so that config.toml rebuilds the model
     without the data); a size or task the config already sets must match the data."""
     inferred = {"n_features": info.n_features, "n_outputs": info.n_outputs, "task": info.task}
+    inferred["input_shape"] = tuple(info.input_shape)
     for key, value in inferred.items():
         given = config["inferred"][key]
-        if given not in (0, "") and given != value:
+        if given not in (0, "", ()) and given != value:
             raise ConfigError(f"inferred.{key}: the job was written for {given!r}, but the data has {value!r}")
     chosen = {"threshold": info.threshold, "input_transform": transform.name if transform is not None else ""}
     return config.replace("inferred", {**inferred, **chosen})

@@ -56,6 +56,7 @@ class InferredSettings:
     task: Literal["", "regression", "classification", "binary"] = ""
     threshold: Annotated[float, Range(gt=0, lt=1)] = 0.5  # binary: the decision threshold the run chose
     input_transform: str = ""  # the input_transform component the model applies first ("": none)
+    input_shape: tuple[Annotated[int, Range(ge=1)], ...] = ()  # one input sample's (C, H, W for images)
 
 
 CORE_SECTIONS = {"": CoreSettings, "log": LogSettings, "inferred": InferredSettings}

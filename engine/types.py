@@ -66,6 +66,10 @@ class DataInfo:
     n_val: int = 0
     n_test: int = 0
     threshold: float = 0.5  # binary: a sample whose probability of class 1 is above it is predicted 1
+    # The shape of one input sample, as the model receives it without the batch dimension: (20,)
+    # for rows of 20 features, (1, 8, 8) for one-channel 8x8 images (C, H, W). () where unknown
+    # (a run recorded before it was): then one sample is `n_features` wide.
+    input_shape: tuple[int, ...] = ()
 
 
 class InputTransform(NamedTuple):

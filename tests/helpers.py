@@ -192,6 +192,28 @@ def scalar_target_dataset(seed: int) -> Pairs:
     return Pairs(x, y[:, 0])
 
 
+def bar_images(seed: int, n_samples: int = 96, size: int = 8, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N x C x size x size, pixels 0 to 16 as digits' are) of a bar at a random place on
+    noise: horizontal (class 0), vertical (1) or both (2), what a small CNN tells apart and a
+    shift of a pixel keeps."""
+    rng = np.random.RandomState(seed)
+    y = rng.randint(3, size=n_samples)
+    x = rng.uniform(0, 4, size=(n_samples, channels, size, size))
+    where = rng.randint(1, size - 1, size=(n_samples, 2))
+    for i, (label, (row, column)) in enumerate(zip(y, where)):
+        if label in (0, 2):
+            x[i, :, row, :] = 16
+        if label in (1, 2):
+            x[i, :, :, column] = 16
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def bars_dataset(seed: int, n_samples: int = 48) -> Pairs:
+    """A user Dataset of images (C x H x W samples, through DataLoader)."""
+    x, y = bar_images(seed, n_samples)
+    return Pairs(torch.from_numpy(x), torch.from_numpy(y))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -178,3 +178,18 @@ def test_the_after_training_commands_are_valid_commands():
     assert [command[0] for command in commands] == ["run", "evaluate", "predict", "export", "export"]
     for command in commands:
         top.parse_args(command)  # exits 2 on an unknown option
+
+
+def test_the_images_section_shows_the_example_job_and_valid_commands():
+    import shlex
+
+    from engine.cli import parser
+
+    shown = tomllib.loads(example("digits_cnn.toml", "toml"))
+    assert shown == tomllib.loads((REPO / "bench" / "examples" / "digits_cnn.toml").read_text())
+    top, _ = parser(engine.make_plugins())
+    lines = [line.split("#")[0].strip() for line in block_after("## Images", "bash").splitlines()]
+    commands = [shlex.split(line)[3:] for line in lines if line.startswith("python -m engine ")]
+    assert [command[0] for command in commands] == ["run", "evaluate", "predict", "export"]
+    for command in commands:
+        top.parse_args(command)  # exits 2 on an unknown option

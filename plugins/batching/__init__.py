@@ -11,8 +11,9 @@ indices, values, or 0/1 labels for ``binary``; a trained run's recorded task whe
 files is read), the validation and test splits (``val_fraction``, ``test_fraction``), drawn with
 ``split_seed`` (not ``seed``: changing the seed of the training does not move the split) and, for
 in-memory classification, stratified by class, and ``standardize``: each input feature's mean
-and standard deviation over the training split alone, which the model applies first (the
-loaders' `engine.InputTransform` ``standardize``, saved with the model).
+and standard deviation (``"channels"``: each image channel's, over its pixels) over the training
+split alone, which the model applies first (the loaders' `engine.InputTransform` ``standardize``
+or ``standardize_channels``, saved with the model).
 
 With several processes, ``data.batch_size`` is the global batch (it must divide by the number of
 processes), and each process takes its own contiguous piece of every batch of the same epoch
@@ -49,7 +50,9 @@ class Batching:
     test_fraction: Annotated[float, engine.Range(ge=0, lt=1)] = 0.0  # held out; evaluated once, at the end
     split_seed: Annotated[int, engine.Range(ge=0)] = 0  # draws the validation and test splits
     stratify: bool = True  # classification: each split keeps the class proportions (in-memory data)
-    standardize: bool = False  # inputs scaled by the training split's mean and standard deviation
+    # Inputs scaled by the training split's mean and standard deviation: of each feature (true,
+    # "features": the last dimension) or of each channel of images ("channels": C of C x H x W).
+    standardize: bool | Literal["features", "channels"] = False
     # auto: integer targets are class indices, others values; binary: 0/1 labels (bce_with_logits)
     task: Literal["auto", "regression", "classification", "binary"] = "auto"
     # binary: a probability of class 1 above it predicts 1 (accuracy, the metrics, predict)
@@ -75,11 +78,42 @@ def standardization(info: engine.DataInfo) -> Standardize:
     return Standardize(torch.zeros(info.n_features), torch.ones(info.n_features))
 
 
-def fitted(mean: torch.Tensor, std: torch.Tensor) -> engine.InputTransform:
-    """The standardization by per-feature `mean` and `std` (float64); a constant feature keeps its
-    scale (std 1), so that it does not become inf or NaN."""
+def channel_standardization(info: engine.DataInfo) -> Standardize:
+    """A standardization of each channel of `info.input_shape` (C x H x W: C means, shaped (C, 1, 1))."""
+    shape = channel_shape(info.input_shape)
+    return Standardize(torch.zeros(shape), torch.ones(shape))
+
+
+def channel_shape(sample: tuple[int, ...]) -> tuple[int, ...]:
+    """How a statistic per channel broadcasts over samples of shape `sample` (channel first)."""
+    return (sample[0], *(1,) * (len(sample) - 1))
+
+
+def fitted(
+    mean: torch.Tensor, std: torch.Tensor, by: bool | str = "features", sample: tuple[int, ...] = ()
+) -> engine.InputTransform:
+    """The standardization by `mean` and `std` (float64) per feature, or per channel (`by`) of
+    samples of shape `sample`; a constant feature keeps its scale (std 1), so that it does not
+    become inf or NaN."""
     std = torch.where(std > 0, std, torch.ones_like(std))
+    if by == "channels":
+        shape = channel_shape(sample)
+        module = Standardize(mean.float().reshape(shape), std.float().reshape(shape))
+        return engine.InputTransform("standardize_channels", module)
     return engine.InputTransform("standardize", Standardize(mean.float(), std.float()))
+
+
+def statistics_rows(x: torch.Tensor, by: bool | str) -> torch.Tensor:
+    """A batch of inputs as rows of the values each statistic is taken over: one column per
+    feature (the last dimension), or per channel (the first of a sample's dimensions, `by`)."""
+    if by == "channels":
+        if x.dim() < 3:
+            raise engine.ConfigError(
+                f"data.standardize = 'channels': the samples have shape {tuple(x.shape[1:])}, not channels of "
+                "images (C, H, W)"
+            )
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
 
 
 @engine.hookimpl
@@ -89,7 +123,7 @@ def register_settings():
 
 @engine.hookimpl
 def register_components():
-    return {"input_transform": {"standardize": standardization}}
+    return {"input_transform": {"standardize": standardization, "standardize_channels": channel_standardization}}
 
 
 @engine.hookimpl(trylast=True)
@@ -150,7 +184,8 @@ def described(x: torch.Tensor, n_outputs: int, task: str, parts: list[Any], sett
     """The DataInfo of data whose training inputs look like `x`, split into `parts`."""
     train, val, test = (0 if part is None else len(part[0]) if isinstance(part, tuple) else len(part) for part in parts)
     width = x.shape[-1] if x.dim() > 1 else 1
-    return engine.DataInfo(width, n_outputs, task, train, val, test, threshold=settings["threshold"])
+    shape = tuple(x.shape[1:])
+    return engine.DataInfo(width, n_outputs, task, train, val, test, settings["threshold"], shape)
 
 
 def prepare_tensors(splits: dict[str, Any], settings: Any, recorded_task: str) -> Prepared:
@@ -175,8 +210,10 @@ def prepare_tensors(splits: dict[str, Any], settings: Any, recorded_task: str) -
     x = pairs["training"][0]
     every = torch.cat([targets for _, targets in pairs.values()])  # a class may appear in a held-out split only
     parts = [pairs.get(name) for name in SPLITS]
-    flat = x.double().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.double().reshape(-1, 1)
-    transform = fitted(flat.mean(dim=0), flat.std(dim=0, correction=0)) if settings["standardize"] else None
+    by, transform = settings["standardize"], None
+    if by:
+        flat = statistics_rows(x.double(), by)
+        transform = fitted(flat.mean(dim=0), flat.std(dim=0, correction=0), by, tuple(x.shape[1:]))
     info = described(x, outputs_of(every, task), task, parts, settings)
     return Prepared(*parts, task, info, transform)
 
@@ -214,7 +251,7 @@ def prepare_dataset(splits: dict[str, Any], settings: Any, recorded_task: str) -
     if settings["standardize"]:
         if x_dtype is None:
             raise engine.ConfigError("data.standardize: the Dataset's inputs are integers (token ids?), not features")
-        transform = dataset_statistics(splits["training"], settings["num_workers"])
+        transform = dataset_statistics(splits["training"], settings["num_workers"], settings["standardize"])
     parts = [splits[name] for name in SPLITS]
     info = described(x[None] if x.dim() else x.reshape(1, 1), n_outputs, task, parts, settings)
     return Prepared(*parts, task, info, transform, x_dtype)
@@ -237,15 +274,15 @@ def dataset_outputs(splits: dict[str, Any], y: torch.Tensor, task: str) -> int:
     return outputs_of(torch.cat(labels), task)
 
 
-def dataset_statistics(train: Dataset, workers: int) -> engine.InputTransform:
-    """The training inputs' mean and standard deviation per feature, in one pass over them."""
+def dataset_statistics(train: Dataset, workers: int, by: bool | str = "features") -> engine.InputTransform:
+    """The training inputs' mean and standard deviation per feature (or channel, `by`), in one pass over them."""
     total = squares = None
-    count = 0
+    count, sample = 0, ()
     for x, _ in DataLoader(train, batch_size=1024, num_workers=workers):
-        flat = x.double().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.double().reshape(-1, 1)
+        flat, sample = statistics_rows(x.double(), by), tuple(x.shape[1:])
         total = flat.sum(0) if total is None else total + flat.sum(0)
         squares = (flat * flat).sum(0) if squares is None else squares + (flat * flat).sum(0)
         count += len(flat)
     assert total is not None and squares is not None
     mean = total / count
-    return fitted(mean, (squares / count - mean * mean).clamp_min(0).sqrt())
+    return fitted(mean, (squares / count - mean * mean).clamp_min(0).sqrt(), by, sample)

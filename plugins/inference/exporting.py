@@ -140,7 +140,7 @@ def write_export(run: Run, name: str, chosen: engine.ExportFormat, path: Path) -
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = staging / path.name
-        example = torch.randn(2, run.info.n_features, generator=torch.Generator().manual_seed(0))
+        example = example_inputs(run.info, 2, torch.Generator().manual_seed(0))
         what = f"export {name}: model {run.config['model']['name']!r} ({type(module).__name__})"
         try:
             with quiet_torch():
@@ -149,7 +149,7 @@ def write_export(run: Run, name: str, chosen: engine.ExportFormat, path: Path) -
             raise engine.ConfigError(f"{what}: {error}") from error
         except Exception as error:
             raise engine.TrainingError(f"{what}: {engine.one_line(error)}") from error
-        verified = verify(module, chosen.load(staged), chosen, name, run.info.n_features)
+        verified = verify(module, chosen.load(staged), chosen, name, run.info)
         staged.replace(path)
         engine.runs.fsync_directory(path.parent)
     finally:
@@ -177,8 +177,15 @@ def trace(module: torch.nn.Module, example: torch.Tensor) -> torch.export.Export
             raise engine.ConfigError(f"torch.export cannot trace it{_where(error)}: {_reason(error)}") from error
 
 
+def example_inputs(info: engine.DataInfo, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A batch of `size` random inputs of the run's input shape (its [inferred] ``input_shape``:
+    C x H x W for images; a run that recorded none: rows of ``n_features``), what exports are
+    traced with and checked on."""
+    return torch.randn(size, *(info.input_shape or (info.n_features,)), generator=generator)
+
+
 def verify(
-    module: torch.nn.Module, runner: engine.Runner, chosen: engine.ExportFormat, name: str, n_features: int
+    module: torch.nn.Module, runner: engine.Runner, chosen: engine.ExportFormat, name: str, info: engine.DataInfo
 ) -> dict[str, Any]:
     """Run `runner` and the eager `module` on the same random batches of each size in
     VERIFY_BATCHES (up to the format's `max_batch`); a TrainingError if any output differs by more
@@ -187,7 +194,7 @@ def verify(
     tolerance, worst = chosen.tolerance, 0.0
     sizes = [size for size in VERIFY_BATCHES if chosen.max_batch is None or size <= chosen.max_batch]
     for size in sizes:
-        x = torch.randn(size, n_features, generator=generator)
+        x = example_inputs(info, size, generator)
         with torch.inference_mode():
             expected = module(x)
         got = runner(x).detach()

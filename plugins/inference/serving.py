@@ -25,15 +25,15 @@ EVALUATIONS = "evaluations"  # in the run directory: what `evaluate` writes
 
 
 def predictions(backend: Backend, x: Any, batch_size: int = 1024) -> dict[str, torch.Tensor]:
-    """The backend's predictions for the inputs `x` ([N, n_features], array or tensor), in batches:
+    """The backend's predictions for the inputs `x` (N samples of the run's input shape: [N,
+    n_features], [N, C, H, W] for images; array or tensor), in batches:
     ``class`` (indices) and ``probability`` ([N, classes]) for classification, ``class`` (0 or 1)
     and ``probability`` ([N], of class 1) for binary labels, ``value`` for regression."""
     info = backend.info
     x, width = inputs(x, info.n_features)
-    if width != info.n_features:
-        raise engine.ConfigError(
-            f"inputs have {width} features per sample, but the model was trained on {info.n_features}"
-        )
+    wrong = misfit(tuple(x.shape[1:]) if x.dim() > 1 else (width,), info)
+    if wrong:
+        raise engine.ConfigError(f"inputs have {wrong[0]}, but the model was trained on {wrong[1]}")
     outputs = torch.cat([backend(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]).detach()
     if info.task == "classification":
         # softmax turns logits into probabilities, and leaves log-probabilities' exp unchanged
@@ -60,13 +60,14 @@ def predict(
 
 def read_inputs(run: Run, file: str | Path, overrides: Sequence[str] = ()) -> torch.Tensor:
     """The inputs of a data file, read by the data component named after its suffix (without
-    labels where the component can do without), checked against the run's input width."""
+    labels where the component can do without), checked against the run's input shape."""
     config, found = file_config(run, Path(file), overrides, labelled=False)
     cpu = torch.device("cpu")
     data = engine.build_component(config, found, "data", seed=config["seed"], device=cpu, labelled=False)
     x, width = inputs(data[0] if isinstance(data, tuple) else data, run.info.n_features)
-    if width != run.info.n_features:
-        raise wrong_width(file, width, run)
+    wrong = misfit(tuple(x.shape[1:]) if x.dim() > 1 else (width,), run.info)
+    if wrong:
+        raise wrong_shape(file, wrong, run)
     return x
 
 
@@ -80,11 +81,21 @@ def inputs(x: Any, n_features: int) -> tuple[torch.Tensor, int]:
     return x, x.shape[-1] if x.dim() > 1 else x.dim()
 
 
-def wrong_width(file: str | Path, width: int, run: Run) -> engine.ConfigError:
-    trained, run_dir = run.info.n_features, run.run_dir
-    return engine.ConfigError(
-        f"--data '{file}': {width} features per sample, but run '{run_dir}' was trained on {trained}"
-    )
+def misfit(found: tuple[int, ...], info: engine.DataInfo) -> tuple[str, str] | None:
+    """When input samples of shape `found` (a flat array's: its width, as `inputs` counts it) do
+    not fit the run's model: what they have and what the run trained on, in words; None when they
+    fit. Samples must have the run's input shape (its [inferred] ``input_shape``: C x H x W for
+    images; a run that recorded none: its width)."""
+    expected = tuple(info.input_shape) or (info.n_features,)
+    if found == expected:
+        return None
+    if len(found) == len(expected) == 1:
+        return f"{found[0]} features per sample", str(expected[0])
+    return f"samples of shape {found}", f"samples of shape {expected}"
+
+
+def wrong_shape(file: str | Path, wrong: tuple[str, str], run: Run) -> engine.ConfigError:
+    return engine.ConfigError(f"--data '{file}': {wrong[0]}, but run '{run.run_dir}' was trained on {wrong[1]}")
 
 
 def write_predictions(run: Run, columns: Mapping[str, torch.Tensor], out: str | Path, overrides: Sequence[str] = ()):
@@ -160,8 +171,9 @@ class EvaluationData:
         loaders = yield
         found, info, run = loaders.info, self.run.info, self.run
         where = f"--data '{self.file}'"
-        if found.n_features != info.n_features:
-            raise wrong_width(self.file, found.n_features, run)
+        wrong = misfit(tuple(found.input_shape) or (found.n_features,), info)
+        if wrong:
+            raise wrong_shape(self.file, wrong, run)
         if found.task != info.task:
             raise engine.ConfigError(
                 f"{where}: its labels are for {found.task}, but run '{run.run_dir}' did {info.task}"

@@ -217,7 +217,7 @@ def test_resolve_device():
 
 def test_record_inferred_fills_in_what_the_data_tells_and_refuses_a_mismatch():
     config, _ = engine.load_config()
-    info = engine.DataInfo(n_features=3, n_outputs=2, task="binary", n_train=10, threshold=0.7)
+    info = engine.DataInfo(n_features=3, n_outputs=2, task="binary", n_train=10, threshold=0.7, input_shape=(3,))
     transform = engine.InputTransform("standardize", nn.Identity())
     recorded = record_inferred(config, info, transform)
     assert dict(recorded["inferred"]) == {
@@ -226,6 +226,7 @@ def test_record_inferred_fills_in_what_the_data_tells_and_refuses_a_mismatch():
         "task": "binary",
         "threshold": 0.7,
         "input_transform": "standardize",
+        "input_shape": (3,),
     }
     assert record_inferred(recorded, info, None)["inferred"]["input_transform"] == ""  # what this data fitted
     assert dict(config["inferred"])["task"] == ""  # a new config; the given one is unchanged
@@ -234,6 +235,12 @@ def test_record_inferred_fills_in_what_the_data_tells_and_refuses_a_mismatch():
         engine.ConfigError, match=r"^inferred.n_features: the job was written for 3, but the data has 4$"
     ):
         record_inferred(recorded, other, None)
+    images = engine.DataInfo(n_features=3, n_outputs=2, task="binary", n_train=10, input_shape=(1, 3, 3))
+    with pytest.raises(
+        engine.ConfigError,
+        match=r"^inferred.input_shape: the job was written for \(3,\), but the data has \(1, 3, 3\)$",
+    ):
+        record_inferred(recorded, images, None)
 
 
 # --- a checkpoint restored, the optimizer rebuilt ----------------------------------------------

@@ -115,7 +115,8 @@ def test_config_prints_every_default_and_round_trips(capsys):
     printed = tomllib.loads(out)
     defaults, _ = engine.load_config()
     # A dry run: the data was read, so what it infers is filled in, as the run's config.toml has it.
-    defaults = defaults.replace("inferred", {"n_features": 1, "n_outputs": 1, "task": "regression"})
+    inferred = {"n_features": 1, "n_outputs": 1, "task": "regression", "input_shape": (1,)}
+    defaults = defaults.replace("inferred", inferred)
     assert set(printed) == set(defaults)
     for section, value in defaults.items():
         if isinstance(value, engine.Section):
@@ -294,7 +295,7 @@ def assert_one_line_error(err: str, message: str) -> None:
         (["run", "--set", "loss.name=msee"], "loss.name: unknown loss 'msee' (did you mean 'mse'?)"),
         (["run", "--set", "optimizer.name=sgdd"], "optimizer.name: unknown optimizer 'sgdd' (did you mean 'sgd'?)"),
         (["run", "--set", "model.name=lineer"], "model.name: unknown model 'lineer' (did you mean 'linear'?)"),
-        (["run", "--set", "data.name=npy"], "data.name: unknown data 'npy' (did you mean 'npz'?)"),
+        (["run", "--set", "data.name=nzp"], "data.name: unknown data 'nzp' (did you mean 'npz'?)"),
         (["run", "--plugin", "no_such_plugin_xyz"], "plugin module 'no_such_plugin_xyz' cannot be imported"),
         (["run", "--plugin", "nowhere/p.py"], "plugin file 'nowhere/p.py' does not exist"),
         (["run", "--set", "optimizer.momentum=0.9"], "optimizer.momentum: unknown key in [optimizer]"),

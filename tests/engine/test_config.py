@@ -21,7 +21,14 @@ EXPECTED_DEFAULTS = {
     "run_name": "",
     "runs_dir": "runs",
     "resume": "",
-    "inferred": {"n_features": 0, "n_outputs": 0, "task": "", "threshold": 0.5, "input_transform": ""},
+    "inferred": {
+        "n_features": 0,
+        "n_outputs": 0,
+        "task": "",
+        "threshold": 0.5,
+        "input_transform": "",
+        "input_shape": (),
+    },
     "data": {
         "name": "linear_regression",
         "batch_size": 0,

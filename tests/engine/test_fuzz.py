@@ -170,8 +170,8 @@ VALUES = st.one_of(
 )
 
 NAMES = {
-    "data": ["linear_regression", "classification", "npz", "csv", "nope"],
-    "model": ["linear", "mlp", "nope"],
+    "data": ["linear_regression", "classification", "npz", "csv", "images", "npy", "nope"],
+    "model": ["linear", "mlp", "cnn", "nope"],
     "loss": ["mse", "cross_entropy", "l1", "smooth_l1", "huber", "bce_with_logits", "nll"],
     "optimizer": ["adam", "adamw", "sgd"],
     "scheduler": ["none", "step", "cosine", "warmup_cosine", "onecycle"],
@@ -193,17 +193,35 @@ KEYS = {
         "target",
         "task",
         "noise",
+        "shape",
+        "standardize",
     ],
-    "model": ["name", "hidden", "activation", "dropout", "in_features", "out_features", "layer_norm", "scale"],
+    "model": [
+        "name",
+        "hidden",
+        "activation",
+        "dropout",
+        "in_features",
+        "out_features",
+        "layer_norm",
+        "scale",
+        "channels",
+        "kernel",
+        "convs",
+        "pool",
+        "head",
+        "batch_norm",
+    ],
     "loss": ["name", "reduction", "weight", "pos_weight", "label_smoothing", "ignore_index", "delta", "beta"],
     "optimizer": ["name", "lr", "betas", "momentum", "nesterov", "impl", "weight_decay"],
     "scheduler": ["name", "step_size", "gamma", "max_lr", "warmup_steps", "t_max"],
     "precision": ["name"],
     "accelerate": ["name", "warmup"],
     "grad_clip": ["max_norm", "norm_type"],
+    "augment": ["crop_padding", "flip"],
     "log": ["every", "progress"],
     "checkpoint": ["every_steps", "every_epochs", "keep_last", "monitor", "mode", "keep_best"],
-    "inferred": ["n_features", "n_outputs", "task"],
+    "inferred": ["n_features", "n_outputs", "task", "input_shape"],
     "nope": ["x"],
 }
 
@@ -335,6 +353,41 @@ def test_npz_files(x, y, fill, keys, extra, command):
         np.savez(directory / "data.npz", **arrays)
         overrides = ["--set", "data.name=npz", "--set", "data.path=data.npz"]
         overrides += [item for key, value in extra for item in ("--set", f"{key}={toml_value(value)}")]
+        assert_well_behaved([command[0], *overrides, *command[1:]], directory)
+
+
+# Mostly images that fit (8 of 1 x 4 x 4, of 4 x 4, of 2 channels, or rows of 16 pixels), else any array.
+IMAGES = st.one_of(
+    st.tuples(
+        st.sampled_from(["float32", "float64", "uint8"]), st.sampled_from([[8, 1, 4, 4], [8, 4, 4], [8, 2, 4, 4]])
+    ),
+    st.tuples(st.just("float32"), st.just([8, 16])),
+    ARRAYS,
+)
+
+
+@fuzz(10)
+@given(
+    x=IMAGES,
+    y=TARGETS,
+    fill=st.sampled_from([0.0, 0.0, math.nan]),
+    reader=st.sampled_from([("images", "npz"), ("images", "npz"), ("images", "npy"), ("npy", "npy")]),
+    shape=st.sampled_from([[], [], [1, 4, 4], [4, 4], [16], [2, 2, 4], [0, 4]]),
+    model=st.sampled_from([["model.channels=[2]"], ["model.channels=[2, 2, 2]"], ["model.name=mlp"]]),
+    augment=st.sampled_from([[], ["augment.crop_padding=1", "augment.flip=true"], ["augment.crop_padding=9"]]),
+    standardize=st.sampled_from(["false", '"channels"', "true"]),
+    command=COMMANDS,
+)
+def test_image_files(x, y, fill, reader, shape, model, augment, standardize, command):
+    name, suffix = reader
+    with example_directory() as directory:
+        if suffix == "npz":
+            np.savez(directory / "data.npz", x=array(*x, fill), y=array(*y, fill))
+        else:
+            np.save(directory / "data.npy", array(*x, fill))
+        settings = [f"data.name={name}", f"data.path=data.{suffix}", f"data.shape={shape}", "model.name=cnn"]
+        settings += [*model, *augment, f"data.standardize={standardize}", "loss.name=cross_entropy"]
+        overrides = [item for setting in settings for item in ("--set", setting)]
         assert_well_behaved([command[0], *overrides, *command[1:]], directory)
 
 

@@ -246,15 +246,15 @@ def test_components_have_a_kind_a_name_and_an_owner():
     plugins = engine.make_plugins()
     assert {kind: sorted(table) for kind, table in plugins.components.items()} == {
         "accelerate": ["auto", "compile", "cudagraph", "eager"],
-        "data": ["classification", "csv", "linear_regression", "npz"],
+        "data": ["classification", "csv", "images", "linear_regression", "npy", "npz"],
         "distributed": ["ddp"],
         "export": ["aoti", "exported", "onnx", "tensorrt"],
-        "input_transform": ["standardize"],
+        "input_transform": ["standardize", "standardize_channels"],
         "predictions": ["csv", "npz"],
         "precision": ["16-mixed", "32", "bf16-mixed"],
         "scheduler": ["cosine", "none", "onecycle", "step", "warmup_cosine"],
         "loss": ["bce_with_logits", "cross_entropy", "huber", "l1", "mse", "nll", "smooth_l1"],
-        "model": ["linear", "mlp"],
+        "model": ["cnn", "linear", "mlp"],
         "optimizer": ["adam", "adamw", "sgd"],
     }
     assert plugins.component("optimizer", "sgd").plugin == "optimizers"

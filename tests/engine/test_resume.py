@@ -77,6 +77,16 @@ COMPILED = {
     "checkpoint": {"every_steps": 3},
 }
 BF16 = {**MLP, "precision": {"name": "bf16-mixed"}}
+# Crops and flips drawn on the device for each training batch, and dropout: the RNG a checkpoint keeps.
+AUGMENTED = {
+    "epochs": 3,
+    "data": {"name": "tests.helpers:bar_images", "n_samples": 60, "batch_size": 16, "val_fraction": 0.2},
+    "model": {"name": "cnn", "channels": [4], "hidden": [8], "dropout": 0.2},
+    "loss": {"name": "cross_entropy"},
+    "augment": {"crop_padding": 1, "flip": True},
+    "log": {"every": 1},
+    "checkpoint": {"every_steps": 4},
+}
 
 
 def toml(job: dict[str, Any]) -> str:
@@ -144,6 +154,7 @@ def first_checkpoint(job: dict[str, Any]) -> int:
         pytest.param(DATASET, id="dataset-dataloader-2-workers", marks=pytest.mark.slow),
         pytest.param(COMPILED, id="compile", marks=pytest.mark.slow),
         pytest.param(BF16, id="bf16-mixed", marks=pytest.mark.slow),
+        pytest.param(AUGMENTED, id="cnn-augmented", marks=pytest.mark.slow),
         pytest.param({**MLP, "device": "cuda"}, id="cuda-mlp", marks=[pytest.mark.cuda, cuda]),
         pytest.param({**COMPILED, "device": "cuda"}, id="cuda-compile", marks=[pytest.mark.cuda, cuda]),
         pytest.param(

@@ -113,6 +113,7 @@ def test_open_run_reads_the_config_and_what_the_run_inferred(trained):
     config, plugins, info = engine.open_run(result.run_dir)
     assert config.to_dict() == result.config.to_dict()
     assert (info.n_features, info.n_outputs, info.task, info.threshold) == (1, 1, "regression", 0.5)
+    assert info.input_shape == (1,)  # the tutorial's samples: one feature each
     assert "losses" in plugins.names()
 
 

@@ -87,7 +87,7 @@ def test_a_user_dataset_goes_through_a_dataloader():
     )
     data = trainer.loaders
     assert isinstance(data, DatasetLoaders) and isinstance(data.loader, DataLoader)
-    assert data.info == engine.DataInfo(4, 3, "classification", 81, 9)
+    assert data.info == engine.DataInfo(4, 3, "classification", 81, 9, input_shape=(4,))
     batches = list(data.train(1))
     assert [len(b.x) for b in batches] == [16] * 5 + [1]
     assert batches[0].y.dtype == torch.long

@@ -58,7 +58,7 @@ def test_npz_with_a_validation_file(npz_files):
     trainer = engine.setup(job(data={"name": "npz", "path": "train.npz", "val_path": "val.npz"}))
     assert torch.equal(trainer.loaders.x, torch.from_numpy(x))
     assert torch.equal(trainer.loaders.y, torch.from_numpy(y)[:, None])  # [N] regression targets become [N, 1]
-    assert trainer.info == engine.DataInfo(3, 1, "regression", 60, 12)
+    assert trainer.info == engine.DataInfo(3, 1, "regression", 60, 12, input_shape=(3,))
     result = trainer.fit()
     assert "val_loss" in result.metrics
 
@@ -102,14 +102,14 @@ def test_csv_classification_with_feature_columns_and_a_validation_file(csv_files
             loss={"name": "cross_entropy"},
         )
     )
-    assert trainer.info == engine.DataInfo(2, 2, "classification", 20, 5)
+    assert trainer.info == engine.DataInfo(2, 2, "classification", 20, 5, input_shape=(2,))
     assert trainer.loaders.x[3].tolist() == [3.0, 0.0] and trainer.loaders.y.dtype == torch.long
     assert trainer.fit().metrics["val_accuracy"] >= 0
 
 
 def test_csv_regression_uses_all_other_columns(csv_files):
     trainer = engine.setup(job(data={"name": "csv", "path": "train.csv", "target": "price"}))
-    assert trainer.info == engine.DataInfo(4, 1, "regression", 20, 0)
+    assert trainer.info == engine.DataInfo(4, 1, "regression", 20, 0, input_shape=(4,))
     assert trainer.loaders.y[:3, 0].tolist() == [0.0, 1.5, 3.0]
 
 

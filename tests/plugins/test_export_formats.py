@@ -7,16 +7,19 @@ ONNX Runtime, AOTInductor's loader), not through the plugin that wrote it.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engine_plugins import inference
 
 import engine
 from engine.cli import main
+from tests.helpers import bar_images
 
 CLASSES = {"name": "classification", "n_samples": 200, "n_features": 6, "n_classes": 3, "batch_size": 50}
 ZOO = {
@@ -32,6 +35,12 @@ ZOO = {
     "standardized": {
         "data": {**CLASSES, "standardize": True},
         "model": {"name": "mlp", "hidden": [8]},
+        "loss": {"name": "cross_entropy"},
+    },
+    # Images (1 x 8 x 8): exports are traced and checked on inputs of the run's input shape.
+    "cnn": {
+        "data": {"name": "tests.helpers:bar_images", "n_samples": 60, "batch_size": 20},
+        "model": {"name": "cnn", "channels": [4, 8], "hidden": [16], "dropout": 0.1},
         "loss": {"name": "cross_entropy"},
     },
 }
@@ -52,14 +61,15 @@ def agree(run: Path, loaded, tolerance: float) -> None:
     model = engine.load(run)
     generator = torch.Generator().manual_seed(3)
     for size in BATCHES:
-        x = torch.randn(size, _width(run), generator=generator) * 3
+        x = torch.randn(size, *_shape(run), generator=generator) * 3
         with torch.inference_mode():
             expected = model(x)
         torch.testing.assert_close(torch.as_tensor(loaded(x)), expected, rtol=tolerance, atol=tolerance)
 
 
-def _width(run: Path) -> int:
-    return int(engine.load_config(run / "config.toml")[0]["inferred"]["n_features"])
+def _shape(run: Path) -> tuple[int, ...]:
+    """One input sample's shape, as the run recorded it."""
+    return tuple(engine.load_config(run / "config.toml")[0]["inferred"]["input_shape"])
 
 
 @pytest.mark.parametrize("job", list(ZOO))
@@ -71,7 +81,7 @@ def test_exported_agrees_with_eager_on_the_zoo(zoo, job):
 
 
 # The richest models in the default run; the others (a second each) with the slow tests.
-RICHEST = ("mlp-layer-norm-dropout", "standardized")
+RICHEST = ("mlp-layer-norm-dropout", "standardized", "cnn")
 
 
 @pytest.mark.parametrize("job", [job if job in RICHEST else pytest.param(job, marks=pytest.mark.slow) for job in ZOO])
@@ -123,6 +133,32 @@ def test_aoti_package_loads_without_the_engine_and_agrees_with_eager(zoo, tmp_pa
     backend = inference.load_backend(run, backend="aoti")
     assert backend.description == f"aoti (asked for; verified export {written.path})"
     agree(run, backend, 1e-5)
+
+
+@pytest.mark.slow  # an export per format and a trainer per evaluation: 10 s; the zoo's tests export the CNN too
+def test_the_cnn_serves_predict_and_evaluate_on_each_format_as_eager_does(zoo, tmp_path):
+    run = zoo["cnn"]
+    x, y = bar_images(9, 30)
+    np.savez(tmp_path / "held_out.npz", x=x, y=y)
+    eager = inference.predict(run, x, backend="eager")
+    assert eager["probability"].shape == (30, 3) and torch.equal(eager["class"], eager["probability"].argmax(-1))
+    expected = inference.evaluate(run, tmp_path / "held_out.npz", backend="eager")
+    formats = ["exported", *(["onnx"] if importlib.util.find_spec("onnxruntime") else [])]
+    for name in formats:
+        written = inference.export(run, name)
+        assert written.verified["batch_sizes"] == [1, 7, 256] and written.verified["max_abs_diff"] <= 1e-5
+        served = inference.predict(run, x, backend=name)
+        assert torch.equal(served["class"], eager["class"]), name
+        torch.testing.assert_close(served["probability"], eager["probability"], rtol=1e-5, atol=1e-5)
+        evaluated = inference.evaluate(run, tmp_path / "held_out.npz", backend=name)
+        assert evaluated["loss"] == pytest.approx(expected["loss"], rel=1e-5), name
+
+
+@pytest.mark.slow  # an AOTInductor compile of a convolutional network: about 40 s on two loaded cores
+def test_aoti_of_the_cnn_agrees_with_eager(zoo):
+    written = inference.export(zoo["cnn"], "aoti")
+    assert written.verified["max_abs_diff"] <= 1e-5
+    agree(zoo["cnn"], inference.load_backend(zoo["cnn"], backend="aoti"), 1e-5)
 
 
 @pytest.mark.cuda

@@ -62,7 +62,7 @@ class Plan:
     config: engine.Config  # the job with the command's --set, resolved
     dimensions: list[Dimension]
     directory: Path  # runs_dir / the sweep's name
-    direction: str  # "minimize" or "maximize"
+    direction: str | None  # "minimize" or "maximize"; None: auto, and the metric's name does not say
     target: int  # the trials in all: `trials`, or a smaller grid's size
     points: list[dict[str, Any]] | None  # the grid's, with sampler = "grid"
 
@@ -135,17 +135,15 @@ def prepare(args: argparse.Namespace, directory: Path | None = None) -> Plan:
     return Plan(args, config, dimensions, directory, direction, target, points)
 
 
-def auto_direction(metric: str, loss: str | None) -> str:
+def auto_direction(metric: str, loss: str | None) -> str | None:
     """Whether `metric` is better low or high, from its name: a loss, a loss term or an error
-    low; accuracy and its kin high."""
+    low; accuracy and its kin high; None when the name does not say."""
     name = metric.removeprefix("val_")
     if name in MAXIMIZED:
         return "maximize"
     if name in MINIMIZED or name.endswith("loss") or name == loss:
         return "minimize"
-    raise engine.ConfigError(
-        f"sweep.direction: auto cannot tell whether {metric!r} is better low or high: set minimize or maximize"
-    )
+    return None
 
 
 def dry_run(plan: Plan) -> None:
@@ -171,4 +169,8 @@ def dry_run(plan: Plan) -> None:
     if metric not in measured:
         raise engine.ConfigError(
             f"sweep.metric: {metric!r} is not a validation metric of the job{engine.suggest(metric, measured)}"
+        )
+    if plan.direction is None:
+        raise engine.ConfigError(
+            f"sweep.direction: auto cannot tell whether {metric!r} is better low or high: set minimize or maximize"
         )

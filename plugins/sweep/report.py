@@ -119,6 +119,7 @@ def status(plan: Plan) -> str:
         raise engine.ConfigError(f"sweep '{plan.directory}' has not started (it has no {JOURNAL})")
     optuna = need_optuna()
     study = optuna.load_study(study_name=STUDY, storage=storage(plan.directory))
+    plan.direction = study.direction.name.lower()  # the study's, whatever auto says now
     found = rows(study, plan.directory)
     if not sweep_alive(plan.directory):
         for row in found:

@@ -153,7 +153,7 @@ def _bounded(key: str, where: str, kind: str, entry: Mapping[str, Any]) -> Dimen
     if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
         raise engine.ConfigError(f"{where}: {kind} = [{low}, {high}]: low must be below high")
     if kind == "log" and low <= 0:
-        raise engine.ConfigError(f"{where}: log = [{low}, {high}]: a log range is above 0")
+        raise engine.ConfigError(f"{where}: log = [{low}, {high}]: a log range must be above 0")
     if step is not None:
         if kind == "log":
             raise engine.ConfigError(f"{where}: step goes with range or int, not log")

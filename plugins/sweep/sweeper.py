@@ -298,14 +298,23 @@ class Sweeper:
                 signal.signal(number, handler)
 
     def close_workers(self) -> None:
+        """End the trial processes: an idle one at once (it holds nothing), one still training
+        (the sweep itself failed) as SIGTERM stops a run, with a checkpoint to resume from."""
         for worker in self.workers:
             worker.close()
+            if worker.trial is None:
+                worker.process.kill()
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signal.SIGTERM)
         for worker in self.workers:
             worker.process.wait()
 
     def end(self) -> int:
         """The table; with the sweep complete, best.toml and the plots. The exit code."""
         found = rows(self.study, self.directory)
+        for row in found if self.stopping else ():
+            row.status = "interrupted" if row.status == "running" else row.status
         print(heading(self.plan, found))
         print(table(self.plan, found), flush=True)
         if self.stopping:

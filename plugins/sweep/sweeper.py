@@ -30,7 +30,7 @@ import engine
 
 from .report import SWEEP_LOCK, best, heading, plots, progress, table, write_best
 from .space import overrides
-from .study import JOURNAL, grid_point, open_study, pruner, repair_journal, rows, sampler, trial_name
+from .study import JOURNAL, grid_point, load_study, open_study, pruner, repair_journal, rows, sampler, trial_name
 
 if TYPE_CHECKING:
     from . import Plan
@@ -93,7 +93,7 @@ class Sweeper:
         """The sweep, to its end or to a signal: its exit code. `check` is the job's dry run: the
         trial processes start meanwhile (torch's import takes seconds), and end if it fails."""
         try:
-            for _ in range(min(self.settings["parallel"], self.plan.target)):
+            for _ in range(min(self.settings["parallel"], self.unfinished())):
                 self.start_worker()
             check()
             with self.owned():
@@ -108,6 +108,15 @@ class Sweeper:
         finally:
             self.close_workers()
         return self.end()
+
+    def unfinished(self) -> int:
+        """How many trials are left to train, as the study said when this sweep began (read
+        without a lock: a guess of how many trial processes to start early)."""
+        if not (self.directory / JOURNAL).is_file():
+            return self.plan.target
+        trials = load_study(self.directory, self.settings, self.plan.config["epochs"]).get_trials(deepcopy=False)
+        finished = sum(trial.state.name in ("COMPLETE", "PRUNED", "FAIL") for trial in trials)
+        return max(0, self.plan.target - finished)
 
     # --- the folder and the job ---------------------------------------------------------------------
 

@@ -73,14 +73,13 @@ def train(task: Mapping[str, Any]) -> dict[str, Any]:
     answer: dict[str, Any] = {"number": task["number"]}
     with quiet(keep_errors=task["debug"]):
         try:
-            trainer = engine.setup(
+            engine.setup(
                 task["job"],
                 overrides=task["overrides"],
                 plugins=[connect(task)],
                 blocked=task["blocked"],
-                resume="auto",
-            )
-            trainer.fit()
+                resume="auto",  # a trial a stopped sweep left goes on from its last checkpoint
+            ).fit()
         except engine.Interrupted as interrupted:
             answer.update(error=str(interrupted), interrupted=True)
         except engine.EngineError as error:

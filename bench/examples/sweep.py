@@ -5,6 +5,7 @@
     python bench/examples/export_sklearn.py
     python bench/examples/sweep.py              # the sweep, with pruner = "median" and "none"
     python bench/examples/sweep.py --kill       # and a sweep killed with SIGKILL, run again
+    python bench/examples/sweep.py --only-kill  # that alone
 
 Each sweep runs as a user runs it (``python -m engine sweep``, in a process of its own) with the
 runs in a temporary folder; the figures come from the runs' summaries and the study. The machine
@@ -52,14 +53,15 @@ def trials(directory: Path) -> list[dict]:
     )
     found = []
     for trial in optuna.load_study(study_name="sweep", storage=storage).get_trials():
-        summary = json.loads((directory / f"trial-{trial.number:04d}" / "summary.json").read_text())
+        path = directory / f"trial-{trial.number:04d}" / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
         found.append(
             {
                 "number": trial.number,
                 "state": trial.state.name,
                 "value": trial.value,
                 "params": trial.params,
-                "epochs": summary["epochs_completed"],
+                "epochs": summary.get("epochs_completed", 0),
             }
         )
     return found
@@ -95,19 +97,24 @@ def pruning(runs_dir: Path) -> None:
 
 
 def kill(runs_dir: Path) -> None:
-    whole, seconds = sweep(runs_dir, "sweep.name=whole", "sweep.parallel=1")
+    # One thread per trial: on a machine other jobs share, two threads for this small MLP cost
+    # several times more than one.
+    whole, seconds = sweep(runs_dir, "sweep.name=whole", "sweep.parallel=1", "sweep.threads=1")
     print(f"never killed, parallel 1: {seconds:.0f} s ({load()})")
-    moment = random.uniform(10, seconds - 10)
+    # A random moment inside the sweep: a random trial's start, then up to 5 s more.
+    trial, delay = random.randint(1, 22), random.uniform(0, 5)
     command = [sys.executable, "-m", "engine", "sweep", str(JOB), "--set", f"runs_dir={runs_dir}"]
-    command += ["--set", "sweep.name=killed", "--set", "sweep.parallel=1"]
+    command += ["--set", "sweep.name=killed", "--set", "sweep.parallel=1", "--set", "sweep.threads=1"]
     killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(moment)
+    while not (runs_dir / "killed" / f"trial-{trial:04d}").is_dir() and killed.poll() is None:
+        time.sleep(0.05)
+    time.sleep(delay)
     killed.kill()
     killed.wait()
     before = trials(runs_dir / "killed")
     finished = sum(trial["state"] in ("COMPLETE", "PRUNED", "FAIL") for trial in before)
-    print(f"killed with SIGKILL after {moment:.0f} s: {finished} trials finished, {len(before)} started")
-    again, _ = sweep(runs_dir, "sweep.name=killed", "sweep.parallel=1")
+    print(f"killed with SIGKILL {delay:.1f} s after trial {trial} started: {finished} trials finished")
+    again, _ = sweep(runs_dir, "sweep.name=killed", "sweep.parallel=1", "sweep.threads=1")
     after = trials(runs_dir / "killed")
     duplicated = len(after) - len({json.dumps(trial["params"], sort_keys=True) for trial in after})
     same = table(again.stdout) == table(whole.stdout)
@@ -119,8 +126,9 @@ def main() -> int:
         print("run bench/examples/export_sklearn.py first", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as folder:
-        pruning(Path(folder))
-        if "--kill" in sys.argv[1:]:
+        if "--only-kill" not in sys.argv[1:]:
+            pruning(Path(folder))
+        if {"--kill", "--only-kill"} & set(sys.argv[1:]):
             kill(Path(folder))
     return 0
 

@@ -159,7 +159,7 @@ def write_best(plan: Plan, row: Row) -> Path:
     return path
 
 
-def plots(study: Any, directory: Path) -> list[str]:
+def plots(study: Any, directory: Path, metric: str) -> list[str]:
     """history.png and importance.png, Optuna's matplotlib figures; a line for each, saying where
     it is or why it was not drawn."""
     try:
@@ -175,7 +175,7 @@ def plots(study: Any, directory: Path) -> list[str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib figures experimental
-                axes = getattr(figures, function)(study)
+                axes = getattr(figures, function)(study, target_name=metric)
                 with engine.runs.replacing(directory / name) as temporary:
                     axes.figure.savefig(temporary, format="png", dpi=80, bbox_inches="tight")
             said.append(f"Plot: {directory / name}")

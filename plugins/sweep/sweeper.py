@@ -334,7 +334,7 @@ class Sweeper:
         if top is None:
             raise engine.TrainingError(f"sweep '{self.plan.directory}': no trial completed (the table says why)")
         print(f"Best: {write_best(self.plan, top)} ({top.name})")
-        for line in plots(self.study, self.directory):
+        for line in plots(self.study, self.plan.directory, self.settings["metric"]):
             print(line)
         return 0
 

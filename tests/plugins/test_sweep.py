@@ -169,6 +169,8 @@ def test_a_space_that_reaches_outside_a_setting_is_exit_2_naming_the_key_before_
 )
 def test_the_sweep_is_checked_before_its_folder_exists(overrides, message, tmp_path, capsys, monkeypatch):
     job = write_job(tmp_path)
+    # No trial process starts early (the check is what is tested; a process costs seconds to start).
+    monkeypatch.setattr("engine_plugins.sweep.sweeper.Sweeper.unfinished", lambda self: 0)
     if message is None:  # a valid sweep: checked, then stopped where it would start its trials
         monkeypatch.setattr("engine_plugins.sweep.sweeper.Sweeper.owned", lambda self: pytest.fail("checked"))
         with pytest.raises(pytest.fail.Exception, match="checked"):
@@ -183,6 +185,7 @@ def test_the_sweep_is_checked_before_its_folder_exists(overrides, message, tmp_p
 # --- a sweep, end to end ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_its_trials_as_runs_and_ends_with_the_table_best_toml_and_the_plots(tmp_path, capsys):
     job = write_job(tmp_path, epochs=3, trials=3)
     assert main(["sweep", str(job)]) == 0
@@ -369,9 +372,10 @@ def test_ctrl_c_stops_the_trials_with_a_checkpoint_and_the_same_command_resumes_
     assert [trial.state.name for trial in trials_of(tmp_path / "runs" / "job")] == ["COMPLETE", "COMPLETE"]
 
 
-def test_a_second_sweep_of_one_folder_is_refused_while_the_first_holds_it(tmp_path, capsys):
+def test_a_second_sweep_of_one_folder_is_refused_while_the_first_holds_it(tmp_path, capsys, monkeypatch):
     import fcntl
 
+    monkeypatch.setattr("engine_plugins.sweep.sweeper.Sweeper.unfinished", lambda self: 0)
     job = write_job(tmp_path)
     directory = tmp_path / "runs" / "job"
     directory.mkdir(parents=True)

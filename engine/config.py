@@ -20,7 +20,7 @@ from .components import CORE_KINDS, OPTIONAL_KINDS, UNCONFIGURED_KINDS
 from .errors import ConfigError, suggest
 from .plugins import Plugins, dotted, is_plugin_file, make_plugins, plugin_target
 from .runs import valid_run_name
-from .schema import MISSING, Range, Setting, convert, is_path, settings_of
+from .schema import MISSING, Range, Setting, convert, is_path, settings_of, toml_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,4 +398,6 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):  # a table inside a section: inline
+        return "{" + ", ".join(f"{toml_key(key)} = {_toml_value(item)}" for key, item in value.items()) + "}"
     raise ConfigError(f"value {value!r} cannot be written as TOML")

@@ -43,7 +43,7 @@
     final_model              chained, once when the run completes or is interrupted
     (the test data evaluated on the final model; model.pt written from it)
     on_run_end               once, also when the run failed; every implementation runs
-    (summary.json: "completed", "failed" or "interrupted")
+    (summary.json: "completed" (or a plugin's State.stop_status), "failed" or "interrupted")
     -- opening a run (--resume, engine.load, the after-training commands) --
     find_checkpoint          firstresult: the file of the run's last or best checkpoint
 
@@ -360,7 +360,9 @@ def on_epoch_end(epoch: int, state: State, trainer: TrainerView) -> None:
     are done, and ``state`` already points at the next epoch (``state.epoch == epoch + 1``,
     ``state.batch == 0``), so a checkpoint taken here resumes there.
 
-    Set ``state.stop = True`` to end the run. Its return is ignored.
+    Set ``state.stop = True`` to end the run; with ``state.stop_status`` (a word of the plugin's,
+    not one of the core's statuses: a search's ``"pruned"``) summary.json ends with that status
+    instead of ``"completed"``, ``epochs_completed`` saying where. Its return is ignored.
     """
 
 

@@ -3,7 +3,8 @@ that no fault leaves half-written.
 
     runs/<name>/
         config.toml      the resolved config, with what was inferred from the data; reruns as a job
-        summary.json     "running" from the start, then "completed", "failed" or "interrupted"
+        summary.json     "running" from the start, then "completed", "failed" or "interrupted", or
+                         the status a plugin stopped the run with (State.stop_status: "pruned")
         model.pt         the final model (a completed or interrupted run), from the final_model chain
 
 Plugins own the rest, each its own files (the checkpoint plugin ``checkpoints/``, the metrics file

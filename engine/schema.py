@@ -3,16 +3,20 @@
 A component factory's keyword parameters are its settings; so are the fields of the classes that
 plugins return from `register_settings`, and the core's own (`CoreSettings`). Their annotations
 are the schema, as LightningCLI reads them: ``bool``, ``int``, ``float``, ``str``,
-``list[int]``, ``tuple[float, float]``, ``Literal["a", "b"]``, ``T | None`` and
+``list[int]``, ``tuple[float, float]``, ``dict[str, T]`` (a table: TOML's ``[section.key]`` or
+``{ a = 1 }``; each value a T), ``Literal["a", "b"]``, ``T | None`` and
 ``Annotated[float, Range(gt=0)]``. A parameter without an annotation takes the type of its
 default. A value that does not fit is a ConfigError naming the key, with the name probably meant.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import json
 import math
 import operator
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -119,6 +123,8 @@ def convert(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{key}: expected {type_words(annotation)}, got {_shown(value)}")
     if origin in (list, tuple) or annotation in (list, tuple):
         return _sequence(key, value, origin or annotation, args)
+    if origin in (dict, collections.abc.Mapping) or annotation is dict:
+        return _table(key, value, args)
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -146,6 +152,19 @@ def _sequence(key: str, value: Any, kind: type, args: tuple[Any, ...]) -> Any:
     return kind(items)
 
 
+def _table(key: str, value: Any, args: tuple[Any, ...]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a table, got {_shown(value)}")
+    item_type = args[1] if len(args) == 2 else Any
+    # TOML's keys are strings, whatever the annotation says of them.
+    return {name: convert(f"{key}.{toml_key(name)}", item, item_type) for name, item in value.items()}
+
+
+def toml_key(name: str) -> str:
+    """A key as TOML writes it: bare when it can be, else quoted (``"optimizer.lr"``)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+
+
 def is_path(annotation: Any) -> bool:
     return typing.get_origin(annotation) is Annotated and any(
         isinstance(rule, IsPath) for rule in typing.get_args(annotation)[1:]
@@ -165,6 +184,8 @@ def type_words(annotation: Any) -> str:
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} values"
         return f"a list of {type_words(args[0])}" if args else "a list"
+    if origin in (dict, collections.abc.Mapping) or annotation is dict:
+        return f"a table of {type_words(args[1])}" if len(args) == 2 and args[1] is not Any else "a table"
     return getattr(annotation, "__name__", str(annotation))
 
 

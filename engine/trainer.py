@@ -217,7 +217,9 @@ class Trainer:
         if not ended:
             return values
         state, wall = self.state, self.elapsed()
-        status = "completed" if error is None else "interrupted" if isinstance(error, Interrupted) else "failed"
+        status = "interrupted" if isinstance(error, Interrupted) else "failed"
+        if error is None:  # a plugin that stopped the run may name how it ended (State.stop_status)
+            status = state.stop_status if state.stop and state.stop_status else "completed"
         values.update(status=status, ended=now(), epochs_completed=state.epoch - 1, steps=state.step)
         values.update(wall_time_s=round(wall, 4), steps_per_s=round(state.step / wall, 2) if wall > 0 else None)
         values["train_loss"] = state.metrics.get("loss")

@@ -265,6 +265,10 @@ class State:
     batch: int = 0  # batches started in the current epoch: the position in its data order
     step: int = 0  # batches started in total; during a step and its after_step, this step's number
     stop: bool = False  # set by a plugin to end the run after the current epoch
+    # Set with `stop` by a plugin that ends the run for a reason of its own: the status summary.json
+    # ends with instead of "completed" (a search's "pruned"), a word not among the core's. The run
+    # ends as a completed one does otherwise: final model, test, model.pt.
+    stop_status: str = ""
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged metrics
     val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
     test_metrics: dict[str, float] = field(default_factory=dict)  # the test at the end (data.test_fraction)
@@ -360,7 +364,8 @@ class TrainerView(Protocol):
     Set by the setup chain, in this order: ``distributed`` (the processes, with ``rank`` and
     ``world_size``), ``config``, ``device``, ``loaders``, ``info``, ``module``, ``loss_fn``,
     ``precision``, ``model``, ``optimizer``, ``scheduler``, ``train_step``. ``state`` is the loop
-    state; a plugin may set ``state.stop``. ``run_dir`` exists from `on_run_start` on.
+    state; a plugin may set ``state.stop`` (with ``state.stop_status``). ``run_dir`` exists from
+    `on_run_start` on.
     """
 
     distributed: Distributed

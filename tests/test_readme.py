@@ -193,3 +193,13 @@ def test_the_images_section_shows_the_example_job_and_valid_commands():
     assert [command[0] for command in commands] == ["run", "evaluate", "predict", "export"]
     for command in commands:
         top.parse_args(command)  # exits 2 on an unknown option
+
+
+def test_the_sweep_job_in_the_readme_is_the_digits_examples_and_valid():
+    """The [sweep] of "Searching hyperparameters" is bench/examples/digits.toml's, which resolves
+    (every value of its space is checked when the command runs: tests/plugins/test_sweep.py)."""
+    shown = tomllib.loads(example("sweep-job", "toml"))
+    digits = tomllib.loads((REPO / "bench" / "examples" / "digits.toml").read_text())
+    assert shown["sweep"] == digits["sweep"]
+    config, _ = engine.load_config(REPO / "bench" / "examples" / "digits.toml")
+    assert config["sweep"]["space"] == digits["sweep"]["space"] and config["sweep"]["trials"] == 24

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import pytest
 
@@ -207,6 +207,34 @@ def test_dump_toml_writes_every_value_type():
     text = engine.dump_toml({"a": True, "b": 1.5, "c": float("inf"), "d": None, "s": {"e": 'q"uote', "f": [1, 2]}})
     assert text == 'a = true\nb = 1.5\nc = inf\n# d = (not set)\n\n[s]\ne = "q\\"uote"\nf = [1, 2]\n'
     assert tomllib.loads(text) == {"a": True, "b": 1.5, "c": float("inf"), "s": {"e": 'q"uote', "f": [1, 2]}}
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    table: dict[str, dict[str, Any]] | None = None
+
+
+class OwnsATable:
+    @engine.hookimpl
+    def register_settings(self):
+        return {"search": TableSettings}
+
+
+def test_a_table_setting_is_checked_key_by_key_and_written_back_inline():
+    job = '[search.table]\n"optimizer.lr" = { log = [0.0001, 0.1] }\nwidth = { choice = [[64], [128, 128]] }\n'
+    config, _ = engine.load_config(tomllib.loads(job), plugins=[OwnsATable])
+    assert config["search"]["table"] == {
+        "optimizer.lr": {"log": [0.0001, 0.1]},
+        "width": {"choice": [[64], [128, 128]]},
+    }
+    text = engine.dump_toml(config)
+    assert '[search]\ntable = {"optimizer.lr" = {log = [0.0001, 0.1]}, width = {choice = [[64], [128, 128]]}}' in text
+    again, _ = engine.load_config(tomllib.loads(text), plugins=[OwnsATable])
+    assert again.to_dict() == config.to_dict()
+    with pytest.raises(engine.ConfigError, match=r'^search.table."optimizer.lr": expected a table, got 0.1$'):
+        engine.load_config({"search": {"table": {"optimizer.lr": 0.1}}}, plugins=[OwnsATable])
+    overridden, _ = engine.load_config(None, ["search.table={ x = { range = [0, 1] } }"], plugins=[OwnsATable])
+    assert overridden["search"]["table"] == {"x": {"range": [0, 1]}}
 
 
 def test_sections_are_read_only_mappings():

@@ -642,3 +642,34 @@ def test_resuming_damaged_runs(finished_run, damaged, more):
         assert sorted(path.name for path in (directory / "runs").iterdir()) == ["r"]
         if code != 2:  # it ran: its record is whole again
             assert all((run / file).exists() for file in ("config.toml", "summary.json", "metrics.jsonl"))
+
+
+# --- a sweep's [sweep] and [sweep.space], checked before anything exists ------------------------------
+
+SPACE_KEYS = st.sampled_from(
+    ["optimizer.lr", "model.hidden", "data.batch_size", "epochs", "model.dropout", "nope.x", "a.b.c", "run_name", ""]
+)
+SPACE_ENTRIES = st.dictionaries(
+    st.sampled_from(["log", "range", "int", "choice", "step", "other"]),
+    st.one_of(VALUES, st.lists(st.one_of(INTS, FLOATS), max_size=3)),
+    max_size=3,
+)
+SWEEP_SETTINGS = st.dictionaries(
+    st.sampled_from(["trials", "metric", "sampler", "pruner", "parallel", "name", "direction", "threads"]),
+    VALUES,
+    max_size=2,
+)
+
+
+@fuzz(10)
+@given(space=st.dictionaries(SPACE_KEYS, st.one_of(SPACE_ENTRIES, VALUES), max_size=3), sweep=SWEEP_SETTINGS)
+def test_sweep_spaces(space, sweep):
+    """`sweep --status` reads and checks the sweep (every value of its space against the settings'
+    schema) and, the sweep never having started, ends with exit 2: one line, nothing created."""
+    pytest.importorskip("optuna")
+    lines = ["[sweep]", *(f"{key} = {toml_value(value)}" for key, value in sweep.items()), "[sweep.space]"]
+    lines += [f"{json.dumps(key)} = {toml_value(value)}" for key, value in space.items()]
+    with example_directory() as directory:
+        (directory / "job.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        assert assert_well_behaved(["sweep", "job.toml", "--status"], directory) == 2
+        assert not (directory / "runs").exists()

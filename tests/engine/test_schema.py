@@ -33,6 +33,9 @@ Positive = Annotated[float, engine.Range(gt=0)]
         (Annotated[int, engine.Range(ge=0, le=2)], 2, 2),
         (tuple[Annotated[int, engine.Range(ge=1)], ...], [1, 8], (1, 8)),
         (Any, {"free": "form"}, {"free": "form"}),
+        (dict[str, float], {"a": 1, "b.c": 2.5}, {"a": 1.0, "b.c": 2.5}),
+        (dict[str, dict[str, Any]], {"optimizer.lr": {"log": [1e-4, 0.1]}}, {"optimizer.lr": {"log": [1e-4, 0.1]}}),
+        (dict[str, list[int]], {}, {}),
     ],
 )
 def test_values_that_fit_are_converted_to_the_annotated_type(annotation, value, expected):
@@ -62,6 +65,9 @@ def test_values_that_fit_are_converted_to_the_annotated_type(annotation, value, 
         (Annotated[float, engine.Range(ge=0, lt=1)], 1.0, "k: must be < 1, got 1.0"),
         (Annotated[int, engine.Range(ge=2, le=4)], 9, "k: must be <= 4, got 9"),
         (int | None, "x", "k: expected int, got 'x'"),
+        (dict[str, int], [1], "k: expected a table, got [1]"),
+        (dict[str, int], {"a": 1, "optimizer.lr": "x"}, "k.\"optimizer.lr\": expected int, got 'x'"),
+        (dict[str, Positive], {"a_b-1": 0}, "k.a_b-1: must be > 0, got 0"),
     ],
 )
 def test_values_that_do_not_fit_are_one_line_naming_the_key(annotation, value, message):
@@ -112,6 +118,8 @@ def test_an_annotation_that_does_not_evaluate_names_its_owner():
         (tuple[int, ...], "a list of int"),
         (list[str], "a list of str"),
         (Literal["a", 1], "one of 'a', 1"),
+        (dict[str, float], "a table of float"),
+        (dict[str, Any], "a table"),
     ],
 )
 def test_an_annotation_in_words(annotation, words):

@@ -186,6 +186,32 @@ def test_a_failed_run_writes_no_model_and_says_why():
     assert not Path("runs/quick/model.pt").exists()
 
 
+class PrunesAt:
+    """Stops the run at the end of epoch `epoch`, naming the status it ends with (a search's pruner)."""
+
+    def __init__(self, epoch: int, status: str, stop: bool = True) -> None:
+        self.epoch, self.status, self.stop = epoch, status, stop
+
+    @engine.hookimpl
+    def on_epoch_end(self, epoch, state):
+        if epoch == self.epoch:
+            state.stop, state.stop_status = self.stop, self.status
+
+
+def test_a_plugin_that_stops_the_run_names_the_status_it_ends_with():
+    data = {"name": "classification", "n_samples": 60, "batch_size": 20, "val_fraction": 0.25}
+    result = engine.run(
+        job(epochs=6, data=data, model={"name": "mlp"}, loss={"name": "cross_entropy"}), plugins=[PrunesAt(2, "pruned")]
+    )
+    summary = read_json(result.run_dir / "summary.json")
+    assert summary["status"] == "pruned" and summary["epochs_completed"] == 2 and summary["steps"] == 6
+    assert summary["val_loss"] == result.metrics["val_loss"]  # the last validation's, as a completed run's
+    assert torch.equal(engine.load(result.run_dir)(torch.ones(1, 20)), result.model(torch.ones(1, 20)))
+    # The status goes with the stop: a plugin that names one without stopping changes nothing.
+    again = engine.run(job(epochs=3, run_name="again"), plugins=[PrunesAt(2, "pruned", stop=False)])
+    assert read_json(again.run_dir / "summary.json")["status"] == "completed"
+
+
 def test_a_plugin_failing_in_on_run_end_does_not_prevent_the_summary():
     class BrokenLogger:
         @engine.hookimpl

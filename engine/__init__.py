@@ -25,7 +25,8 @@ _HOMES = {
     "plugins": ("ENTRY_POINT_GROUP", "Plugins", "make_plugins"),
     "saved": ("load", "model_file", "open_run", "trained_module"),
     "schema": ("FilePath", "Range"),
-    "trainer": ("Result", "Trainer", "run", "setup"),
+    "trainer": ("Result", "Trainer"),
+    "jobs": ("run", "setup"),
     "types": (
         "Acceleration",
         "Batch",

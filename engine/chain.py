@@ -18,18 +18,8 @@ from .checks import returned
 from .config import Config
 from .errors import ConfigError, one_line
 from .step import build_step
-from .types import (
-    DataInfo,
-    InputTransform,
-    Loaders,
-    Precision,
-    RunLength,
-    Scheduled,
-    State,
-    Window,
-    WithInputTransform,
-    windows,
-)
+from .steps import clock_of, run_length
+from .types import DataInfo, InputTransform, Loaders, Precision, Scheduled, State, Window, WithInputTransform
 
 # What each chained hook must return (or None), for the next link and the loop.
 CHAINED_TYPES: dict[str, type] = {
@@ -44,8 +34,9 @@ def build_chain(trainer: Any, checkpoint: Path | None) -> None:
     """Every link of the setup chain, in order, on a trainer that holds its config, plugins and
     processes; `checkpoint` is restored into the final objects when the run resumes."""
     config = trainer.config
-    trainer.epochs, trainer.accumulation = config["epochs"], config["grad_accumulation"]
-    trainer.val_every, trainer.device, trainer.state = config["val_every"], trainer.distributed.device, State()
+    trainer.epochs, trainer.max_steps = config["epochs"], config["max_steps"]
+    trainer.accumulation, trainer.device = config["grad_accumulation"], trainer.distributed.device
+    trainer.state = State()
     seed_everything(config["seed"])
     build_data(trainer)
     torch.manual_seed(config["seed"])  # model init must not depend on what the data consumed
@@ -73,7 +64,9 @@ def build_data(trainer: Any) -> None:
     trainer.config = record_inferred(trainer.config, loaders.info, loaders.input_transform)
     trainer.batches_per_epoch = loaders.train_batches()
     trainer.shares = tuple(loaders.shares())  # this process's share of each batch: 1.0 in one process
-    trainer.windows = windows(trainer.shares, trainer.accumulation)
+    trainer.clock = clock_of(trainer.shares, trainer.batches_per_epoch, trainer.accumulation)
+    trainer.length = run_length(trainer.clock, trainer.epochs, trainer.max_steps)
+    trainer.last_step = trainer.length.batches
     trainer.has_validation = loaders.val() is not None
 
 
@@ -100,8 +93,7 @@ def wrap_components(trainer: Any, optimizer: torch.optim.Optimizer) -> None:
     optimizer = chain(trainer, "wrap_optimizer", "optimizer", optimizer)
     trainer.optimizer = acceleration.optimizer(optimizer) if acceleration is not None else optimizer
     trainer.optimizer_step = trainer.optimizer.step  # before a scheduler wraps it: see engine/step.py
-    length = RunLength(trainer.epochs, sum(window.last for window in trainer.windows))
-    scheduled: Scheduled | None = trainer.build("scheduler", optimizer=trainer.optimizer, length=length)
+    scheduled: Scheduled | None = trainer.build("scheduler", optimizer=trainer.optimizer, length=trainer.length)
     trainer.scheduled, trainer.scheduler = scheduled, scheduled.scheduler if scheduled is not None else None
     if scheduled is not None:
         trainer.optimizer._opt_called = True  # type: ignore[attr-defined]  # the warning's flag: see engine/step.py
@@ -117,12 +109,28 @@ def bind_hooks(trainer: Any) -> None:
     trainer.compute_metrics, trainer.before_optimizer_step = bind("compute_metrics"), bind("before_optimizer_step")
     trainer.after_step = bind("after_step", state=trainer.state)
     trainer.epoch_end = bind("on_epoch_end", state=trainer.state)
+    trainer.interval_end = bind("on_interval_end", state=trainer.state)
     scheduled, trainer.epoch_scheduler = trainer.scheduled, None
     if scheduled is not None and scheduled.per_epoch:
         trainer.epoch_scheduler = scheduled.scheduler.step
     elif scheduled is not None:  # before the plugins' after_step: they see the step complete
         trainer.after_step.insert(0, scheduler_after_window(scheduled.scheduler))
-    trainer.log_every = trainer.config["log"]["every"] or max(1, trainer.epochs // 10)
+    cadences(trainer)
+
+
+def cadences(trainer: Any) -> None:
+    """When validation and logging points are due: by epochs (`val_every`, `log.every`) and by
+    optimizer steps (`val_every_steps`, `log.every_steps`); without a logging cadence, a tenth of
+    the run, in steps when it is counted in steps. Then the first points after the state's step."""
+    config, log = trainer.config, trainer.config["log"]
+    trainer.val_every, trainer.val_every_steps = config["val_every"], config["val_every_steps"]
+    trainer.log_every, trainer.log_every_steps = log["every"], log["every_steps"]
+    if not (trainer.log_every or trainer.log_every_steps):
+        if trainer.max_steps is None:
+            trainer.log_every = max(1, trainer.epochs // 10)
+        else:
+            trainer.log_every_steps = max(1, trainer.length.total_steps // 10)
+    trainer.plan()
 
 
 def scheduler_after_window(scheduler: Any) -> Callable[..., None]:
@@ -168,9 +176,10 @@ def record_inferred(config: Config, info: DataInfo, transform: InputTransform | 
     """The config with `[inferred]` filled from the data (so that config.toml rebuilds the model
     without the data); a size or task the config already sets must match the data."""
     inferred = {"n_features": info.n_features, "n_outputs": info.n_outputs, "task": info.task}
+    inferred["classes"] = tuple(info.classes)
     for key, value in inferred.items():
         given = config["inferred"][key]
-        if given not in (0, "") and given != value:
+        if given not in (0, "", ()) and given != value:
             raise ConfigError(f"inferred.{key}: the job was written for {given!r}, but the data has {value!r}")
     chosen = {"threshold": info.threshold, "input_transform": transform.name if transform is not None else ""}
     return config.replace("inferred", {**inferred, **chosen})

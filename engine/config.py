@@ -28,11 +28,14 @@ class CoreSettings:
     """The core's top-level settings."""
 
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 42
-    epochs: Annotated[int, Range(ge=1)] = 1000
+    # The run ends when either ends (engine/steps.py); neither given: DEFAULT_EPOCHS epochs.
+    epochs: Annotated[int, Range(ge=1)] | None = None
+    max_steps: Annotated[int, Range(ge=1)] | None = None  # optimizer steps
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     plugins: tuple[str, ...] = ()  # plugin modules to load, as --plugin does
     grad_accumulation: Annotated[int, Range(ge=1)] = 1
-    val_every: Annotated[int, Range(ge=1)] = 1
+    val_every: Annotated[int, Range(ge=0)] = 1  # epochs between validations; 0: none by epochs
+    val_every_steps: Annotated[int, Range(ge=0)] = 0  # optimizer steps between validations; 0: none by steps
     run_name: str = ""  # one plain path component; empty: a timestamp
     runs_dir: str = "runs"
     resume: Literal["", "auto"] = ""  # "auto": continue the run named run_name if it has a checkpoint
@@ -42,7 +45,10 @@ class CoreSettings:
 class LogSettings:
     """``[log]``: the logging points, where the step losses are read back and checked."""
 
-    every: Annotated[int, Range(ge=0)] = 0  # epochs between logging points; 0: a tenth of the run
+    # Epochs, and optimizer steps, between logging points; both 0: a tenth of the run (in steps
+    # when max_steps is set, else in epochs).
+    every: Annotated[int, Range(ge=0)] = 0
+    every_steps: Annotated[int, Range(ge=0)] = 0
     train_metrics: bool = True  # compute_metrics inside each train step too, logged as train_<name>
 
 
@@ -53,12 +59,27 @@ class InferredSettings:
 
     n_features: Annotated[int, Range(ge=0)] = 0
     n_outputs: Annotated[int, Range(ge=0)] = 0
-    task: Literal["", "regression", "classification", "binary"] = ""
+    task: Literal["", "regression", "classification", "binary", "sequence"] = ""
     threshold: Annotated[float, Range(gt=0, lt=1)] = 0.5  # binary: the decision threshold the run chose
     input_transform: str = ""  # the input_transform component the model applies first ("": none)
+    classes: tuple[str, ...] = ()  # the names of the classes or tokens, when the data names them (a vocabulary)
 
 
-CORE_SECTIONS = {"": CoreSettings, "log": LogSettings, "inferred": InferredSettings}
+@dataclass(frozen=True, slots=True)
+class ModelCallSettings:
+    """``[model]``, beside its component's settings: how the train step, validation and the
+    after-training tools call the model and read what it returns (engine/step.py, `model_call`)."""
+
+    # Where the logits are in what the model returns: "" (it returns them), an index ("0": a
+    # tuple's first item), or a key or attribute ("logits": a dict's, a dataclass's).
+    output: str = ""
+    # How the model takes the targets: "" (it does not: the [loss] component computes the loss),
+    # "argument" (the second positional argument: model(x, y)), or a keyword ("labels": model(x, labels=y)).
+    targets: str = ""
+
+
+DEFAULT_EPOCHS = 1000  # when the job counts its run in neither epochs nor max_steps
+CORE_SECTIONS = {"": CoreSettings, "log": LogSettings, "inferred": InferredSettings, "model": ModelCallSettings}
 
 
 class Override:
@@ -200,6 +221,8 @@ def resolve(job: Mapping[str, Any], plugins: Plugins, base: Path | None = None) 
             f"run_name: {resolved['run_name']!r} is not one plain name (letters, digits, . _ - + = @; "
             "no path separator, not starting with a dot)"
         )
+    if resolved["epochs"] is None and resolved["max_steps"] is None:
+        resolved["epochs"] = DEFAULT_EPOCHS
     device = resolved["device"]
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")

@@ -33,6 +33,9 @@
                                          -- host side, after the step returns --
             (a per-step scheduler steps after a window's last batch)
             after_step
+            at a point counted in steps within the epoch (val_every_steps, log.every_steps,
+            the run's last step): validation and the logging point when due, as below, then
+            on_interval_end              a stop request ends the run here
         validation, when due: before_forward, compute_loss and compute_metrics per batch
             after_validation             whole-set metrics
         (a logging point, when due: the losses read back once, checked finite, with the lr)
@@ -99,7 +102,15 @@ SETUP_CHAIN = (
 # Called once per batch or per epoch (on the tutorial job an epoch is one step): bound at setup
 # and called without pluggy's dispatch.
 PER_STEP = frozenset(
-    {"before_forward", "compute_loss", "before_optimizer_step", "after_step", "compute_metrics", "on_epoch_end"}
+    {
+        "before_forward",
+        "compute_loss",
+        "before_optimizer_step",
+        "after_step",
+        "compute_metrics",
+        "on_interval_end",
+        "on_epoch_end",
+    }
 )
 # Chained: each implementation receives what the previous one returned.
 CHAINED = frozenset({"wrap_model", "wrap_optimizer", "wrap_step", "final_model"})
@@ -317,6 +328,18 @@ def after_step(
 
 
 @hookspec
+def on_interval_end(step: int, state: State, trainer: TrainerView) -> None:
+    """Called at each point counted in steps that falls within an epoch, after its validation and
+    logging point when they are due there: every ``val_every_steps`` or ``log.every_steps``
+    optimizer steps, and the run's last step when ``max_steps`` ends it within an epoch (of
+    endless data, every such point). `on_epoch_end` takes a point that falls at an epoch's end.
+
+    ``step`` is ``state.step``, the end of an accumulation window, so a checkpoint taken here
+    resumes after it. Set ``state.stop = True`` to end the run here. Its return is ignored.
+    """
+
+
+@hookspec
 def after_validation(trainer: TrainerView) -> Mapping[str, float | torch.Tensor] | None:
     """Called once after each validation's batches (and the test's), before its logging point.
 
@@ -332,9 +355,9 @@ def on_log(state: State, metrics: Mapping[str, float], trainer: TrainerView) -> 
     """Called at each logging point with host-side ``metrics``, every value finite:
 
     - ``epoch`` and ``step``: where the logging point is;
-    - ``loss``, and each loss term by its name: means over the steps of the current epoch since
-      the last logging point (a resumed run includes the steps of that epoch taken before its
-      checkpoint, which the checkpoint keeps);
+    - ``loss``, and each loss term by its name: means over the steps since the last logging
+      point, of the current epoch only in a run counted in epochs (a resumed run includes the
+      steps taken before its checkpoint, which the checkpoint keeps);
     - ``train_<metric>``: the per-batch metrics of the train steps, averaged likewise;
     - ``lr``: the first parameter group's learning rate after the last step;
     - ``val_loss``, ``val_<term>`` and ``val_<metric>``: the last validation's, once the run has

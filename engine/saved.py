@@ -43,7 +43,14 @@ def open_run(
     inferred = config["inferred"]
     if not inferred["task"]:
         raise ConfigError(f"'{run_dir / runs.CONFIG}' records no [inferred] sizes: the run never started")
-    info = DataInfo(inferred["n_features"], inferred["n_outputs"], inferred["task"], 0, threshold=inferred["threshold"])
+    info = DataInfo(
+        inferred["n_features"],
+        inferred["n_outputs"],
+        inferred["task"],
+        0,
+        threshold=inferred["threshold"],
+        classes=tuple(inferred["classes"]),
+    )
     return config, found, info
 
 

@@ -81,8 +81,17 @@ class Metrics:
 
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.TrainerView) -> None:
-        if self.matrix is not None and state.val_epoch == epoch and trainer.rank == 0:
-            record = {"epoch": epoch, "rows": "target", "columns": "prediction", "matrix": self.matrix.tolist()}
+        self.write_matrix(state, trainer)
+
+    @engine.hookimpl
+    def on_interval_end(self, state: engine.State, trainer: engine.TrainerView) -> None:
+        self.write_matrix(state, trainer)
+
+    def write_matrix(self, state: engine.State, trainer: engine.TrainerView) -> None:
+        """confusion_matrix.json, after a validation at this step (rank 0 writes it)."""
+        if self.matrix is not None and state.val_step == state.step and trainer.rank == 0:
+            record = {"epoch": state.epoch - (state.batch == 0), "step": state.step}
+            record.update(rows="target", columns="prediction", matrix=self.matrix.tolist())
             engine.runs.write_text(trainer.run_dir / "confusion_matrix.json", json.dumps(record) + "\n")
 
     def build(self, trainer: engine.TrainerView) -> None:

@@ -13,15 +13,24 @@ from engine.config import apply_overrides, load_job
 
 EXPECTED_DEFAULTS = {
     "seed": 42,
-    "epochs": 1000,
+    "epochs": 1000,  # neither epochs nor max_steps given
+    "max_steps": None,
     "device": "auto",
     "plugins": (),
     "grad_accumulation": 1,
     "val_every": 1,
+    "val_every_steps": 0,
     "run_name": "",
     "runs_dir": "runs",
     "resume": "",
-    "inferred": {"n_features": 0, "n_outputs": 0, "task": "", "threshold": 0.5, "input_transform": ""},
+    "inferred": {
+        "n_features": 0,
+        "n_outputs": 0,
+        "task": "",
+        "threshold": 0.5,
+        "input_transform": "",
+        "classes": (),
+    },
     "data": {
         "name": "linear_regression",
         "batch_size": 0,
@@ -41,7 +50,7 @@ EXPECTED_DEFAULTS = {
         "bias": 3.0,
         "noise": 0.1,
     },
-    "model": {"name": "linear", "in_features": 0, "out_features": 0, "bias": True},
+    "model": {"output": "", "targets": "", "name": "linear", "in_features": 0, "out_features": 0, "bias": True},
     "loss": {"name": "mse", "reduction": "mean"},
     "optimizer": {
         "name": "adam",
@@ -57,6 +66,7 @@ EXPECTED_DEFAULTS = {
     "accelerate": {"name": "eager"},
     "log": {
         "every": 0,
+        "every_steps": 0,
         "train_metrics": True,
         "curves": True,
         "progress": True,
@@ -218,7 +228,7 @@ def test_sections_are_read_only_mappings():
 
 def test_a_users_component_parameters_become_settings():
     config = resolved({"model": {"name": "tests.helpers:scaled_model", "scale": 2}})
-    assert config["model"] == {"name": "tests.helpers:scaled_model", "scale": 2.0}
+    assert config["model"] == {"output": "", "targets": "", "name": "tests.helpers:scaled_model", "scale": 2.0}
     with pytest.raises(engine.ConfigError, match=r"model.width: unknown key in \[model\]"):
         resolved({"model": {"name": "tests.helpers:scaled_model", "width": 2}})
 

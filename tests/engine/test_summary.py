@@ -58,6 +58,7 @@ def test_a_run_writes_its_resolved_config_summary_and_model_beside_its_plugins_f
         "task": "classification",
         "threshold": 0.5,
         "input_transform": "",
+        "classes": [],
     }
 
     summary = read_json(run_dir / "summary.json")
@@ -109,6 +110,7 @@ def test_config_toml_reruns_from_another_directory_with_its_plugins_data_and_siz
         "task": "regression",
         "threshold": 0.5,
         "input_transform": "standardize",
+        "classes": [],
     }
     monkeypatch.chdir(elsewhere)
     again = engine.run(config_file, overrides=["run_name=again"])

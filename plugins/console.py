@@ -19,6 +19,7 @@ LABELS = {
     "train_accuracy": "Acc",
     "val_loss": "Val Loss",
     "val_accuracy": "Val Acc",
+    "val_perplexity": "Val PPL",
     "val_f1": "Val F1",
     "val_r2": "Val R2",
 }

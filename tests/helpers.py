@@ -220,3 +220,24 @@ def rewind(run_dir: Path, step: int, to: Path) -> Path:
         path.unlink()
     assert (to / "checkpoints" / f"step-{step:09d}.pt").is_file(), f"run '{run_dir}' has no checkpoint of step {step}"
     return to
+
+
+# --- a sequence task: token ids in, a class per position out ---------------------------------------
+
+
+def next_tokens(seed: int, n_samples: int = 64, length: int = 6, vocab: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [N, T] and their targets [N, T]: each position's next token, (x + 1) mod `vocab`."""
+    rng = np.random.RandomState(seed)
+    x = rng.randint(vocab, size=(n_samples, length)).astype(np.int64)
+    return x, (x + 1) % vocab
+
+
+def next_tokens_dataset(seed: int, n_samples: int = 64) -> Pairs:
+    """`next_tokens` as a Dataset: each sample a [T] sequence and its [T] targets."""
+    x, y = next_tokens(seed, n_samples)
+    return Pairs(torch.from_numpy(x), torch.from_numpy(y))
+
+
+def token_model(info: engine.DataInfo, width: int = 16) -> nn.Module:
+    """Embedding then a linear head: [N, T] token ids in, [N, T, vocabulary] logits out."""
+    return nn.Sequential(nn.Embedding(info.n_outputs, width), nn.Linear(width, info.n_outputs))

@@ -50,8 +50,9 @@ class Batching:
     split_seed: Annotated[int, engine.Range(ge=0)] = 0  # draws the validation and test splits
     stratify: bool = True  # classification: each split keeps the class proportions (in-memory data)
     standardize: bool = False  # inputs scaled by the training split's mean and standard deviation
-    # auto: integer targets are class indices, others values; binary: 0/1 labels (bce_with_logits)
-    task: Literal["auto", "regression", "classification", "binary"] = "auto"
+    # auto: integer targets are class indices (several per sample: a sequence), others values;
+    # binary: 0/1 labels (bce_with_logits); sequence: a class index per position ([N, T])
+    task: Literal["auto", "regression", "classification", "binary", "sequence"] = "auto"
     # binary: a probability of class 1 above it predicts 1 (accuracy, the metrics, predict)
     threshold: Annotated[float, engine.Range(gt=0, lt=1)] = 0.5
     num_workers: Annotated[int, engine.Range(ge=0)] = 0
@@ -167,7 +168,7 @@ def prepare_tensors(splits: dict[str, Any], settings: Any, recorded_task: str) -
                 same_rows((x, raw_y), (inputs, targets), name)
             pairs[name] = (inputs, as_task(targets, task, name))
             same_rows(pairs["training"], pairs[name], name)
-    stratified = settings["stratify"] and task != "regression"
+    stratified = settings["stratify"] and task in ("classification", "binary")
     labels = pairs["training"][1].reshape(-1).long().cpu() if stratified else None
     held = held_out(len(x), labels, settings, "validation" in pairs, "test" in pairs)
     x, y = pairs["training"]
@@ -175,6 +176,8 @@ def prepare_tensors(splits: dict[str, Any], settings: Any, recorded_task: str) -
     x = pairs["training"][0]
     every = torch.cat([targets for _, targets in pairs.values()])  # a class may appear in a held-out split only
     parts = [pairs.get(name) for name in SPLITS]
+    if settings["standardize"] and not x.is_floating_point():
+        raise engine.ConfigError("data.standardize: the inputs are integers (token ids?), not features")
     flat = x.double().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.double().reshape(-1, 1)
     transform = fitted(flat.mean(dim=0), flat.std(dim=0, correction=0)) if settings["standardize"] else None
     info = described(x, outputs_of(every, task), task, parts, settings)
@@ -205,7 +208,7 @@ def prepare_dataset(splits: dict[str, Any], settings: Any, recorded_task: str) -
     parts = {name: Subset(train, order.tolist()) for name, order in held.items()}
     splits = {**splits, **parts}
     x, y = sample_tensors(splits["training"], 0)
-    task = task_of(y, settings["task"], recorded_task)
+    task = task_of(y[None], settings["task"], recorded_task)
     n_outputs = dataset_outputs(splits, y, task)
     # Float inputs are cast to float32 (numpy's float64 would meet float32 weights); integer
     # inputs (token ids) stay as they are.
@@ -227,7 +230,7 @@ def dataset_outputs(splits: dict[str, Any], y: torch.Tensor, task: str) -> int:
     if task == "regression":
         return y.shape[-1] if y.dim() else 1
     classes = named_classes(splits["training"])
-    if classes is not None and task == "classification":
+    if classes is not None and task in ("classification", "sequence"):
         return len(classes)
     labels = [
         as_task(torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))]), task, name)

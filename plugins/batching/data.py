@@ -16,7 +16,9 @@ NOT_NUMBERS = {"U": "str", "S": "bytes", "O": "Python object", "c": "complex", "
 
 
 def tensors(pair: Any, split: str = "training") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) as tensors: float32 inputs; integer targets as int64 class indices, float targets as [N, k].
+    """(x, y) as tensors: float32 inputs, but integer inputs of integer sequence targets ([N, T]
+    token ids, for a language model) as int64; integer targets as int64 class indices, float
+    targets as [N, k].
 
     Checked first, naming the `split`: numbers (not strings or objects), one row per sample, as
     many targets as inputs, and every value finite in float32.
@@ -37,7 +39,8 @@ def tensors(pair: Any, split: str = "training") -> tuple[torch.Tensor, torch.Ten
         y = y.float().reshape(len(y), -1) if y.dim() == 1 else y.float()
     else:
         y = y.long()
-    x = x.float()
+    token_ids = not x.is_floating_point() and not y.is_floating_point() and y.dim() > 1 and y[0].numel() > 1
+    x = x.long() if token_ids else x.float()
     for tensor, part in ((x, "inputs"), (y, "targets")):
         finite(tensor, f"the {split} {part}")
     return x, y
@@ -100,21 +103,28 @@ def class_count(low: int, high: int, n_samples: int) -> int:
 
 def outputs_of(labels: torch.Tensor, task: str) -> int:
     """The model's outputs for targets `labels` (every split's, as `task` takes them): the target
-    width for values, 1 for binary labels, the class count for class indices."""
+    width for values, 1 for binary labels, the class count for class indices (per sample, or per
+    position of a sequence, where negative targets are ignored positions: padding)."""
     if task == "classification":
         return class_count(int(labels.min()), int(labels.max()), len(labels))
+    if task == "sequence":
+        return class_count(0, int(labels.max()), labels.numel())
     return labels.shape[-1] if labels.dim() > 1 else 1
 
 
 def task_of(y: torch.Tensor, task: str, recorded: str) -> str:
-    """What the targets are: ``data.task``; for "auto", the task a trained run recorded (its
-    [inferred] task, when another file is read for it), else class indices when they are integers
-    and values when they are floats."""
+    """What the targets `y` (of one sample or more: [N, ...]) are: ``data.task``; for "auto", the
+    task a trained run recorded (its [inferred] task, when another file is read for it), else
+    values when they are floats, class indices when they are integers, one per sample, and a
+    sequence of class indices when they are integers, several per sample."""
     if task != "auto":
         return task
     if recorded:
         return recorded
-    return "regression" if y.is_floating_point() else "classification"
+    if y.is_floating_point():
+        return "regression"
+    # Integer targets of more than one value per sample ([N, T]) are a class index per position.
+    return "sequence" if y.dim() > 1 and y[0].numel() > 1 else "classification"
 
 
 def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:
@@ -122,17 +132,16 @@ def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:
     [N], binary labels as float [N, 1] of 0 and 1; a ConfigError naming data.task otherwise."""
     if task == "regression":
         return y.float().reshape(len(y), -1)
+    if task == "sequence":
+        whole_numbers(y, task, split)
+        return y.long()
     flat = y.reshape(len(y), -1)
     if flat.shape[1] != 1:
         raise engine.ConfigError(
             f"data.task = {task!r}: the {split} targets have {flat.shape[1]} columns; labels are one column"
         )
     flat = flat[:, 0]
-    if flat.is_floating_point() and not torch.equal(flat, flat.round()):
-        raise engine.ConfigError(
-            f"data.task = {task!r}: the {split} targets are not whole numbers "
-            f'(e.g. {float(flat[flat != flat.round()][0])}); for values set data.task = "regression"'
-        )
+    whole_numbers(flat, task, split)
     if task == "binary":
         outside = (flat != 0) & (flat != 1)
         if outside.any():
@@ -142,6 +151,15 @@ def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:
             )
         return flat.float().reshape(-1, 1)
     return flat.long()
+
+
+def whole_numbers(y: torch.Tensor, task: str, split: str) -> None:
+    """A ConfigError naming data.task when the `split` targets `y` are not whole numbers."""
+    if y.is_floating_point() and not torch.equal(y, y.round()):
+        raise engine.ConfigError(
+            f"data.task = {task!r}: the {split} targets are not whole numbers "
+            f'(e.g. {float(y[y != y.round()][0])}); for values set data.task = "regression"'
+        )
 
 
 def same_rows(

@@ -105,7 +105,7 @@ class DatasetLoaders:
         self.info, self.input_transform, self.part = prepared.info, prepared.transform, part
         self.dataset, self.task, self.x_dtype = prepared.train, prepared.task, prepared.x_dtype
         self.seed, self.shuffle, self.device = seed, settings["shuffle"], device
-        self.y_dtype = torch.int64 if self.task == "classification" else torch.float32
+        self.y_dtype = torch.int64 if self.task in ("classification", "sequence") else torch.float32
         workers = settings["num_workers"]
         options = {
             "batch_size": part.piece_size,
@@ -173,6 +173,6 @@ class DatasetLoaders:
         """A collated batch on the run's device (non-blocking from pinned memory), as a Batch."""
         x = x.to(self.device, self.x_dtype, non_blocking=True)
         y = y.to(self.device, self.y_dtype, non_blocking=True)
-        if self.task != "classification" and y.dim() == 1:  # values and binary labels: [N, 1]
+        if self.task in ("regression", "binary") and y.dim() == 1:  # values and binary labels: [N, 1]
             y = y.reshape(-1, 1)
         return engine.Batch(x, y)

@@ -16,6 +16,7 @@ from typing import Any
 _HOMES = {
     "runs": ("runs",),
     "cli": ("Commands",),
+    "calling": ("ModelLoss", "output_of"),
     "components": ("build_component",),
     "config": ("Config", "Section", "dump_toml", "load_config"),
     "errors": ("ConfigError", "EngineError", "Interrupted", "TrainingError", "one_line", "suggest"),

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import runs
+from .calling import ModelLoss, model_call
 from .checks import returned
 from .config import Config
 from .errors import ConfigError, one_line
@@ -78,6 +79,10 @@ def build_components(trainer: Any) -> torch.optim.Optimizer:
     trainer.module = (model if transform is None else WithInputTransform(transform.module, model)).to(device)
     trainer.loss_name = trainer.config["loss"]["name"].rpartition(":")[2]
     trainer.loss_fn = trainer.build("loss", info=info, device=device)
+    trainer.model_loss = isinstance(trainer.loss_fn, ModelLoss)
+    # How the step calls the model (engine/calling.py): a dict of inputs goes in as keywords.
+    keywords = isinstance(trainer.loaders.sample().x, Mapping)
+    trainer.call = model_call(trainer.config["model"], keywords)
     params = [p for p in trainer.module.parameters() if p.requires_grad]
     optimizer = trainer.build("optimizer", params=params)
     trainer.precision = trainer.build("precision", device=device) or Precision(device.type)

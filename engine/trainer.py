@@ -271,8 +271,8 @@ class Trainer:
                 for hook in self.before_forward:
                     batch = hook(batch=batch) or batch
                 with self.precision.autocast():
-                    output = model(batch.x)
-                    terms = loss_terms(self, batch, output)
+                    output, returned = self.call(model, batch)
+                    terms = loss_terms(self, batch, output, returned)
                 values = {"loss": total(terms), **terms, **batch_metrics(self, batch, output)}
                 size = len(batch.y)
                 for name, value in values.items():

@@ -181,6 +181,13 @@ def _classes(name: str, info: engine.DataInfo) -> int:
     return info.n_outputs if info.task in ("classification", "sequence") else 0
 
 
+def model(output: str = "loss") -> engine.ModelLoss:
+    """The loss the model computes itself, from the targets it is given (``[model] targets``):
+    `output` picks it out of what the model returns, as ``model.output`` picks the logits (an
+    index, ``"1"`` of nanoGPT's ``(logits, loss)``, or a key or attribute, ``"loss"``)."""
+    return engine.ModelLoss(output)
+
+
 @engine.hookimpl
 def register_components():
     return {
@@ -193,5 +200,6 @@ def register_components():
             "huber": huber,
             "bce_with_logits": bce_with_logits,
             "nll": nll,
+            "model": model,
         },
     }

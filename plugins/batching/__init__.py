@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import engine
 
-from .data import as_task, named_classes, outputs_of, same_rows, sample_tensors, task_of, tensors
+from .data import as_task, named_classes, outputs_of, pair_of, same_rows, sample_tensors, task_of, tensors
 from .loaders import DatasetLoaders, TensorLoaders
 from .splits import Part, batch_count, check_split, split_indices
 
@@ -57,6 +57,9 @@ class Batching:
     threshold: Annotated[float, engine.Range(gt=0, lt=1)] = 0.5
     num_workers: Annotated[int, engine.Range(ge=0)] = 0
     pin_memory: bool = False
+    # A Dataset whose samples are dicts: the key of the targets; the other items are the inputs,
+    # which the model takes as keyword arguments (engine/calling.py).
+    target_key: str = "labels"
 
 
 class Standardize(torch.nn.Module):
@@ -136,7 +139,8 @@ class Prepared:
     task: str
     info: engine.DataInfo
     transform: engine.InputTransform | None
-    x_dtype: torch.dtype | None = torch.float32  # a Dataset's inputs cast to it; None: kept (token ids)
+    # A Dataset's float inputs are cast to float32 (numpy's float64 would meet float32 weights);
+    # integer inputs (token ids) stay as they are.
 
 
 def prepare(splits: dict[str, Any], settings: Any, recorded_task: str) -> Prepared:
@@ -207,23 +211,21 @@ def prepare_dataset(splits: dict[str, Any], settings: Any, recorded_task: str) -
     held = held_out(len(train), None, settings, splits["validation"] is not None, splits["test"] is not None)
     parts = {name: Subset(train, order.tolist()) for name, order in held.items()}
     splits = {**splits, **parts}
-    x, y = sample_tensors(splits["training"], 0)
+    x, y = sample_tensors(splits["training"], 0, settings["target_key"])
     task = task_of(y[None], settings["task"], recorded_task)
-    n_outputs = dataset_outputs(splits, y, task)
-    # Float inputs are cast to float32 (numpy's float64 would meet float32 weights); integer
-    # inputs (token ids) stay as they are.
-    x_dtype = torch.float32 if x.is_floating_point() else None
+    n_outputs = dataset_outputs(splits, y, task, settings["target_key"])
+    first = next(iter(x.values())) if isinstance(x, Mapping) else x  # the width of the first input
     transform = None
     if settings["standardize"]:
-        if x_dtype is None:
-            raise engine.ConfigError("data.standardize: the Dataset's inputs are integers (token ids?), not features")
+        if isinstance(x, Mapping) or not first.is_floating_point():
+            raise engine.ConfigError("data.standardize: the Dataset's inputs are not features (token ids, a dict?)")
         transform = dataset_statistics(splits["training"], settings["num_workers"])
     parts = [splits[name] for name in SPLITS]
-    info = described(x[None] if x.dim() else x.reshape(1, 1), n_outputs, task, parts, settings)
-    return Prepared(*parts, task, info, transform, x_dtype)
+    info = described(first[None] if first.dim() else first.reshape(1, 1), n_outputs, task, parts, settings)
+    return Prepared(*parts, task, info, transform)
 
 
-def dataset_outputs(splits: dict[str, Any], y: torch.Tensor, task: str) -> int:
+def dataset_outputs(splits: dict[str, Any], y: torch.Tensor, task: str, target_key: str) -> int:
     """The model's outputs for a Dataset's targets: their width for values; for labels, read once
     from every split (a class may appear in the held-out ones only) and checked as `data.task`
     takes them, unless the Dataset (or the one a split was cut from) names its ``classes``."""
@@ -233,7 +235,11 @@ def dataset_outputs(splits: dict[str, Any], y: torch.Tensor, task: str) -> int:
     if classes is not None and task in ("classification", "sequence"):
         return len(classes)
     labels = [
-        as_task(torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))]), task, name)
+        as_task(
+            torch.stack([torch.as_tensor(pair_of(dataset[i], target_key, i)[1]) for i in range(len(dataset))]),
+            task,
+            name,
+        )
         for name, dataset in splits.items()
         if dataset is not None
     ]

@@ -3,6 +3,7 @@ sample, finite values, the task the targets are for, the number of classes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -177,23 +178,41 @@ def same_rows(
         raise engine.ConfigError(f"data: the training targets are {kinds[0]} but the {split} targets {kinds[1]}")
 
 
-def sample_tensors(dataset: Dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample `index` of a Dataset as two tensors of numbers, or a ConfigError saying what it is."""
-    sample = dataset[index]
+def pair_of(sample: Any, target_key: str, index: int) -> tuple[Any, Any]:
+    """A Dataset's sample as (input, target): an (input, target) pair, or a dict whose `target_key`
+    item is the target and whose other items are the inputs (``input_ids``, ``attention_mask``)."""
+    if isinstance(sample, Mapping):
+        if target_key not in sample:
+            raise engine.ConfigError(
+                f"data.target_key: sample {index} of the Dataset is a dict without {target_key!r} "
+                f"(it has: {', '.join(map(str, sample))}); name the key of its targets"
+            )
+        return {key: value for key, value in sample.items() if key != target_key}, sample[target_key]
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
         raise engine.ConfigError(
-            f"data: sample {index} of the Dataset is a {type(sample).__name__}, not an (input, target) pair"
+            f"data: sample {index} of the Dataset is a {type(sample).__name__}, not an (input, target) pair or a dict"
         )
-    pair = []
-    for value, part in zip(sample, ("input", "target")):
+    return sample[0], sample[1]
+
+
+def sample_tensors(dataset: Dataset, index: int, target_key: str = "labels") -> tuple[Any, torch.Tensor]:
+    """Sample `index` of a Dataset as tensors of numbers (its inputs: one tensor, or a dict of them),
+    or a ConfigError saying what it is."""
+    x, y = pair_of(dataset[index], target_key, index)
+    parts = {f"input {key!r}": value for key, value in x.items()} if isinstance(x, Mapping) else {"input": x}
+    tensors = {}
+    for part, value in [*parts.items(), ("target", y)]:
         if not isinstance(value, (torch.Tensor, np.ndarray, np.generic, int, float)):
             kind = type(value)
             raise engine.ConfigError(
                 f"data: the {part} of sample {index} of the Dataset is a {kind.__module__}.{kind.__qualname__}, "
                 "not a tensor, array or number (convert it in the Dataset)"
             )
-        pair.append(numbers(value, f"the {part} of sample {index} of the Dataset"))
-    return pair[0], pair[1]
+        tensors[part] = numbers(value, f"the {part} of sample {index} of the Dataset")
+    y = tensors.pop("target")
+    if isinstance(x, Mapping):
+        return {key: tensors[f"input {key!r}"] for key in x}, y
+    return tensors["input"], y
 
 
 def named_classes(dataset: Dataset) -> Any:

@@ -167,7 +167,7 @@ def test_plugins_lists_origin_hooks_components_and_call_order(capsys, write_plug
     assert lines[entry + 1] == "      hooks: register_components"  # its default declared there too
     assert lines[entry + 2] == (
         "      provides: loss mse, loss cross_entropy, loss l1, loss smooth_l1, loss huber, "
-        "loss bce_with_logits, loss nll"
+        "loss bce_with_logits, loss nll, loss model"
     )
     mine = lines.index("  listed_plugin  [--plugin listed_plugin]")
     assert lines[mine + 1 : mine + 3] == [

@@ -150,10 +150,10 @@ def test_class_losses_check_logits_and_index_range(name):
     )
 
 
-def test_the_default_loss_is_mse_and_all_seven_are_registered():
+def test_the_default_loss_is_mse_and_all_eight_are_registered():
     plugins = engine.make_plugins()
     assert sorted(plugins.components["loss"]) == sorted(
-        ["mse", "cross_entropy", "l1", "smooth_l1", "huber", "bce_with_logits", "nll"]
+        ["mse", "cross_entropy", "l1", "smooth_l1", "huber", "bce_with_logits", "nll", "model"]
     )
     assert (plugins.default("loss"), plugins.defaults["loss"].plugin) == ("mse", "losses")
 

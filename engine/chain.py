@@ -83,8 +83,8 @@ def build_components(trainer: Any) -> torch.optim.Optimizer:
     # How the step calls the model (engine/calling.py): a dict of inputs goes in as keywords.
     keywords = isinstance(trainer.loaders.sample().x, Mapping)
     trainer.call = model_call(trainer.config["model"], keywords)
-    params = [p for p in trainer.module.parameters() if p.requires_grad]
-    optimizer = trainer.build("optimizer", params=params)
+    named = [(name, p) for name, p in trainer.module.named_parameters() if p.requires_grad]
+    optimizer = trainer.build("optimizer", params=[p for _, p in named], named_params=named)
     trainer.precision = trainer.build("precision", device=device) or Precision(device.type)
     return optimizer
 

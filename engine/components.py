@@ -26,7 +26,7 @@ CORE_KINDS: dict[str, tuple[str, ...]] = {
     "data": ("seed", "device", "labelled"),
     "model": ("info", "device"),
     "loss": ("info", "device"),
-    "optimizer": ("params",),
+    "optimizer": ("params", "named_params"),
     "precision": ("device",),
     "accelerate": ("trainer",),
     "scheduler": ("optimizer", "length"),

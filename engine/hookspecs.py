@@ -146,16 +146,18 @@ def register_components() -> Mapping[str, Mapping[str, Any]] | None:
     config section of the kind picks one by ``name``. The factory's keyword parameters are its
     settings (the rest of the section), typed by their annotations, except those named after the
     kind's run context, which receive it (engine.config.CORE_KINDS): ``device`` (distributed);
-    ``seed`` and ``device`` (data); ``info`` (a :class:`DataInfo`) and ``device`` (model, loss);
-    ``params`` (optimizer); ``device`` (precision); ``trainer`` (accelerate);
+    ``seed``, ``device`` and ``labelled`` (data); ``info`` (a :class:`DataInfo`) and ``device`` (model, loss);
+    ``params`` and ``named_params`` (optimizer); ``device`` (precision); ``trainer`` (accelerate);
     ``optimizer`` and ``length`` (a :class:`RunLength`, scheduler). Two plugins providing one
     name, or the default of one kind, is an error naming both.
 
     What factories return: distributed, a :class:`Distributed` or None (a single process); data,
     a ``(x, y)`` pair of tensors or arrays, a ``torch.utils.data.Dataset``, or
     ``{"train": ..., "val": ..., "test": ...}`` of those; model, an ``nn.Module``; loss, a callable
-    ``(output, target) -> Tensor``; optimizer, a ``torch.optim.Optimizer``, built on ``params``
-    (a list of tensors; a factory may group them, with a setting per group); precision, a
+    ``(output, target) -> Tensor``, or an `engine.ModelLoss` (the loss the model returns);
+    optimizer, a ``torch.optim.Optimizer``, built on ``params`` (a list of tensors; a factory may
+    group them, with a setting per group, by their shapes or by the names ``named_params`` gives:
+    ``(name, parameter)`` pairs of the model); precision, a
     :class:`Precision`; accelerate, an :class:`Acceleration` or None (the eager step); scheduler,
     a :class:`Scheduled` or None. The kind ``input_transform`` is chosen by no config section:
     its factory takes ``info`` and returns the module of an :class:`InputTransform`, into which

@@ -308,3 +308,8 @@ class TokenDicts(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.x[index], "attention_mask": torch.ones(len(self.x[index])), "labels": self.y[index]}
+
+
+def normed_token_model(info: engine.DataInfo, width: int = 8) -> nn.Module:
+    """Embedding, LayerNorm, a linear head: parameters of 1 and 2 dimensions, for weight decay's groups."""
+    return nn.Sequential(nn.Embedding(info.n_outputs, width), nn.LayerNorm(width), nn.Linear(width, info.n_outputs))

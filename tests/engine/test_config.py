@@ -45,6 +45,7 @@ EXPECTED_DEFAULTS = {
         "threshold": 0.5,
         "num_workers": 0,
         "pin_memory": False,
+        "target_key": "labels",
         "n_samples": 100,
         "weight": 2.0,
         "bias": 3.0,
@@ -60,6 +61,7 @@ EXPECTED_DEFAULTS = {
         "weight_decay": 0.0,
         "amsgrad": False,
         "impl": "auto",
+        "decay": "all",
     },
     "scheduler": {"name": "none"},
     "precision": {"name": "32"},
@@ -104,6 +106,7 @@ def test_a_component_section_takes_the_chosen_components_parameters():
         "weight_decay": 0.0,
         "nesterov": False,
         "impl": "auto",
+        "decay": "all",
     }
 
 

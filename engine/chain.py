@@ -53,7 +53,7 @@ def build_chain(trainer: Any, checkpoint: Path | None) -> None:
 def build_data(trainer: Any) -> None:
     """The data component, then `build_loaders`; what the data tells is recorded in [inferred]."""
     seed, device = trainer.config["seed"], trainer.device
-    data = trainer.build("data", seed=seed, device=device)
+    data = trainer.build("data", seed=seed, device=device, inferred=trainer.config["inferred"])
     loaders = trainer.hooks.build_loaders(
         data=data, config=trainer.config, seed=seed, device=device, rank=trainer.rank, world_size=trainer.world_size
     )

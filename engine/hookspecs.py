@@ -146,10 +146,10 @@ def register_components() -> Mapping[str, Mapping[str, Any]] | None:
     config section of the kind picks one by ``name``. The factory's keyword parameters are its
     settings (the rest of the section), typed by their annotations, except those named after the
     kind's run context, which receive it (engine.config.CORE_KINDS): ``device`` (distributed);
-    ``seed``, ``device`` and ``labelled`` (data); ``info`` (a :class:`DataInfo`) and ``device`` (model, loss);
-    ``params`` and ``named_params`` (optimizer); ``device`` (precision); ``trainer`` (accelerate);
-    ``optimizer`` and ``length`` (a :class:`RunLength`, scheduler). Two plugins providing one
-    name, or the default of one kind, is an error naming both.
+    ``seed``, ``device``, ``labelled`` and ``inferred`` (data); ``info`` (a :class:`DataInfo`) and
+    ``device`` (model, loss); ``params`` and ``named_params`` (optimizer); ``device``
+    (precision); ``trainer`` (accelerate); ``optimizer`` and ``length`` (a :class:`RunLength`,
+    scheduler). Two plugins providing one name, or the default of one kind, is an error naming both.
 
     What factories return: distributed, a :class:`Distributed` or None (a single process); data,
     a ``(x, y)`` pair of tensors or arrays, a ``torch.utils.data.Dataset``, or

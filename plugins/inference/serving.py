@@ -63,7 +63,9 @@ def read_inputs(run: Run, file: str | Path, overrides: Sequence[str] = ()) -> to
     labels where the component can do without), checked against the run's input width."""
     config, found = file_config(run, Path(file), overrides, labelled=False)
     cpu = torch.device("cpu")
-    data = engine.build_component(config, found, "data", seed=config["seed"], device=cpu, labelled=False)
+    data = engine.build_component(
+        config, found, "data", seed=config["seed"], device=cpu, labelled=False, inferred=config["inferred"]
+    )
     x, width = inputs(data[0] if isinstance(data, tuple) else data, run.info.n_features)
     if width != run.info.n_features:
         raise wrong_width(file, width, run)

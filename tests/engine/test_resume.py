@@ -159,7 +159,7 @@ def first_checkpoint(job: dict[str, Any]) -> int:
     [
         pytest.param(TUTORIAL, id="tutorial", marks=pytest.mark.slow),
         pytest.param(MLP, id="mlp-dropout-schedule-clip-accumulation"),
-        pytest.param(STEPS, id="max-steps-points-within-epochs"),
+        pytest.param(STEPS, id="max-steps-points-within-epochs", marks=pytest.mark.slow),
         pytest.param(DATASET, id="dataset-dataloader-2-workers", marks=pytest.mark.slow),
         pytest.param(COMPILED, id="compile", marks=pytest.mark.slow),
         pytest.param(BF16, id="bf16-mixed", marks=pytest.mark.slow),

@@ -53,17 +53,19 @@ class TokenSource:
     vocabulary: tuple[str, ...]  # a trained run's, when another file is read for it; else ()
 
     def open(self, name: str, vocabulary: tuple[str, ...]) -> TokenFile:
+        """Split `name`'s file: its token ids, or a text file's characters' places in `vocabulary`."""
         where = "data.path" if name == "train" else f"data.{name}_path"
         path = self.paths[name]
-        if self.tokenizer == "char":
-            return encoded(path, vocabulary, where)
-        return open_ids(path, self.dtype, self.key, where)
+        if path.suffix in IDS:
+            return open_ids(path, self.dtype, self.key, where)
+        return encoded(path, vocabulary, where)
 
     def text_vocabulary(self) -> tuple[str, ...]:
         """The run's vocabulary (a trained run's), else every character of the text files."""
         if self.tokenizer != "char":
             return ()
-        return self.vocabulary or characters([path for path in self.paths.values() if path is not None])
+        texts = [path for path in self.paths.values() if path is not None and path.suffix not in IDS]
+        return self.vocabulary or characters(texts)
 
 
 def tokens(
@@ -80,7 +82,8 @@ def tokens(
     inferred: Mapping[str, Any] | None = None,
 ) -> Any:
     """A stream of token ids (see the module docstring): `dtype` of a ``.bin`` file, `key` the array
-    of an ``.npz`` archive, `tokenizer` ``"char"`` for a text file; `block_size` tokens a window;
+    of an ``.npz`` archive, `tokenizer` ``"char"`` for a text file (a file of ids is read as ids
+    either way: one encoded with the run's vocabulary); `block_size` tokens a window;
     `windows` random (endless) or sequential (epochs); `val_windows` 0: every validation window.
     Not `labelled` (``predict``): every window of `path`, as token ids [N, block_size]."""
     paths = {"train": path, "val": val_path, "test": test_path}
@@ -116,6 +119,10 @@ def every_window(source: TokenSource) -> np.ndarray:
         tokens.close()
 
 
+# The files `evaluate` and `predict` read with a run's own tokens component (plugins/inference).
+tokens.suffixes = (*IDS, ".txt")  # type: ignore[attr-defined]
+
+
 @engine.hookimpl
 def register_components():
     return {"data": {"tokens": tokens}}
@@ -136,7 +143,12 @@ def build_loaders(
             if data.paths[name] is not None:
                 opened[name] = data.open(name, vocabulary)
         streams = split_streams(opened, settings, data.block_size)
-        size = len(vocabulary) or max(largest(tokens) for tokens in opened.values()) + 1
+        size = max(largest(tokens) for tokens in opened.values()) + 1
+        if vocabulary and size > len(vocabulary):
+            raise engine.ConfigError(
+                f"data: a token id is {size - 1}, beyond the vocabulary of {len(vocabulary)} characters"
+            )
+        size = len(vocabulary) or size
         if size > MAX_VOCABULARY:
             raise engine.ConfigError(
                 f"data: the largest token id is {size - 1}: are the ids of dtype {data.dtype} (data.dtype)?"

@@ -41,6 +41,7 @@ GROUPS = {
     "checkpoint": "an epoch with a checkpoint at its end beside one without; saving and loading one",
     "logging": "an epoch logging to TensorBoard at its end beside one logging to the run files only",
     "distributed": "data-parallel training in two processes beside one, by hand (DDP) and by the engine",
+    "tokens": "a language model on windows of a token file, in tokens per second, by hand and by the engine",
 }
 
 
@@ -440,6 +441,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_line(format_table(rows(RECORDS)))
     latency = latency_table(RECORDS)
     if latency:
-        terminalreporter.section("inference latency")
-        terminalreporter.write_line("per forward pass (a batch); speed-up: the group's eager median / this median")
+        terminalreporter.section("latency and throughput")
+        terminalreporter.write_line(
+            "per batch (inference: a forward pass; tokens: a train step, samples are tokens); "
+            "speed-up: the group's baseline median / this median"
+        )
         terminalreporter.write_line(latency)

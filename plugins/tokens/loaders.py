@@ -109,7 +109,9 @@ class TokenLoaders:
         if self.pin:
             window = window.pin_memory()
         window = window.to(self.device, non_blocking=True)
-        return engine.Batch(window[:, :-1], window[:, 1:])
+        # Each its own contiguous tensor: a compiled runner (AOTInductor) reads a strided view's
+        # memory as if it were contiguous, silently wrong.
+        return engine.Batch(window[:, :-1].contiguous(), window[:, 1:].contiguous())
 
     def train(self, epoch: int, start: int = 0) -> Iterator[engine.Batch]:
         if self.random:

@@ -7,7 +7,6 @@ key, with the name probably meant.
 
 from __future__ import annotations
 
-import json
 import math
 import tomllib
 import typing
@@ -394,6 +393,21 @@ def dump_toml(config: Mapping[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
+def _toml_string(value: str) -> str:
+    """A TOML basic string: printable ASCII as it is, quotes and backslashes escaped, every other
+    character as its code point (a vocabulary holds control characters, and may hold emoji)."""
+    characters = []
+    for character in value:
+        code = ord(character)
+        if character in '"\\':
+            characters.append("\\" + character)
+        elif 0x20 <= code < 0x7F:
+            characters.append(character)
+        else:
+            characters.append(f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}")
+    return '"' + "".join(characters) + '"'
+
+
 def _toml_line(key: str, value: Any) -> str:
     if value is None:
         return f"# {key} = (not set)"
@@ -412,7 +426,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise ConfigError(f"value {value!r} cannot be written as TOML")

@@ -188,7 +188,7 @@ def test_plugins_lists_origin_hooks_components_and_call_order(capsys, write_plug
     ]
     assert [line.split(":")[0].strip() for line in chain] == list(engine.hookspecs.SETUP_CHAIN)
     assert "  loss: component mse (from listed_plugin, losses)" in chain
-    assert "  build_loaders: batching (trylast)" in chain
+    assert "  build_loaders: tokens -> batching (trylast)" in chain  # the first result wins
 
 
 def test_the_plugins_command_shows_the_setup_chain_in_order(capsys):

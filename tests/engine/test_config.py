@@ -311,3 +311,11 @@ def test_a_settings_class_checks_its_resolved_values_and_the_error_names_section
         match=r"^\[window\] \(plugin 'ChecksItsSettings'\): window.low \(2.0\) must be below window.high \(1.0\)$",
     ):
         engine.load_config(None, ["window.low=2"], plugins=[ChecksItsSettings])
+
+
+def test_strings_of_any_characters_round_trip_through_toml():
+    """A text's vocabulary ([inferred] classes) holds newlines, quotes and characters beyond the BMP."""
+    vocabulary = ("\n", " ", '"', "\\", "\x7f", "\x00", "é", "\u2028", "😀", "𝄞", "\\ud83d")
+    written = engine.dump_toml({"inferred": {"classes": vocabulary}, "name": 'a "b"\\c'})
+    assert tomllib.loads(written) == {"inferred": {"classes": list(vocabulary)}, "name": 'a "b"\\c'}
+    assert written.isascii()

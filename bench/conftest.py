@@ -249,7 +249,8 @@ class Contenders:
         self._teardown.append(lambda: finish(trainer))
         # A round is `epochs` epochs in the middle of a long run, never its last one (whose end
         # takes the run's final checkpoint): the loop runs on, and the round stops itself.
-        trainer.epochs = 2**62
+        trainer.last_step = 2**62
+        trainer.plan()
 
         def end_round(epoch: int) -> None:
             trainer.state.stop = epoch == epochs

@@ -41,6 +41,7 @@ GROUPS = {
     "checkpoint": "an epoch with a checkpoint at its end beside one without; saving and loading one",
     "logging": "an epoch logging to TensorBoard at its end beside one logging to the run files only",
     "distributed": "data-parallel training in two processes beside one, by hand (DDP) and by the engine",
+    "tokens": "a language model on windows of a token file, in tokens per second, by hand and by the engine",
 }
 
 
@@ -248,7 +249,8 @@ class Contenders:
         self._teardown.append(lambda: finish(trainer))
         # A round is `epochs` epochs in the middle of a long run, never its last one (whose end
         # takes the run's final checkpoint): the loop runs on, and the round stops itself.
-        trainer.epochs = 2**62
+        trainer.last_step = 2**62
+        trainer.plan()
 
         def end_round(epoch: int) -> None:
             trainer.state.stop = epoch == epochs
@@ -440,6 +442,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_line(format_table(rows(RECORDS)))
     latency = latency_table(RECORDS)
     if latency:
-        terminalreporter.section("inference latency")
-        terminalreporter.write_line("per forward pass (a batch); speed-up: the group's eager median / this median")
+        terminalreporter.section("latency and throughput")
+        terminalreporter.write_line(
+            "per batch (inference: a forward pass; tokens: a train step, samples are tokens); "
+            "speed-up: the group's baseline median / this median"
+        )
         terminalreporter.write_line(latency)

@@ -196,9 +196,9 @@ def engine_round(
     )
     trainer.start()
 
-    def run_round() -> None:
+    def run_round() -> None:  # the run again from its start: its epochs, and its steps
         state = trainer.state
-        state.epoch, state.batch, state.stop = 1, 0, False
+        state.epoch, state.batch, state.step, state.stop = 1, 0, 0, False
         trainer.loop()
 
     def finish() -> None:

@@ -24,7 +24,7 @@ t = engine.setup(
 )
 t.start()
 t.loop()
-t.state.epoch, t.state.batch, t.state.stop = 1, 0, False  # warm
+t.state.epoch, t.state.batch, t.state.step, t.state.stop = 1, 0, 0, False  # warm
 profile = cProfile.Profile()
 profile.enable()
 t.loop()

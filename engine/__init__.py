@@ -16,6 +16,7 @@ from typing import Any
 _HOMES = {
     "runs": ("runs",),
     "cli": ("Commands",),
+    "calling": ("ModelLoss", "output_of"),
     "components": ("build_component",),
     "config": ("Config", "Section", "dump_toml", "load_config"),
     "errors": ("ConfigError", "EngineError", "Interrupted", "TrainingError", "one_line", "suggest"),
@@ -25,7 +26,8 @@ _HOMES = {
     "plugins": ("ENTRY_POINT_GROUP", "Plugins", "make_plugins"),
     "saved": ("load", "model_file", "open_run", "trained_module"),
     "schema": ("FilePath", "Range"),
-    "trainer": ("Result", "Trainer", "run", "setup"),
+    "trainer": ("Result", "Trainer"),
+    "jobs": ("run", "setup"),
     "types": (
         "Acceleration",
         "Batch",

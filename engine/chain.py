@@ -14,31 +14,23 @@ import numpy as np
 import torch
 
 from . import runs
+from .calling import ModelLoss, model_call
 from .checks import returned
 from .config import Config
 from .errors import ConfigError, one_line
 from .hookspecs import CHAINED_TYPES
 from .step import build_step
-from .types import (
-    DataInfo,
-    InputTransform,
-    Loaders,
-    Precision,
-    RunLength,
-    Scheduled,
-    State,
-    Window,
-    WithInputTransform,
-    windows,
-)
+from .steps import clock_of, run_length
+from .types import DataInfo, InputTransform, Loaders, Precision, Scheduled, State, Window, WithInputTransform
 
 
 def build_chain(trainer: Any, checkpoint: Path | None) -> None:
     """Every link of the setup chain, in order, on a trainer that holds its config, plugins and
     processes; `checkpoint` is restored into the final objects when the run resumes."""
     config = trainer.config
-    trainer.epochs, trainer.accumulation = config["epochs"], config["grad_accumulation"]
-    trainer.val_every, trainer.device, trainer.state = config["val_every"], trainer.distributed.device, State()
+    trainer.epochs, trainer.max_steps = config["epochs"], config["max_steps"]
+    trainer.accumulation, trainer.device = config["grad_accumulation"], trainer.distributed.device
+    trainer.state = State()
     seed_everything(config["seed"])
     build_data(trainer)
     torch.manual_seed(config["seed"])  # model init must not depend on what the data consumed
@@ -54,7 +46,7 @@ def build_chain(trainer: Any, checkpoint: Path | None) -> None:
 def build_data(trainer: Any) -> None:
     """The data component, then `build_loaders`; what the data tells is recorded in [inferred]."""
     seed, device = trainer.config["seed"], trainer.device
-    data = trainer.build("data", seed=seed, device=device)
+    data = trainer.build("data", seed=seed, device=device, inferred=trainer.config["inferred"])
     loaders = trainer.hooks.build_loaders(
         data=data, config=trainer.config, seed=seed, device=device, rank=trainer.rank, world_size=trainer.world_size
     )
@@ -66,7 +58,9 @@ def build_data(trainer: Any) -> None:
     trainer.config = record_inferred(trainer.config, loaders.info, loaders.input_transform)
     trainer.batches_per_epoch = loaders.train_batches()
     trainer.shares = tuple(loaders.shares())  # this process's share of each batch: 1.0 in one process
-    trainer.windows = windows(trainer.shares, trainer.accumulation)
+    trainer.clock = clock_of(trainer.shares, trainer.batches_per_epoch, trainer.accumulation)
+    trainer.length = run_length(trainer.clock, trainer.epochs, trainer.max_steps)
+    trainer.last_step = trainer.length.batches
     trainer.has_validation = loaders.val() is not None
 
 
@@ -78,8 +72,12 @@ def build_components(trainer: Any) -> torch.optim.Optimizer:
     trainer.module = (model if transform is None else WithInputTransform(transform.module, model)).to(device)
     trainer.loss_name = trainer.config["loss"]["name"].rpartition(":")[2]
     trainer.loss_fn = trainer.build("loss", info=info, device=device)
-    params = [p for p in trainer.module.parameters() if p.requires_grad]
-    optimizer = trainer.build("optimizer", params=params)
+    trainer.model_loss = isinstance(trainer.loss_fn, ModelLoss)
+    # How the step calls the model (engine/calling.py): a dict of inputs goes in as keywords.
+    keywords = isinstance(trainer.loaders.sample().x, Mapping)
+    trainer.call = model_call(trainer.config["model"], keywords)
+    named = [(name, p) for name, p in trainer.module.named_parameters() if p.requires_grad]
+    optimizer = trainer.build("optimizer", params=[p for _, p in named], named_params=named)
     trainer.precision = trainer.build("precision", device=device) or Precision(device.type)
     return optimizer
 
@@ -93,8 +91,7 @@ def wrap_components(trainer: Any, optimizer: torch.optim.Optimizer) -> None:
     optimizer = chain(trainer, "wrap_optimizer", "optimizer", optimizer)
     trainer.optimizer = acceleration.optimizer(optimizer) if acceleration is not None else optimizer
     trainer.optimizer_step = trainer.optimizer.step  # before a scheduler wraps it: see engine/step.py
-    length = RunLength(trainer.epochs, sum(window.last for window in trainer.windows))
-    scheduled: Scheduled | None = trainer.build("scheduler", optimizer=trainer.optimizer, length=length)
+    scheduled: Scheduled | None = trainer.build("scheduler", optimizer=trainer.optimizer, length=trainer.length)
     trainer.scheduled, trainer.scheduler = scheduled, scheduled.scheduler if scheduled is not None else None
     if scheduled is not None:
         trainer.optimizer._opt_called = True  # type: ignore[attr-defined]  # the warning's flag: see engine/step.py
@@ -110,12 +107,28 @@ def bind_hooks(trainer: Any) -> None:
     trainer.compute_metrics, trainer.before_optimizer_step = bind("compute_metrics"), bind("before_optimizer_step")
     trainer.after_step = bind("after_step", state=trainer.state)
     trainer.epoch_end = bind("on_epoch_end", state=trainer.state)
+    trainer.interval_end = bind("on_interval_end", state=trainer.state)
     scheduled, trainer.epoch_scheduler = trainer.scheduled, None
     if scheduled is not None and scheduled.per_epoch:
         trainer.epoch_scheduler = scheduled.scheduler.step
     elif scheduled is not None:  # before the plugins' after_step: they see the step complete
         trainer.after_step.insert(0, scheduler_after_window(scheduled.scheduler))
-    trainer.log_every = trainer.config["log"]["every"] or max(1, trainer.epochs // 10)
+    cadences(trainer)
+
+
+def cadences(trainer: Any) -> None:
+    """When validation and logging points are due: by epochs (`val_every`, `log.every`) and by
+    optimizer steps (`val_every_steps`, `log.every_steps`); without a logging cadence, a tenth of
+    the run, in steps when it is counted in steps. Then the first points after the state's step."""
+    config, log = trainer.config, trainer.config["log"]
+    trainer.val_every, trainer.val_every_steps = config["val_every"], config["val_every_steps"]
+    trainer.log_every, trainer.log_every_steps = log["every"], log["every_steps"]
+    if not (trainer.log_every or trainer.log_every_steps):
+        if trainer.max_steps is None:
+            trainer.log_every = max(1, trainer.epochs // 10)
+        else:
+            trainer.log_every_steps = max(1, trainer.length.total_steps // 10)
+    trainer.plan()
 
 
 def scheduler_after_window(scheduler: Any) -> Callable[..., None]:
@@ -162,6 +175,7 @@ def record_inferred(config: Config, info: DataInfo, transform: InputTransform | 
     without the data); a size or task the config already sets must match the data."""
     inferred = {"n_features": info.n_features, "n_outputs": info.n_outputs, "task": info.task}
     inferred["input_shape"] = tuple(info.input_shape)
+    inferred["classes"] = tuple(info.classes)
     for key, value in inferred.items():
         given = config["inferred"][key]
         if given not in (0, "", ()) and given != value:

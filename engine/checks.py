@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .calling import described
 from .errors import ConfigError, EngineError, Interrupted, TrainingError, one_line
 from .types import Batch
 
@@ -27,8 +28,8 @@ def check_sample(trainer: Any) -> None:
         for plugin, hook in trainer.plugins.bind_by_plugin("before_forward", trainer=trainer, without=trainer.off):
             batch = expect(hook(batch=batch), Batch, f"plugin {plugin!r}: hook before_forward") or batch
         with trainer.precision.autocast():
-            output = sample_output(trainer, batch)
-            sample_loss(trainer, batch, output)
+            output, returned = sample_output(trainer, batch)
+            sample_loss(trainer, batch, output, returned)
         for plugin, hook in trainer.plugins.bind_by_plugin("compute_metrics", trainer=trainer, without=trainer.off):
             numbers(hook(batch=batch, output=output), f"plugin {plugin!r}: hook compute_metrics")
         # Ended as a validation is: what plugins accumulated for the sample is reported (and checked)
@@ -36,18 +37,31 @@ def check_sample(trainer: Any) -> None:
         numbers(whole_set_metrics(trainer), "hook after_validation")
 
 
-def sample_output(trainer: Any, batch: Batch) -> Any:
+def sample_output(trainer: Any, batch: Batch) -> tuple[Any, Any]:
+    """The model's output on the sample, called as the step calls it (engine/calling.py), and what
+    it returned; a ConfigError when the output is not a tensor (a tuple whose logits
+    ``model.output`` does not pick)."""
+    name = trainer.config["model"]["name"]
     try:
-        return trainer.module(batch.x)
+        output, returned = trainer.call(trainer.module, batch)
     except Exception as error:
-        what = f"model {trainer.config['model']['name']!r} failed on inputs {shape(batch.x)}"
+        what = f"model {name!r} failed on inputs {shape(batch.x)}"
         raise sample_error(trainer.plugins, error, what) from error
+    if not isinstance(output, torch.Tensor):
+        picked = f" (model.output = {trainer.config['model']['output']!r} picks it)" if output is not returned else ""
+        raise ConfigError(
+            f"model {name!r} returns {described(returned)}, whose output{picked} is not a tensor: pick its logits "
+            'with model.output (an index, "0", or a key or attribute, "logits")'
+        )
+    return output, returned
 
 
-def sample_loss(trainer: Any, batch: Batch, output: Any) -> None:
+def sample_loss(trainer: Any, batch: Batch, output: Any, returned: Any) -> None:
     """The `[loss]` component's term, then each `compute_loss` hook's, each checked."""
     try:
-        loss = trainer.loss_fn(output, batch.y)
+        loss = trainer.loss_fn(returned) if trainer.model_loss else trainer.loss_fn(output, batch.y)
+    except ConfigError:  # what loss.output picks is not there
+        raise
     except Exception as error:
         what = f"loss {trainer.loss_name!r} failed on outputs {shape(output)} and targets {shape(batch.y)}"
         raise sample_error(trainer.plugins, error, what) from error

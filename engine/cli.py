@@ -22,8 +22,8 @@ from .components import CORE_KINDS
 from .config import Reference, dump_toml, merged_job, references
 from .errors import ConfigError, EngineError, Interrupted, one_line, suggest
 from .hookspecs import SETUP_CHAIN
+from .jobs import setup
 from .plugins import OWN_DISTRIBUTION, Plugins, make_plugins
-from .trainer import setup
 
 Handler = Callable[[argparse.Namespace], int]
 Wrapper = Callable[[argparse.Namespace, Handler], int]

@@ -20,13 +20,15 @@ from .types import Acceleration, Precision, Scheduled
 # The component kinds the core builds, in the order of the setup chain, each with the names of
 # the run context its factories may ask for (a parameter of that name receives it; every other
 # parameter is a setting). Plugins may add kinds of their own; those receive no context. A data
-# component receives ``labelled=False`` when `predict` reads unlabelled inputs with it.
+# component receives ``labelled=False`` when `predict` reads unlabelled inputs with it, and
+# ``inferred``, the config's [inferred] section: what a trained run recorded of its data (its
+# vocabulary) when another file is read for it, empty for a new run.
 CORE_KINDS: dict[str, tuple[str, ...]] = {
     "distributed": ("device",),
-    "data": ("seed", "device", "labelled"),
+    "data": ("seed", "device", "labelled", "inferred"),
     "model": ("info", "device"),
     "loss": ("info", "device"),
-    "optimizer": ("params",),
+    "optimizer": ("params", "named_params"),
     "precision": ("device",),
     "accelerate": ("trainer",),
     "scheduler": ("optimizer", "length"),

@@ -7,7 +7,6 @@ key, with the name probably meant.
 
 from __future__ import annotations
 
-import json
 import math
 import tomllib
 import typing
@@ -28,11 +27,14 @@ class CoreSettings:
     """The core's top-level settings."""
 
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 42
-    epochs: Annotated[int, Range(ge=1)] = 1000
+    # The run ends when either ends (engine/steps.py); neither given: DEFAULT_EPOCHS epochs.
+    epochs: Annotated[int, Range(ge=1)] | None = None
+    max_steps: Annotated[int, Range(ge=1)] | None = None  # optimizer steps
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     plugins: tuple[str, ...] = ()  # plugin modules to load, as --plugin does
     grad_accumulation: Annotated[int, Range(ge=1)] = 1
-    val_every: Annotated[int, Range(ge=1)] = 1
+    val_every: Annotated[int, Range(ge=0)] = 1  # epochs between validations; 0: none by epochs
+    val_every_steps: Annotated[int, Range(ge=0)] = 0  # optimizer steps between validations; 0: none by steps
     run_name: str = ""  # one plain path component; empty: a timestamp
     runs_dir: str = "runs"
     resume: Literal["", "auto"] = ""  # "auto": continue the run named run_name if it has a checkpoint
@@ -42,7 +44,10 @@ class CoreSettings:
 class LogSettings:
     """``[log]``: the logging points, where the step losses are read back and checked."""
 
-    every: Annotated[int, Range(ge=0)] = 0  # epochs between logging points; 0: a tenth of the run
+    # Epochs, and optimizer steps, between logging points; both 0: a tenth of the run (in steps
+    # when max_steps is set, else in epochs).
+    every: Annotated[int, Range(ge=0)] = 0
+    every_steps: Annotated[int, Range(ge=0)] = 0
     train_metrics: bool = True  # compute_metrics inside each train step too, logged as train_<name>
 
 
@@ -53,13 +58,28 @@ class InferredSettings:
 
     n_features: Annotated[int, Range(ge=0)] = 0
     n_outputs: Annotated[int, Range(ge=0)] = 0
-    task: Literal["", "regression", "classification", "binary"] = ""
+    task: Literal["", "regression", "classification", "binary", "sequence"] = ""
     threshold: Annotated[float, Range(gt=0, lt=1)] = 0.5  # binary: the decision threshold the run chose
     input_transform: str = ""  # the input_transform component the model applies first ("": none)
     input_shape: tuple[Annotated[int, Range(ge=1)], ...] = ()  # one input sample's (C, H, W for images)
+    classes: tuple[str, ...] = ()  # the names of the classes or tokens, when the data names them (a vocabulary)
 
 
-CORE_SECTIONS = {"": CoreSettings, "log": LogSettings, "inferred": InferredSettings}
+@dataclass(frozen=True, slots=True)
+class ModelCallSettings:
+    """``[model]``, beside its component's settings: how the train step, validation and the
+    after-training tools call the model and read what it returns (engine/step.py, `model_call`)."""
+
+    # Where the logits are in what the model returns: "" (it returns them), an index ("0": a
+    # tuple's first item), or a key or attribute ("logits": a dict's, a dataclass's).
+    output: str = ""
+    # How the model takes the targets: "" (it does not: the [loss] component computes the loss),
+    # "argument" (the second positional argument: model(x, y)), or a keyword ("labels": model(x, labels=y)).
+    targets: str = ""
+
+
+DEFAULT_EPOCHS = 1000  # when the job counts its run in neither epochs nor max_steps
+CORE_SECTIONS = {"": CoreSettings, "log": LogSettings, "inferred": InferredSettings, "model": ModelCallSettings}
 
 
 class Override:
@@ -201,6 +221,8 @@ def resolve(job: Mapping[str, Any], plugins: Plugins, base: Path | None = None) 
             f"run_name: {resolved['run_name']!r} is not one plain name (letters, digits, . _ - + = @; "
             "no path separator, not starting with a dot)"
         )
+    if resolved["epochs"] is None and resolved["max_steps"] is None:
+        resolved["epochs"] = DEFAULT_EPOCHS
     device = resolved["device"]
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
@@ -377,6 +399,21 @@ def dump_toml(config: Mapping[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
+def _toml_string(value: str) -> str:
+    """A TOML basic string: printable ASCII as it is, quotes and backslashes escaped, every other
+    character as its code point (a vocabulary holds control characters, and may hold emoji)."""
+    characters = []
+    for character in value:
+        code = ord(character)
+        if character in '"\\':
+            characters.append("\\" + character)
+        elif 0x20 <= code < 0x7F:
+            characters.append(character)
+        else:
+            characters.append(f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}")
+    return '"' + "".join(characters) + '"'
+
+
 def _toml_line(key: str, value: Any) -> str:
     if value is None:
         return f"# {key} = (not set)"
@@ -395,7 +432,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, Mapping):  # a table inside a section: inline

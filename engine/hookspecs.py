@@ -33,6 +33,9 @@
                                          -- host side, after the step returns --
             (a per-step scheduler steps after a window's last batch)
             after_step
+            at a point counted in steps within the epoch (val_every_steps, log.every_steps,
+            the run's last step): validation and the logging point when due, as below, then
+            on_interval_end              a stop request ends the run here
         validation, when due: before_forward, compute_loss and compute_metrics per batch
             after_validation             whole-set metrics
         (a logging point, when due: the losses read back once, checked finite, with the lr)
@@ -102,7 +105,15 @@ SETUP_CHAIN = (
 # Called once per batch or per epoch (on the tutorial job an epoch is one step): bound at setup
 # and called without pluggy's dispatch.
 PER_STEP = frozenset(
-    {"before_forward", "compute_loss", "before_optimizer_step", "after_step", "compute_metrics", "on_epoch_end"}
+    {
+        "before_forward",
+        "compute_loss",
+        "before_optimizer_step",
+        "after_step",
+        "compute_metrics",
+        "on_interval_end",
+        "on_epoch_end",
+    }
 )
 # Chained, with what each implementation must return (or None), for the next link and the loop.
 CHAINED_TYPES: dict[str, type] = {
@@ -144,16 +155,18 @@ def register_components() -> Mapping[str, Mapping[str, Any]] | None:
     config section of the kind picks one by ``name``. The factory's keyword parameters are its
     settings (the rest of the section), typed by their annotations, except those named after the
     kind's run context, which receive it (engine.components.CORE_KINDS): ``device`` (distributed);
-    ``seed`` and ``device`` (data); ``info`` (a :class:`DataInfo`) and ``device`` (model, loss);
-    ``params`` (optimizer); ``device`` (precision); ``trainer`` (accelerate);
-    ``optimizer`` and ``length`` (a :class:`RunLength`, scheduler). Two plugins providing one
-    name, or the default of one kind, is an error naming both.
+    ``seed``, ``device``, ``labelled`` and ``inferred`` (data); ``info`` (a :class:`DataInfo`) and
+    ``device`` (model, loss); ``params`` and ``named_params`` (optimizer); ``device``
+    (precision); ``trainer`` (accelerate); ``optimizer`` and ``length`` (a :class:`RunLength`,
+    scheduler). Two plugins providing one name, or the default of one kind, is an error naming both.
 
     What factories return: distributed, a :class:`Distributed` or None (a single process); data,
     a ``(x, y)`` pair of tensors or arrays, a ``torch.utils.data.Dataset``, or
     ``{"train": ..., "val": ..., "test": ...}`` of those; model, an ``nn.Module``; loss, a callable
-    ``(output, target) -> Tensor``; optimizer, a ``torch.optim.Optimizer``, built on ``params``
-    (a list of tensors; a factory may group them, with a setting per group); precision, a
+    ``(output, target) -> Tensor``, or an `engine.ModelLoss` (the loss the model returns);
+    optimizer, a ``torch.optim.Optimizer``, built on ``params`` (a list of tensors; a factory may
+    group them, with a setting per group, by their shapes or by the names ``named_params`` gives:
+    ``(name, parameter)`` pairs of the model); precision, a
     :class:`Precision`; accelerate, an :class:`Acceleration` or None (the eager step); scheduler,
     a :class:`Scheduled` or None. The kind ``input_transform`` is chosen by no config section:
     its factory takes ``info`` and returns the module of an :class:`InputTransform`, into which
@@ -326,6 +339,18 @@ def after_step(
 
 
 @hookspec
+def on_interval_end(step: int, state: State, trainer: TrainerView) -> None:
+    """Called at each point counted in steps that falls within an epoch, after its validation and
+    logging point when they are due there: every ``val_every_steps`` or ``log.every_steps``
+    optimizer steps, and the run's last step when ``max_steps`` ends it within an epoch (of
+    endless data, every such point). `on_epoch_end` takes a point that falls at an epoch's end.
+
+    ``step`` is ``state.step``, the end of an accumulation window, so a checkpoint taken here
+    resumes after it. Set ``state.stop = True`` to end the run here. Its return is ignored.
+    """
+
+
+@hookspec
 def after_validation(trainer: TrainerView) -> Mapping[str, float | torch.Tensor] | None:
     """Called once after each validation's batches (and the test's), before its logging point.
 
@@ -341,9 +366,9 @@ def on_log(state: State, metrics: Mapping[str, float], trainer: TrainerView) -> 
     """Called at each logging point with host-side ``metrics``, every value finite:
 
     - ``epoch`` and ``step``: where the logging point is;
-    - ``loss``, and each loss term by its name: means over the steps of the current epoch since
-      the last logging point (a resumed run includes the steps of that epoch taken before its
-      checkpoint, which the checkpoint keeps);
+    - ``loss``, and each loss term by its name: means over the steps since the last logging
+      point, of the current epoch only in a run counted in epochs (a resumed run includes the
+      steps taken before its checkpoint, which the checkpoint keeps);
     - ``train_<metric>``: the per-batch metrics of the train steps, averaged likewise;
     - ``lr``: the first parameter group's learning rate after the last step;
     - ``val_loss``, ``val_<term>`` and ``val_<metric>``: the last validation's, once the run has

@@ -44,8 +44,15 @@ def open_run(
     inferred = config["inferred"]
     if not inferred["task"]:
         raise ConfigError(f"'{run_dir / runs.CONFIG}' records no [inferred] sizes: the run never started")
-    sizes = inferred["n_features"], inferred["n_outputs"], inferred["task"], 0
-    info = DataInfo(*sizes, threshold=inferred["threshold"], input_shape=tuple(inferred["input_shape"]))
+    info = DataInfo(
+        inferred["n_features"],
+        inferred["n_outputs"],
+        inferred["task"],
+        0,
+        threshold=inferred["threshold"],
+        input_shape=tuple(inferred["input_shape"]),
+        classes=tuple(inferred["classes"]),
+    )
     return config, found, info
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .calling import plain
 from .errors import TrainingError
 from .types import Batch, Step, TrainerView, Window
 
@@ -26,9 +27,11 @@ def total(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return loss
 
 
-def loss_terms(trainer: Any, batch: Batch, output: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The `[loss]` component's term plus every term `compute_loss` returns."""
-    terms = {trainer.loss_name: trainer.loss_fn(output, batch.y)}
+def loss_terms(trainer: Any, batch: Batch, output: torch.Tensor, returned: Any) -> dict[str, torch.Tensor]:
+    """The `[loss]` component's term (of the `output`; an `engine.ModelLoss`'s, of what the model
+    `returned`) plus every term `compute_loss` returns."""
+    main = trainer.loss_fn(returned) if trainer.model_loss else trainer.loss_fn(output, batch.y)
+    terms = {trainer.loss_name: main}
     for hook in trainer.compute_loss:
         extra = hook(batch=batch, output=output)
         if extra:
@@ -50,15 +53,16 @@ def batch_metrics(trainer: Any, batch: Batch, output: torch.Tensor) -> dict[str,
 def forward_of(trainer: Any) -> Forward:
     """The forward pass and its loss: with the loss terms and training metrics the run has, or,
     when it has none but the `[loss]` component's, the loss alone (no dict of terms to build and
-    sum: 1.5 us of the tutorial's 70, bench loop-overhead:tutorial:cpu)."""
-    model, loss_fn = trainer.model, trainer.loss_fn
+    sum: 1.5 us of the tutorial's 70, bench loop-overhead:tutorial:cpu). The model is called as
+    its settings say (engine/calling.py): ``model(x)`` for the tutorial's."""
+    model, loss_fn, call = trainer.model, trainer.loss_fn, trainer.call
     train_metrics = trainer.config["log"]["train_metrics"] and bool(trainer.compute_metrics)
-    if not trainer.compute_loss and not train_metrics:
+    if not trainer.compute_loss and not train_metrics and call is plain and not trainer.model_loss:
         return lambda batch: (loss_fn(model(batch.x), batch.y), None)
 
     def forward(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        output = model(batch.x)
-        terms = loss_terms(trainer, batch, output)
+        output, returned = call(model, batch)
+        terms = loss_terms(trainer, batch, output, returned)
         loss = total(terms)
         if train_metrics:
             with torch.no_grad():

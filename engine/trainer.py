@@ -21,11 +21,11 @@ from . import runs
 from .chain import build_chain, chain, resolve_device
 from .checks import check_finite, check_finite_row, check_sample, explain, in_eval_mode, setup_error, whole_set_metrics
 from .components import build_component
-from .config import Config, dump_toml, load_config
+from .config import Config, dump_toml
 from .errors import ConfigError, Interrupted, TrainingError, one_line
 from .plugins import Plugins
-from .saved import found_checkpoint
 from .step import batch_metrics, loss_terms, total
+from .steps import INFINITE
 from .types import Batch, Distributed, OneProcess, State
 
 
@@ -133,43 +133,73 @@ class Trainer:
         self.hooks.on_run_start(trainer=self)
 
     def loop(self) -> None:
-        """The tutorial's loop: epochs of steps, then the epoch's end."""
+        """The tutorial's loop: epochs of steps, each epoch then ended (`end_epoch`); the points
+        counted in steps that fall within an epoch end there (`end_interval`)."""
         state = self.state
-        while state.epoch <= self.epochs and not state.stop:
+        while state.step < self.last_step and not state.stop:
             # Module.train() walks every submodule (5 us for Linear(1, 1), a step of the tutorial:
             # bench loop-overhead:tutorial:cpu); only validation turns training off.
             if not self.model.training:
                 self.model.train()
             batches = self.loaders.train(state.epoch, start=state.batch)
-            for batch, window in zip(batches, self.windows[state.batch :]):
+            for batch, window in zip(batches, self.clock.windows_from(state.batch)):
                 state.batch += 1
                 state.step += 1
                 loss, terms = self.train_step(batch, window)
                 state.losses.append((state.epoch, state.step, loss, terms))
                 for hook in self.after_step:
                     hook(loss=loss, terms=terms, window=window)
+                if state.step == self.due and state.batch != self.batches_per_epoch and self.end_interval():
+                    break  # the run ends within the epoch
                 # Rank 0 stops, at the end of a window (within one the gradients are half summed);
                 # the others stop at their next collective, which it no longer joins.
                 if self.interrupted and window.last and self.rank == 0:
                     raise Interrupted(self.interrupted)
-            self.end_epoch()
-            if self.interrupted and self.rank == 0:  # a signal during validation: the epoch's end is a window's
-                raise Interrupted(self.interrupted)
+            else:
+                self.end_epoch()
+                if self.interrupted and self.rank == 0:  # a signal during validation: the epoch's end is a window's
+                    raise Interrupted(self.interrupted)
 
     def end_epoch(self) -> None:
         """Validation and the logging point when due, the epoch scheduler, then on to the next epoch."""
         state = self.state
         epoch = state.epoch
-        last = epoch == self.epochs
-        if self.has_validation and (last or epoch % self.val_every == 0):
-            state.val_metrics, state.val_epoch = self.validate(), epoch
-        if last or epoch % self.log_every == 0:
-            self.log()
+        self.measure(epoch)
         if self.epoch_scheduler is not None:
             self.epoch_scheduler()
         state.epoch, state.batch = epoch + 1, 0
         for hook in self.epoch_end:
             hook(epoch=epoch)
+
+    def end_interval(self) -> bool:
+        """A point counted in steps within an epoch (`due`): validation and the logging point when
+        due, then `on_interval_end`; True when the run ends here (its last step, or a stop)."""
+        self.measure()
+        for hook in self.interval_end:
+            hook(step=self.state.step)
+        return self.state.stop or self.state.step == self.last_step
+
+    def measure(self, epoch: int = 0) -> None:
+        """Validation, then the logging point, when due now: by epochs at the end of `epoch`, by
+        steps at a point counted in steps, and both at the run's last step."""
+        state, step = self.state, self.state.step
+        validate = step == self.last_step or (bool(epoch and self.val_every) and epoch % self.val_every == 0)
+        log = step == self.last_step or (bool(epoch and self.log_every) and epoch % self.log_every == 0)
+        if step == self.due:
+            validate, log = validate or step == self.next_val, log or step == self.next_log
+            self.plan()
+        if validate and self.has_validation:
+            state.val_metrics, state.val_step = self.validate(), step
+        if log:
+            self.log()
+
+    def plan(self) -> None:
+        """The points counted in steps after the current step: the next validation, logging point
+        and the run's last step, as train steps (engine/steps.py); `due` is the first of them."""
+        step = self.state.step
+        self.next_val = self.clock.next(self.val_every_steps, step) if self.has_validation else INFINITE
+        self.next_log = self.clock.next(self.log_every_steps, step)
+        self.due = min(self.next_val, self.next_log, self.last_step)
 
     def finish(self, completed: bool) -> None:
         """The end of training: the losses not yet logged (a run stopped early), the final model,
@@ -245,8 +275,8 @@ class Trainer:
                 for hook in self.before_forward:
                     batch = hook(batch=batch) or batch
                 with self.precision.autocast():
-                    output = model(batch.x)
-                    terms = loss_terms(self, batch, output)
+                    output, returned = self.call(model, batch)
+                    terms = loss_terms(self, batch, output, returned)
                 values = {"loss": total(terms), **terms, **batch_metrics(self, batch, output)}
                 size = len(batch.y)
                 for name, value in values.items():
@@ -266,7 +296,8 @@ class Trainer:
     def log(self) -> None:
         """A logging point: the step losses since the last one read back with one host-device sync,
         checked finite (naming the term, epoch and step of the first that is not), averaged over
-        the current epoch's steps and passed to `on_log` with the last validation's metrics."""
+        them (in a run counted in epochs, over the current epoch's) and passed to `on_log` with
+        the last validation's metrics."""
         state = self.state
         rows, state.losses = state.losses, []
         names = ("loss", *rows[0][3]) if rows else ()
@@ -284,10 +315,11 @@ class Trainer:
             check_finite_row(names, row, epoch, step)
         check_finite(state.val_metrics, state.epoch)
         epoch = rows[-1][0] if rows else state.epoch
-        this_epoch = [row for (row_epoch, *_), row in zip(rows, table) if row_epoch == epoch]
+        by_epochs = self.max_steps is None
+        averaged = [row for (row_epoch, *_), row in zip(rows, table) if row_epoch == epoch or not by_epochs]
         metrics: dict[str, float] = {"epoch": epoch, "step": state.step}
-        if this_epoch:
-            metrics.update({name: sum(row[i] for row in this_epoch) / len(this_epoch) for i, name in enumerate(names)})
+        if averaged:
+            metrics.update({name: sum(row[i] for row in averaged) / len(averaged) for i, name in enumerate(names)})
         metrics["lr"] = float(lr)
         metrics.update(state.val_metrics)
         state.metrics = metrics
@@ -298,7 +330,7 @@ class Trainer:
         weighted by its share of its batch, so that an uneven last batch of an epoch counts its
         samples: one collective per logging point."""
         values = values.double().view(len(steps), -1)
-        weights = values.new_tensor([self.shares[(step - 1) % self.batches_per_epoch] for step in steps])
+        weights = values.new_tensor([self.shares[(step - 1) % len(self.shares)] for step in steps])
         return (self.distributed.all_reduce(values * weights[:, None]) / self.world_size).flatten()
 
     def checkpoint(self) -> dict[str, Any]:
@@ -309,7 +341,7 @@ class Trainer:
         ``which = "best" | "last"`` opens. Taken at the end of an accumulation window (within one
         the gradients are half summed) or of an epoch."""
         state, scaler = self.state, self.precision.scaler
-        if state.batch and not self.windows[state.batch - 1].last:
+        if state.batch and not self.clock.period[(state.batch - 1) % len(self.clock.period)].last:
             raise TrainingError("a checkpoint is taken at the end of an accumulation window, not inside one")
         saved = state.state_dict()
         saved["seconds"] = self.elapsed()
@@ -369,84 +401,3 @@ class Trainer:
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def setup(
-    job: Mapping[str, Any] | str | Path | Config | None = None,
-    *,
-    overrides: Iterable[str] = (),
-    plugins: Iterable[Any] = (),
-    blocked: Iterable[str] = (),
-    resume: str | Path | None = None,
-    imports: bool = True,
-) -> Trainer:
-    """A Trainer ready to `fit`, with a fresh plugin manager: the setup chain has run, nothing is written.
-
-    Its first link, the ``distributed`` component, joins the processes of a data-parallel run (under
-    torchrun); when a later link fails, the processes learn it and leave their group.
-
-    Whatever fails here is a ConfigError naming what is at fault. `resume` continues a run: a run
-    directory continues from its last checkpoint (its config.toml is the job unless one is given);
-    "auto", like the config's ``resume = "auto"``, continues the run named by ``run_name`` when it
-    has a checkpoint and starts it otherwise. `imports` False refuses a job that imports code
-    (`load_config`).
-    """
-    explicit = resume not in (None, "", "auto")
-    run_dir = Path(resume) if explicit else None
-    if run_dir is not None:
-        if not (run_dir / runs.CONFIG).is_file():
-            raise ConfigError(f"--resume: '{run_dir}' is not a run directory (it has no {runs.CONFIG})")
-        job = run_dir / runs.CONFIG if job is None else job
-    config, found = load_config(job, overrides, plugins, blocked, imports=imports)
-    if run_dir is None and (resume == "auto" or config["resume"] == "auto"):
-        if not config["run_name"]:
-            raise ConfigError("resume = 'auto': name the run to continue with run_name")
-        existing = Path(config["runs_dir"]) / config["run_name"]
-        run_dir = existing if existing.is_dir() else None
-    elif run_dir is None:
-        runs.check_free(config["runs_dir"], config["run_name"])  # `fit` creates it exclusively
-    checkpoint = last_checkpoint(found, run_dir) if run_dir is not None else None
-    if checkpoint is None and explicit:
-        raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from")
-    # The first link of the setup chain: joins the processes of a data-parallel run (None: one).
-    distributed = build_component(config, found, "distributed", device=resolve_device(config["device"]))
-    try:
-        return Trainer(config, found, run_dir=run_dir, checkpoint=checkpoint, distributed=distributed)
-    except BaseException as error:
-        if distributed is None:
-            raise
-        stopped = distributed.failed(error)  # another process's error, if it came first
-        distributed.close()
-        if stopped is error:
-            raise
-        raise stopped from error
-
-
-def last_checkpoint(plugins: Plugins, run_dir: Path) -> Path | None:
-    """The checkpoint a resumed run continues from, as the plugin that keeps them answers."""
-    if not plugins.hook.find_checkpoint.get_hookimpls():
-        raise ConfigError(
-            f"--resume: no plugin implements find_checkpoint to find the checkpoint of run '{run_dir}' to "
-            "continue from (is the plugin that writes checkpoints blocked?)"
-        )
-    found = plugins.hook.find_checkpoint(run_dir=run_dir, which="last")
-    return found_checkpoint(run_dir, found) if found is not None else None
-
-
-def run(
-    job: Mapping[str, Any] | str | Path | Config | None = None,
-    *,
-    overrides: Iterable[str] = (),
-    plugins: Iterable[Any] = (),
-    blocked: Iterable[str] = (),
-    resume: str | Path | None = None,
-    imports: bool = True,
-) -> Result:
-    """Train the job and return the model it ended with (in eval mode) and the final metrics.
-
-    `job` is a dict shaped like the TOML file, a path to one, a Config, or None for the default
-    job. `plugins` are extra plugin objects or module names; `blocked` names plugins to skip;
-    `resume` and `imports` are as for `setup`.
-    """
-    trainer = setup(job, overrides=overrides, plugins=plugins, blocked=blocked, resume=resume, imports=imports)
-    return trainer.fit()

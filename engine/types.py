@@ -61,7 +61,9 @@ class DataInfo:
 
     n_features: int  # width of one input sample (its last dimension)
     n_outputs: int  # target width for regression, number of classes for classification
-    task: str  # "regression", "classification" (class indices) or "binary" (0/1 labels, one output)
+    # "regression", "classification" (class indices), "binary" (0/1 labels, one output) or
+    # "sequence" (a class index per position: [N, T] targets for [N, T, n_outputs] outputs)
+    task: str
     n_train: int
     n_val: int = 0
     n_test: int = 0
@@ -70,6 +72,7 @@ class DataInfo:
     # for rows of 20 features, (1, 8, 8) for one-channel 8x8 images (C, H, W). () where unknown
     # (a run recorded before it was): then one sample is `n_features` wide.
     input_shape: tuple[int, ...] = ()
+    classes: tuple[str, ...] = ()  # the classes' (or tokens') names, when the data names them: a vocabulary
 
 
 class InputTransform(NamedTuple):
@@ -108,10 +111,12 @@ class Loaders(Protocol):
     input_transform: InputTransform | None
 
     def train(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """The batches of `epoch` (1-based) from position `start`; the order depends only on (seed, epoch)."""
+        """The batches of `epoch` (1-based) from position `start`; the order depends only on (seed, epoch).
+        An endless stream has one epoch, whose batch at position p depends only on (seed, p)."""
 
-    def train_batches(self) -> int:
-        """How many batches one training epoch has."""
+    def train_batches(self) -> int | None:
+        """How many batches one training epoch has; None when the training data is endless
+        (windows at random positions, for ever): ``max_steps`` then ends the run."""
 
     def sample(self) -> Batch:
         """A few training samples as one batch on the device, read without touching the epochs'
@@ -125,7 +130,8 @@ class Loaders(Protocol):
 
     def shares(self) -> Sequence[float]:
         """For each batch of an epoch, this process's samples x the number of processes / the
-        batch's samples: 1.0 where a batch splits evenly, and always in a single process."""
+        batch's samples: 1.0 where a batch splits evenly, and always in a single process. An
+        endless stream gives its batches' shares for one period, which repeats."""
 
     def close(self) -> None:
         """Release what the loaders hold (worker processes); called once when the run ends."""
@@ -180,10 +186,13 @@ class OneProcess:
 
 
 class RunLength(NamedTuple):
-    """How long the run is: what a scheduler factory receives as ``length``."""
+    """How long the run is (engine/steps.py): what a scheduler factory receives as ``length``, and
+    `TrainerView.length`. Optimizer steps are accumulation windows; train steps are batches."""
 
-    epochs: int
-    steps_per_epoch: int  # optimizer steps per epoch (accumulation windows)
+    epochs: int | None  # the whole epochs the run trains; None when max_steps ends it within one, or endless data
+    steps_per_epoch: int | None  # optimizer steps per epoch; None: endless data
+    total_steps: int  # optimizer steps of the whole run (what a schedule spans)
+    batches: int  # train steps (batches) of the whole run: what `State.step` reaches
 
 
 class Scheduled(NamedTuple):
@@ -264,7 +273,7 @@ class State:
     epoch: int = 1  # the epoch being run, 1-based; past its end, the next one
     batch: int = 0  # batches started in the current epoch: the position in its data order
     step: int = 0  # batches started in total; during a step and its after_step, this step's number
-    stop: bool = False  # set by a plugin to end the run after the current epoch
+    stop: bool = False  # set by a plugin: the run ends at the end of the epoch or the next point counted in steps
     # Set with `stop` by a plugin that ends the run for a reason of its own: the status summary.json
     # ends with instead of "completed" (a search's "pruned"), a word not among the core's. The run
     # ends as a completed one does otherwise: final model, test, model.pt.
@@ -272,20 +281,21 @@ class State:
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged metrics
     val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
     test_metrics: dict[str, float] = field(default_factory=dict)  # the test at the end (data.test_fraction)
-    val_epoch: int = 0  # the epoch the last validation ran at (0: none yet)
+    val_step: int = 0  # the step the last validation ran at (0: none yet)
     seconds: float = 0.0  # training time before this process started (a resumed run's)
     # Each step's (epoch, step, loss, terms), on the device, since the last logging point.
     losses: list[tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=list)
 
-    def monitored(self, epoch: int, name: str, key: str) -> float | None:
-        """The metric `name` as measured at the end of `epoch`: a validation metric (``val_*``) by
-        that epoch's validation, any other by its logging point; None when that epoch measured
-        none. A name the run does not produce, once it has validated (``val_*``) or logged (the
-        others), is a TrainingError naming the setting `key` it came from (``checkpoint.monitor``)."""
+    def monitored(self, name: str, key: str) -> float | None:
+        """The metric `name` as measured at the current step (an epoch's end, a point counted in
+        steps): a validation metric (``val_*``) by a validation at this step, any other by a
+        logging point at it; None when this step measured none. A name the run does not produce,
+        once it has validated (``val_*``) or logged (the others), is a TrainingError naming the
+        setting `key` it came from (``checkpoint.monitor``)."""
         validated = name.startswith("val_")
-        measured, at = (self.val_metrics, self.val_epoch) if validated else (self.metrics, self.metrics.get("epoch"))
+        measured, at = (self.val_metrics, self.val_step) if validated else (self.metrics, self.metrics.get("step"))
         if name in measured:
-            return measured[name] if at == epoch else None
+            return measured[name] if at == self.step else None
         if measured:
             names = ", ".join(sorted({*self.metrics, *self.val_metrics} - {"epoch", "step"}))
             raise TrainingError(f"{key}: {name!r} is not a metric of this run ({names})")
@@ -310,7 +320,7 @@ class State:
             "step": self.step,
             "metrics": dict(self.metrics),
             "val_metrics": dict(self.val_metrics),
-            "val_epoch": self.val_epoch,
+            "val_step": self.val_step,
             "seconds": self.seconds,
             "losses": losses,
             "rng": rng,
@@ -319,7 +329,7 @@ class State:
     def load_state_dict(self, saved: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
         self.epoch, self.batch, self.step = saved["epoch"], saved["batch"], saved["step"]
         self.metrics, self.val_metrics = dict(saved["metrics"]), dict(saved["val_metrics"])
-        self.val_epoch, self.seconds = saved["val_epoch"], saved["seconds"]
+        self.val_step, self.seconds = saved.get("val_step", 0), saved["seconds"]
         self.losses = [
             (row["epoch"], row["step"], row["loss"].to(device), _on(row["terms"], device)) for row in saved["losses"]
         ]
@@ -373,9 +383,11 @@ class TrainerView(Protocol):
     world_size: int  # the number of processes
     config: Any  # the resolved config (engine.Config), with [inferred] filled from the data
     device: torch.device
-    epochs: int  # config["epochs"]
+    epochs: int | None  # config["epochs"]: None when the run is counted in steps alone
+    max_steps: int | None  # config["max_steps"], in optimizer steps
+    length: RunLength  # how long the run is: its epochs, optimizer steps and train steps (batches)
     accumulation: int  # batches per optimizer step (config["grad_accumulation"])
-    batches_per_epoch: int
+    batches_per_epoch: int | None  # None: the training data is endless (random windows)
     loaders: Loaders
     info: DataInfo
     # The model the run trains: its factory's module, behind the data's input transform if any.

@@ -163,7 +163,7 @@ class Auto:
         long, each warmed up, then rounds of every trial in turn."""
         self.joined = True
         trainer = self.trainer
-        estimate = self.eager.rounds[0] * trainer.epochs * trainer.batches_per_epoch
+        estimate = self.eager.rounds[0] * trainer.length.batches
         for name, acceleration in self.others.items():
             if acceleration.build_seconds > self.max_build_share * estimate:
                 self.skipped.append(f"{name} skipped: the run takes about {estimate:.1f} s eager")

@@ -8,7 +8,7 @@ written atomically to ``checkpoints/step-<step>.pt``. The triggers are independe
 is set fires, at the end of an accumulation window (within one the gradients are half summed)
 or of an epoch:
 
-- ``every_steps``: every N steps; ``every_epochs``: at the end of every N-th epoch;
+- ``every_steps``: every N train steps (batches); ``every_epochs``: at the end of every N-th epoch;
 - ``every_seconds`` (default 60): once that long has passed since the last checkpoint, checked
   after each step and at each epoch's end;
 - the end of the run, and an interruption (SIGINT, SIGTERM), always; a failed run keeps the
@@ -23,8 +23,9 @@ microseconds for the MLP job) and one background thread writes it, so the loop d
 the disk; a checkpoint waits for the previous one to be written, and the run's end waits for the
 last (an error writing one ends the run there).
 
-``keep_last`` step checkpoints are kept. With ``keep_best`` > 0, an epoch whose ``monitor`` (a
-validation metric like ``val_loss``, or a logged one like ``loss``) beats the kept ones by
+``keep_last`` step checkpoints are kept. With ``keep_best`` > 0, an epoch's end or a point counted
+in steps (``val_every_steps``, ``log.every_steps``) whose ``monitor`` (a validation metric like
+``val_loss``, or a logged one like ``loss``) beats the kept ones by
 ``mode`` is also linked as ``checkpoints/best-<step>.pt``, ranked in ``checkpoints/best.json``.
 A run that continues a directory (resumed, or restarted by ``resume = "auto"``) removes what its killed predecessor
 wrote after the checkpoint it starts from (later checkpoints, a half-written one): they belong to
@@ -143,14 +144,21 @@ class Checkpoints:
 
     @engine.hookimpl(trylast=True)
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.TrainerView) -> None:
-        improved = self.improved(epoch, state) if self.keep_best else None
+        improved = self.improved(state) if self.keep_best else None
         if (
             improved is not None
             or (self.every_epochs and epoch % self.every_epochs == 0)
             or time.monotonic() >= self.due
-            or epoch == trainer.epochs
+            or state.step == trainer.length.batches
             or state.stop
         ):
+            self.save(trainer, best=improved)
+
+    @engine.hookimpl
+    def on_interval_end(self, state: engine.State, trainer: engine.TrainerView) -> None:
+        """A point counted in steps, at the end of a window: the best so far by a validation here."""
+        improved = self.improved(state) if self.keep_best else None
+        if improved is not None or state.stop:
             self.save(trainer, best=improved)
 
     @engine.hookimpl(tryfirst=True)  # the weights first: other plugins' failures at the end must not cost them
@@ -175,9 +183,9 @@ class Checkpoints:
         if "checkpoint" in state:
             self.best = [dict(entry) for entry in state["checkpoint"]["best"]]
 
-    def improved(self, epoch: int, state: engine.State) -> float | None:
-        """The monitored value of this epoch if it ranks among the best kept, else None."""
-        value = state.monitored(epoch, self.monitor, "checkpoint.monitor")
+    def improved(self, state: engine.State) -> float | None:
+        """The monitored value measured at this step if it ranks among the best kept, else None."""
+        value = state.monitored(self.monitor, "checkpoint.monitor")
         if value is None:
             return None
         if len(self.best) < self.keep_best:

@@ -19,6 +19,7 @@ LABELS = {
     "train_accuracy": "Acc",
     "val_loss": "Val Loss",
     "val_accuracy": "Val Acc",
+    "val_perplexity": "Val PPL",
     "val_f1": "Val F1",
     "val_r2": "Val R2",
 }
@@ -34,7 +35,10 @@ def loss_terms(metrics: Mapping[str, float]) -> list[str]:
 def on_log(metrics: Mapping[str, float], trainer: engine.TrainerView) -> None:
     if trainer.rank:
         return
-    line = f"Epoch [{metrics['epoch']}/{trainer.epochs}]"
+    if trainer.max_steps is None:
+        line = f"Epoch [{metrics['epoch']}/{trainer.epochs}]"
+    else:  # counted in steps: the train steps (batches), as the progress bar and checkpoints count them
+        line = f"Step [{metrics['step']}/{trainer.length.batches}]"
     if "loss" in metrics:
         line += f", Loss: {metrics['loss']:.4f}"
     terms = loss_terms(metrics)

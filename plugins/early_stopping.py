@@ -1,9 +1,10 @@
 """``[early_stopping]``: end the run when a validation metric stops improving.
 
-After each validation, ``monitor`` (``val_loss`` by default; a logged metric such as ``loss`` when
-the run does not validate every epoch) is compared with the best so far: an improvement by more
-than ``min_delta`` in the direction of ``mode`` resets the count; ``patience`` validations without
-one end the run after that epoch. With ``restore_best`` the run ends with the best epoch's model
+After each validation, at an epoch's end or at a point counted in steps (``val_every_steps``),
+``monitor`` (``val_loss`` by default; a logged metric such as ``loss`` when the run does not
+validate there) is compared with the best so far: an improvement by more than ``min_delta`` in the
+direction of ``mode`` resets the count; ``patience`` validations without one end the run there.
+With ``restore_best`` the run ends with the best epoch's (or step's) model
 (`final_model`): ``model.pt``, the test and `engine.load` get it, while the checkpoints keep the
 trained weights that go with the optimizer's state, so a resumed run continues the same training.
 The best epoch's model is what `trainer.final_model()` gave then, the model validation
@@ -33,9 +34,9 @@ class Settings:
 class EarlyStopping:
     def __init__(self) -> None:
         self.best: float | None = None
-        self.best_epoch = 0
+        self.best_at = ""  # where the best was measured: "epoch 3", "step 500"
         self.waited = 0  # validations since the best
-        self.model: torch.nn.Module | None = None  # the best epoch's final model, with restore_best
+        self.model: torch.nn.Module | None = None  # the best point's final model, with restore_best
 
     @engine.hookimpl
     def register_settings(self):
@@ -47,23 +48,32 @@ class EarlyStopping:
 
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.TrainerView) -> None:
+        self.judge(f"epoch {epoch}", state, trainer)
+
+    @engine.hookimpl
+    def on_interval_end(self, step: int, state: engine.State, trainer: engine.TrainerView) -> None:
+        self.judge(f"step {step}", state, trainer)
+
+    def judge(self, where: str, state: engine.State, trainer: engine.TrainerView) -> None:
+        """Compare the monitored metric measured here (at `where`: an epoch's end, a point counted
+        in steps) with the best; stop the run after `patience` validations without improvement."""
         settings = trainer.config["early_stopping"]
-        value = state.monitored(epoch, settings["monitor"], "early_stopping.monitor")
+        value = state.monitored(settings["monitor"], "early_stopping.monitor")
         if value is None:
             return
         delta = settings["min_delta"]
         if self.best is None or (value < self.best - delta if settings["mode"] == "min" else value > self.best + delta):
-            self.best, self.best_epoch, self.waited = value, epoch, 0
+            self.best, self.best_at, self.waited = value, where, 0
             if settings["restore_best"]:
                 self.model = copy.deepcopy(trainer.final_model())
             return
         self.waited += 1
         if self.waited >= settings["patience"]:
-            state.stop = True  # every process judges the same reduced metrics: all stop at this epoch
+            state.stop = True  # every process judges the same reduced metrics: all stop here
             if trainer.rank == 0:
                 print(
-                    f"early stopping at epoch {epoch}: {settings['monitor']} has not improved for "
-                    f"{self.waited} validations (best {self.best:.4f} at epoch {self.best_epoch})",
+                    f"early stopping at {where}: {settings['monitor']} has not improved for "
+                    f"{self.waited} validations (best {self.best:.4f} at {self.best_at})",
                     flush=True,
                 )
 
@@ -73,7 +83,7 @@ class EarlyStopping:
             return None
         if trainer.rank == 0:
             monitored = f"{trainer.config['early_stopping']['monitor']} {self.best:.4f}"
-            print(f"early stopping: the run ends with the model of epoch {self.best_epoch} ({monitored})")
+            print(f"early stopping: the run ends with the model of {self.best_at} ({monitored})")
         return self.model
 
     @engine.hookimpl
@@ -81,16 +91,15 @@ class EarlyStopping:
         if trainer.config["early_stopping"]["patience"] == 0:
             return None
         weights = self.model.state_dict() if self.model is not None else None
-        return {
-            "early_stopping": {"best": self.best, "epoch": self.best_epoch, "waited": self.waited, "model": weights}
-        }
+        return {"early_stopping": {"best": self.best, "at": self.best_at, "waited": self.waited, "model": weights}}
 
     @engine.hookimpl
     def load_plugin_state(self, state: dict[str, Any], trainer: engine.TrainerView) -> None:
         saved = state.get("early_stopping")
         if saved is None:
             return
-        self.best, self.best_epoch, self.waited = saved["best"], saved["epoch"], saved["waited"]
+        self.best, self.waited = saved["best"], saved["waited"]
+        self.best_at = saved["at"] if "at" in saved else f"epoch {saved['epoch']}"  # a checkpoint of before steps
         if saved["model"] is not None:
             self.model = copy.deepcopy(trainer.final_model())  # its structure; the weights are the saved ones
             self.model.load_state_dict(saved["model"])

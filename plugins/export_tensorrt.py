@@ -45,7 +45,7 @@ class TensorRT:
         # The program's module in the engine's precision on the GPU, traced again there with the
         # batch dimension bounded by what the engine is built for.
         module = copy.deepcopy(program.module()).to("cuda", self.dtype)
-        example = example.to("cuda", self.dtype)
+        example = example.to("cuda", self.input_dtype(example))
         batch = torch.export.Dim("batch", min=1, max=self.max_batch)
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
         width = tuple(example.shape[1:])
@@ -53,7 +53,7 @@ class TensorRT:
             min_shape=(1, *width),
             opt_shape=(self.opt_batch, *width),
             max_shape=(self.max_batch, *width),
-            dtype=self.dtype,
+            dtype=example.dtype,
         )
         compiled = torch_tensorrt.dynamo.compile(
             program,
@@ -71,9 +71,13 @@ class TensorRT:
 
         def call(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                return module(x.to("cuda", dtype)).float().cpu()
+                return module(x.to("cuda", dtype if x.is_floating_point() else None)).float().cpu()
 
         return call
+
+    def input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The engine's precision for features; integer inputs (token ids) keep their type."""
+        return self.dtype if x.is_floating_point() else x.dtype
 
 
 def tensorrt(precision: Literal["fp16", "fp32"] = "fp16", max_batch: Batch = 1024, opt_batch: Batch = 256) -> TensorRT:

@@ -58,6 +58,26 @@ def _class_indices(name: str, loss: nn.Module, n_classes: int) -> Callable[[Tens
     return compute
 
 
+def _per_position(name: str, loss: nn.Module, n_classes: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """A loss on class indices for a sequence task: logits [N, T, C] as models emit them, a class
+    index per position [N, T], taken as N x T samples (a view: no transpose, no copy)."""
+
+    def compute(output: Tensor, target: Tensor) -> Tensor:
+        if output.dim() < 2 or target.shape != output.shape[:-1]:
+            raise engine.TrainingError(
+                f"loss {name!r}: expects logits [N, T, C] and class indices [N, T] (a sequence task); got output "
+                f"{tuple(output.shape)} and target {tuple(target.shape)}"
+            )
+        if output.shape[-1] < n_classes:
+            raise engine.TrainingError(
+                f"loss {name!r}: the targets hold class indices up to {n_classes - 1}, "
+                f"but the model outputs only {output.shape[-1]} classes"
+            )
+        return loss(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+
+    return compute
+
+
 def _weights(values: tuple[float, ...], device: torch.device, key: str, expected: int, what: str) -> Tensor | None:
     """The weights as a tensor (None when not given); a wrong count is a config error naming `key`."""
     if not values:
@@ -69,7 +89,7 @@ def _weights(values: tuple[float, ...], device: torch.device, key: str, expected
 
 def _values(name: str, info: engine.DataInfo) -> None:
     """A loss that compares outputs with values refuses class indices, at setup."""
-    if info.task == "classification":
+    if info.task in ("classification", "sequence"):
         binary = ' For 0/1 labels: data.task = "binary".' if name == "bce_with_logits" else ""
         raise engine.ConfigError(
             f"loss.name: {name!r} compares outputs with values, but the targets were read as class indices "
@@ -120,13 +140,15 @@ def cross_entropy(
     weight: tuple[NonNegative, ...] = (),
     ignore_index: int = -100,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """Cross-entropy on raw logits (no softmax in the model) against class indices."""
+    """Cross-entropy on raw logits (no softmax in the model) against class indices: [N, C] logits
+    for [N] targets, or for a sequence task [N, T, C] logits for [N, T] targets; targets equal to
+    `ignore_index` (padding) count for nothing."""
     classes = _classes("cross_entropy", info)
     weights = _weights(weight, device, "loss.weight", classes, "classes")
     loss = nn.CrossEntropyLoss(
         weight=weights, reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index
     )
-    return _class_indices("cross_entropy", loss, classes)
+    return (_per_position if info.task == "sequence" else _class_indices)("cross_entropy", loss, classes)
 
 
 def nll(
@@ -140,7 +162,7 @@ def nll(
     classes = _classes("nll", info)
     weights = _weights(weight, device, "loss.weight", classes, "classes")
     loss = nn.NLLLoss(weight=weights, reduction=reduction, ignore_index=ignore_index)
-    return _class_indices("nll", loss, classes)
+    return (_per_position if info.task == "sequence" else _class_indices)("nll", loss, classes)
 
 
 def _classes(name: str, info: engine.DataInfo) -> int:
@@ -156,7 +178,14 @@ def _classes(name: str, info: engine.DataInfo) -> int:
             f'(data.task = "regression"): use a loss on values (mse, l1, huber), or if they are classes, set '
             'data.task = "classification"'
         )
-    return info.n_outputs if info.task == "classification" else 0
+    return info.n_outputs if info.task in ("classification", "sequence") else 0
+
+
+def model(output: str = "loss") -> engine.ModelLoss:
+    """The loss the model computes itself, from the targets it is given (``[model] targets``):
+    `output` picks it out of what the model returns, as ``model.output`` picks the logits (an
+    index, ``"1"`` of nanoGPT's ``(logits, loss)``, or a key or attribute, ``"loss"``)."""
+    return engine.ModelLoss(output)
 
 
 @engine.hookimpl
@@ -171,5 +200,6 @@ def register_components():
             "huber": huber,
             "bce_with_logits": bce_with_logits,
             "nll": nll,
+            "model": model,
         },
     }

@@ -1,6 +1,8 @@
 """Validation metrics over the whole validation set, with torchmetrics: precision, recall, F1 and
 AUROC (``average`` over the classes) and the confusion matrix for classification; MAE, RMSE and R²
-for regression. Logged as ``val_<name>``.
+for regression; for a sequence task (a language model) the perplexity (the exponential of the
+mean cross-entropy per position, padding left out) and no per-class metric unless ``sequence``
+asks for them (over every position). Logged as ``val_<name>``.
 
 The metrics accumulate on the device across the validation batches (`compute_metrics`) and are
 computed once at the end (`after_validation`): no sync per batch, and none at all per training
@@ -22,6 +24,7 @@ import torch
 import engine
 
 Classification = Literal["precision", "recall", "f1", "auroc"]
+IGNORED = -100  # the target torchmetrics leaves out: a sequence's padding (any negative target) becomes it
 Regression = Literal["mae", "rmse", "r2"]
 
 
@@ -29,6 +32,9 @@ Regression = Literal["mae", "rmse", "r2"]
 class Settings:
     classification: tuple[Classification, ...] = ("precision", "recall", "f1", "auroc")
     regression: tuple[Regression, ...] = ("mae", "rmse", "r2")
+    # A sequence task's per-class metrics over every position (a vocabulary's F1 means little):
+    # none unless asked; the perplexity always.
+    sequence: tuple[Classification, ...] = ()
     average: Literal["macro", "micro", "weighted"] = "macro"
     confusion_matrix: bool = True
 
@@ -39,6 +45,7 @@ class Metrics:
         self.collection: Any = None  # a torchmetrics MetricCollection
         self.confusion: Any = None
         self.matrix: torch.Tensor | None = None  # the last validation's confusion matrix, on the device
+        self.perplexity: Any = None  # a sequence task's
 
     @engine.hookimpl
     def register_settings(self):
@@ -55,7 +62,12 @@ class Metrics:
         if not self.built:
             self.build(trainer)
         output, target = output.float(), batch.y
-        if trainer.info.task == "classification":
+        if trainer.info.task == "sequence":  # every position a sample; negative targets (padding) ignored
+            target = torch.where(target < 0, IGNORED, target)
+            if self.perplexity is not None:
+                self.perplexity.update(output, target)
+            output, target = output.reshape(-1, output.shape[-1]).softmax(dim=1), target.reshape(-1)
+        elif trainer.info.task == "classification":
             output = output.softmax(dim=1)
         elif trainer.info.task == "binary":  # torchmetrics' binary metrics take [N] probabilities and labels
             output, target = output.sigmoid().reshape(-1), target.reshape(-1).long()
@@ -67,6 +79,9 @@ class Metrics:
     @engine.hookimpl
     def after_validation(self, trainer: engine.TrainerView) -> dict[str, torch.Tensor]:
         found: dict[str, torch.Tensor] = {}
+        if self.perplexity is not None:
+            found["perplexity"] = self.perplexity.compute()
+            self.perplexity.reset()
         if self.collection is not None:
             with warnings.catch_warnings():
                 # A class absent from the set (a small validation set; the setup's check of a few
@@ -81,38 +96,63 @@ class Metrics:
 
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.TrainerView) -> None:
-        if self.matrix is not None and state.val_epoch == epoch and trainer.rank == 0:
-            record = {"epoch": epoch, "rows": "target", "columns": "prediction", "matrix": self.matrix.tolist()}
+        self.write_matrix(state, trainer)
+
+    @engine.hookimpl
+    def on_interval_end(self, state: engine.State, trainer: engine.TrainerView) -> None:
+        self.write_matrix(state, trainer)
+
+    def write_matrix(self, state: engine.State, trainer: engine.TrainerView) -> None:
+        """confusion_matrix.json, after a validation at this step (rank 0 writes it)."""
+        if self.matrix is not None and state.val_step == state.step and trainer.rank == 0:
+            record = {"epoch": state.epoch - (state.batch == 0), "step": state.step}
+            record.update(rows="target", columns="prediction", matrix=self.matrix.tolist())
             engine.runs.write_text(trainer.run_dir / "confusion_matrix.json", json.dumps(record) + "\n")
 
     def build(self, trainer: engine.TrainerView) -> None:
         import torchmetrics
+        import torchmetrics.text
 
         settings, info = trainer.config["metrics"], trainer.info
         self.built = True
         made, confusion = MADE[info.task](settings, info)
+        if info.task == "sequence":
+            self.perplexity = torchmetrics.text.Perplexity(ignore_index=IGNORED).to(trainer.device)
         if confusion is not None and settings["confusion_matrix"]:
             self.confusion = confusion.to(trainer.device)
         if made:
             self.collection = torchmetrics.MetricCollection(made).to(trainer.device)
 
 
-def classification_metrics(settings: Any, info: engine.DataInfo) -> tuple[dict[str, Any], Any]:
-    """The chosen whole-set metrics of class indices, and their confusion matrix."""
+def multiclass(names: tuple[str, ...], average: str, info: engine.DataInfo) -> dict[str, Any]:
+    """The whole-set metrics `names` of class indices, averaged over the classes by `average`."""
     from torchmetrics import classification
 
-    common = {"num_classes": info.n_outputs, "ignore_index": -100}
-    averaged = {**common, "average": settings["average"]}
+    common = {"num_classes": info.n_outputs, "ignore_index": IGNORED}
+    averaged = {**common, "average": average}
     # AUROC is defined per class against the rest, never "micro" in torchmetrics.
-    auroc_average = "macro" if settings["average"] == "micro" else settings["average"]
+    auroc_average = "macro" if average == "micro" else average
     made = {
         "precision": lambda: classification.MulticlassPrecision(**averaged),
         "recall": lambda: classification.MulticlassRecall(**averaged),
         "f1": lambda: classification.MulticlassF1Score(**averaged),
         "auroc": lambda: classification.MulticlassAUROC(**common, average=auroc_average),
     }
-    chosen = {name: made[name]() for name in settings["classification"]}
-    return chosen, classification.MulticlassConfusionMatrix(**common)
+    return {name: made[name]() for name in names}
+
+
+def classification_metrics(settings: Any, info: engine.DataInfo) -> tuple[dict[str, Any], Any]:
+    """The chosen whole-set metrics of class indices, and their confusion matrix."""
+    from torchmetrics import classification
+
+    chosen = multiclass(settings["classification"], settings["average"], info)
+    return chosen, classification.MulticlassConfusionMatrix(num_classes=info.n_outputs, ignore_index=IGNORED)
+
+
+def sequence_metrics(settings: Any, info: engine.DataInfo) -> tuple[dict[str, Any], None]:
+    """The per-class metrics a sequence task asks for (``sequence``), over every position; no
+    confusion matrix (a vocabulary's would be vocabulary x vocabulary)."""
+    return multiclass(settings["sequence"], settings["average"], info), None
 
 
 def binary_metrics(settings: Any, info: engine.DataInfo) -> tuple[dict[str, Any], Any]:
@@ -161,4 +201,9 @@ def regression_metrics(settings: Any, info: engine.DataInfo) -> tuple[dict[str, 
 
 
 # The whole-set metrics of each task, by the function that builds them.
-MADE = {"classification": classification_metrics, "binary": binary_metrics, "regression": regression_metrics}
+MADE = {
+    "classification": classification_metrics,
+    "binary": binary_metrics,
+    "regression": regression_metrics,
+    "sequence": sequence_metrics,
+}

@@ -4,12 +4,19 @@
 2-core CPU fused Adam makes the tutorial job 1.26x and the MLP job 1.38x faster than the default
 (see bench/RESULTS.md). Otherwise it leaves the choice to torch (foreach where it can).
 The learning rate defaults to 0.01, the tutorial's, for every optimizer.
+
+``decay = "matrices"`` applies ``weight_decay`` to the parameters of two or more dimensions alone
+(the weights of linear layers and embeddings), not to biases and normalization weights, as
+nanoGPT and most transformer recipes do: two parameter groups. ``"all"`` (the default) decays
+every parameter. A factory of a plugin's own builds other groups from ``named_params`` (the
+model's ``(name, parameter)`` pairs, the context beside ``params``) and returns an optimizer over
+them; each group keeps its settings through `engine.rebuild_optimizer`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
@@ -17,6 +24,7 @@ from torch.optim.optimizer import _get_fused_kernels_supported_devices
 import engine
 
 Impl = Literal["auto", "fused", "foreach", "for_loop"]
+Decay = Literal["all", "matrices"]
 LearningRate = Annotated[float, engine.Range(gt=0)]
 NonNegative = Annotated[float, engine.Range(ge=0)]
 Beta = Annotated[float, engine.Range(ge=0, lt=1)]
@@ -33,12 +41,29 @@ def implementation(impl: Impl, params: list[torch.Tensor]) -> dict[str, bool | N
     return {"foreach": impl == "foreach"}
 
 
+def groups(params: list[torch.Tensor], decay: Decay, weight_decay: float) -> list[dict[str, Any]]:
+    """The parameter groups of `decay`: one, or the matrices (2 or more dimensions: weights of
+    linear layers, embeddings) with `weight_decay` and the rest (biases, norms) without."""
+    if decay == "all":
+        return [{"params": params, "weight_decay": weight_decay}]
+    matrices = [p for p in params if p.dim() >= 2]
+    others = [p for p in params if p.dim() < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+
+
 def built(
-    optimizer: type[torch.optim.Optimizer], params: Iterable[torch.Tensor], impl: Impl, **settings
+    optimizer: type[torch.optim.Optimizer],
+    params: Iterable[torch.Tensor],
+    impl: Impl,
+    decay: Decay = "all",
+    weight_decay: float = 0.0,
+    **settings,
 ) -> torch.optim.Optimizer:
-    """`optimizer` over `params` with `settings`, in the implementation `impl` asks for."""
+    """`optimizer` over `params` in the groups `decay` makes, with `settings`, in the
+    implementation `impl` asks for."""
     params = list(params)
-    return optimizer(params, **settings, **implementation(impl, params))
+    chosen = groups(params, decay, weight_decay)
+    return optimizer(chosen, weight_decay=weight_decay, **settings, **implementation(impl, params))
 
 
 def sgd(
@@ -49,11 +74,12 @@ def sgd(
     weight_decay: NonNegative = 0.0,
     nesterov: bool = False,
     impl: Impl = "auto",
+    decay: Decay = "all",
 ) -> torch.optim.Optimizer:
     if nesterov and (momentum <= 0 or dampening != 0):
         raise engine.ConfigError("optimizer.nesterov: needs momentum > 0 and dampening = 0")
-    settings = {"momentum": momentum, "dampening": dampening, "weight_decay": weight_decay, "nesterov": nesterov}
-    return built(torch.optim.SGD, params, impl, lr=lr, **settings)
+    settings = {"momentum": momentum, "dampening": dampening, "nesterov": nesterov}
+    return built(torch.optim.SGD, params, impl, decay, weight_decay, lr=lr, **settings)
 
 
 def adam(
@@ -64,11 +90,10 @@ def adam(
     weight_decay: NonNegative = 0.0,
     amsgrad: bool = False,
     impl: Impl = "auto",
+    decay: Decay = "all",
 ) -> torch.optim.Optimizer:
     """Adam; its `weight_decay` is added to the gradient (L2)."""
-    return built(
-        torch.optim.Adam, params, impl, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad
-    )
+    return built(torch.optim.Adam, params, impl, decay, weight_decay, lr=lr, betas=betas, eps=eps, amsgrad=amsgrad)
 
 
 def adamw(
@@ -79,10 +104,11 @@ def adamw(
     weight_decay: NonNegative = 0.01,
     amsgrad: bool = False,
     impl: Impl = "auto",
+    decay: Decay = "all",
 ) -> torch.optim.Optimizer:
     """AdamW: Adam with `weight_decay` applied to the weights directly (decoupled)."""
-    settings = {"betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad}
-    return built(torch.optim.AdamW, params, impl, lr=lr, **settings)
+    settings = {"betas": betas, "eps": eps, "amsgrad": amsgrad}
+    return built(torch.optim.AdamW, params, impl, decay, weight_decay, lr=lr, **settings)
 
 
 @engine.hookimpl

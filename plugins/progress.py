@@ -44,7 +44,7 @@ class Progress:
         from tqdm import tqdm
         from tqdm.contrib import DummyTqdmFile
 
-        total = trainer.epochs * trainer.batches_per_epoch
+        total = trainer.length.batches  # train steps, as after_step counts them
         self.bar = tqdm(
             total=total, initial=trainer.state.step, unit="step", delay=2.0, leave=False, dynamic_ncols=True
         )

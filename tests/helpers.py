@@ -4,6 +4,7 @@ user components that jobs reference as ``"tests.helpers:factory"``."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,95 @@ def rewind(run_dir: Path, step: int, to: Path) -> Path:
         path.unlink()
     assert (to / "checkpoints" / f"step-{step:09d}.pt").is_file(), f"run '{run_dir}' has no checkpoint of step {step}"
     return to
+
+
+# --- a sequence task: token ids in, a class per position out ---------------------------------------
+
+
+def next_tokens(seed: int, n_samples: int = 64, length: int = 6, vocab: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [N, T] and their targets [N, T]: each position's next token, (x + 1) mod `vocab`."""
+    rng = np.random.RandomState(seed)
+    x = rng.randint(vocab, size=(n_samples, length)).astype(np.int64)
+    return x, (x + 1) % vocab
+
+
+def next_tokens_dataset(seed: int, n_samples: int = 64) -> Pairs:
+    """`next_tokens` as a Dataset: each sample a [T] sequence and its [T] targets."""
+    x, y = next_tokens(seed, n_samples)
+    return Pairs(torch.from_numpy(x), torch.from_numpy(y))
+
+
+def token_model(info: engine.DataInfo, width: int = 16) -> nn.Module:
+    """Embedding then a linear head: [N, T] token ids in, [N, T, vocabulary] logits out."""
+    return nn.Sequential(nn.Embedding(info.n_outputs, width), nn.Linear(width, info.n_outputs))
+
+
+class TargetsInForward(nn.Module):
+    """A model with nanoGPT's calling convention, ``forward(idx, targets=None) -> (logits, loss)``:
+    every position's logits and their cross-entropy (padding -1 ignored) when given the targets,
+    else the last position's logits alone, [N, 1, vocabulary] (its shortcut for sampling)."""
+
+    def __init__(self, vocabulary: int, width: int = 16) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocabulary, width), nn.Linear(width, vocabulary)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        logits = self.head(self.embed(idx))
+        if targets is None:
+            return logits[:, [-1], :], None
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+
+def targets_in_forward(info: engine.DataInfo, width: int = 16) -> TargetsInForward:
+    return TargetsInForward(info.n_outputs, width)
+
+
+@dataclass
+class LanguageModelOutput:
+    """What a model of Hugging Face's convention returns: a dataclass with the loss and the logits."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class LabelsKeyword(nn.Module):
+    """A model with Hugging Face's calling convention: ``forward(input_ids, attention_mask=None,
+    labels=None)`` returning a `LanguageModelOutput`."""
+
+    def __init__(self, vocabulary: int, width: int = 16) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocabulary, width), nn.Linear(width, vocabulary)
+
+    def forward(self, input_ids, attention_mask=None, labels=None) -> LanguageModelOutput:
+        hidden = self.embed(input_ids)
+        if attention_mask is not None:
+            hidden = hidden * attention_mask[..., None]
+        logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return LanguageModelOutput(loss, logits)
+
+
+def labels_keyword(info: engine.DataInfo, width: int = 16) -> LabelsKeyword:
+    return LabelsKeyword(info.n_outputs, width)
+
+
+class TokenDicts(torch.utils.data.Dataset):
+    """`next_tokens` as a Dataset of dict samples: ``input_ids``, ``attention_mask``, ``labels``."""
+
+    def __init__(self, seed: int, n_samples: int = 64) -> None:
+        x, y = next_tokens(seed, n_samples)
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.x[index], "attention_mask": torch.ones(len(self.x[index])), "labels": self.y[index]}
+
+
+def normed_token_model(info: engine.DataInfo, width: int = 8) -> nn.Module:
+    """Embedding, LayerNorm, a linear head: parameters of 1 and 2 dimensions, for weight decay's groups."""
+    return nn.Sequential(nn.Embedding(info.n_outputs, width), nn.LayerNorm(width), nn.Linear(width, info.n_outputs))

@@ -203,3 +203,41 @@ def test_the_sweep_job_in_the_readme_is_the_digits_examples_and_valid():
     assert shown["sweep"] == digits["sweep"]
     config, _ = engine.load_config(REPO / "bench" / "examples" / "digits.toml")
     assert config["sweep"]["space"] == digits["sweep"]["space"] and config["sweep"]["trials"] == 24
+
+
+def test_the_contributing_guides_grouped_optimizer_decays_every_matrix_but_the_embeddings(write_plugin):
+    write_plugin("grouped_optimizer", contributing_example("grouped_optimizer.py"))
+    job = {
+        "epochs": 1,
+        "data": {"name": "tests.helpers:next_tokens"},
+        "model": {"name": "tests.helpers:labels_keyword", "output": "logits"},  # embed, then a linear head
+        "loss": {"name": "cross_entropy"},
+        "optimizer": {"name": "no_decay_on_embeddings"},
+    }
+    trainer = engine.setup(job, plugins=["grouped_optimizer"])
+    decayed, kept = trainer.optimizer.param_groups
+    model = trainer.module
+    assert [id(p) for p in decayed["params"]] == [id(model.head.weight)] and decayed["weight_decay"] == 0.1
+    assert [id(p) for p in kept["params"]] == [id(model.embed.weight), id(model.head.bias)]
+    assert kept["weight_decay"] == 0.0
+
+
+def test_the_language_model_commands_are_valid_and_the_run_trains(tmp_path, monkeypatch):
+    import shlex
+
+    from engine.cli import parser
+
+    top, _ = parser(engine.make_plugins())
+    lines = [line.split("#")[0].strip() for line in block_after("## Language models", "bash").splitlines()]
+    commands = [shlex.split(line)[3:] for line in lines if line.startswith("python -m engine ")]
+    assert [command[0] for command in commands] == ["run", "sample", "evaluate", "export"]
+    for command in commands:
+        top.parse_args(command)
+    monkeypatch.chdir(REPO)  # the job's path, as the README gives it
+    text = tmp_path / "input.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 30)
+    run = [*commands[0][1:], "--set", f"data.path={text}", "--set", "max_steps=3", "--set", f"runs_dir={tmp_path}"]
+    assert main(["run", *run, "--quiet"]) == 0
+    sample = [*commands[1][1:]]
+    sample[0] = str(tmp_path / "shakespeare")
+    assert main(["sample", *sample]) == 0

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import engine
 
-from .data import as_task, named_classes, outputs_of, same_rows, sample_tensors, task_of, tensors
+from .data import as_task, named_classes, outputs_of, pair_of, same_rows, sample_tensors, task_of, tensors
 from .loaders import DatasetLoaders, TensorLoaders
 from .splits import Part, batch_count, check_split, split_indices
 
@@ -53,12 +53,16 @@ class Batching:
     # Inputs scaled by the training split's mean and standard deviation: of each feature (true,
     # "features": the last dimension) or of each channel of images ("channels": C of C x H x W).
     standardize: bool | Literal["features", "channels"] = False
-    # auto: integer targets are class indices, others values; binary: 0/1 labels (bce_with_logits)
-    task: Literal["auto", "regression", "classification", "binary"] = "auto"
+    # auto: integer targets are class indices (several per sample: a sequence), others values;
+    # binary: 0/1 labels (bce_with_logits); sequence: a class index per position ([N, T])
+    task: Literal["auto", "regression", "classification", "binary", "sequence"] = "auto"
     # binary: a probability of class 1 above it predicts 1 (accuracy, the metrics, predict)
     threshold: Annotated[float, engine.Range(gt=0, lt=1)] = 0.5
     num_workers: Annotated[int, engine.Range(ge=0)] = 0
     pin_memory: bool = False
+    # A Dataset whose samples are dicts: the key of the targets; the other items are the inputs,
+    # which the model takes as keyword arguments (engine/calling.py).
+    target_key: str = "labels"
 
 
 class Standardize(torch.nn.Module):
@@ -169,7 +173,8 @@ class Prepared:
     task: str
     info: engine.DataInfo
     transform: engine.InputTransform | None
-    x_dtype: torch.dtype | None = torch.float32  # a Dataset's inputs cast to it; None: kept (token ids)
+    # A Dataset's float inputs are cast to float32 (numpy's float64 would meet float32 weights);
+    # integer inputs (token ids) stay as they are.
 
 
 def prepare(splits: dict[str, Any], settings: Any, recorded_task: str) -> Prepared:
@@ -202,7 +207,7 @@ def prepare_tensors(splits: dict[str, Any], settings: Any, recorded_task: str) -
                 same_rows((x, raw_y), (inputs, targets), name)
             pairs[name] = (inputs, as_task(targets, task, name))
             same_rows(pairs["training"], pairs[name], name)
-    stratified = settings["stratify"] and task != "regression"
+    stratified = settings["stratify"] and task in ("classification", "binary")
     labels = pairs["training"][1].reshape(-1).long().cpu() if stratified else None
     held = held_out(len(x), labels, settings, "validation" in pairs, "test" in pairs)
     x, y = pairs["training"]
@@ -211,6 +216,8 @@ def prepare_tensors(splits: dict[str, Any], settings: Any, recorded_task: str) -
     every = torch.cat([targets for _, targets in pairs.values()])  # a class may appear in a held-out split only
     parts = [pairs.get(name) for name in SPLITS]
     by, transform = settings["standardize"], None
+    if by and not x.is_floating_point():
+        raise engine.ConfigError("data.standardize: the inputs are integers (token ids?), not features")
     if by:
         flat = statistics_rows(x.double(), by)
         transform = fitted(flat.mean(dim=0), flat.std(dim=0, correction=0), by, tuple(x.shape[1:]))
@@ -241,33 +248,35 @@ def prepare_dataset(splits: dict[str, Any], settings: Any, recorded_task: str) -
     held = held_out(len(train), None, settings, splits["validation"] is not None, splits["test"] is not None)
     parts = {name: Subset(train, order.tolist()) for name, order in held.items()}
     splits = {**splits, **parts}
-    x, y = sample_tensors(splits["training"], 0)
-    task = task_of(y, settings["task"], recorded_task)
-    n_outputs = dataset_outputs(splits, y, task)
-    # Float inputs are cast to float32 (numpy's float64 would meet float32 weights); integer
-    # inputs (token ids) stay as they are.
-    x_dtype = torch.float32 if x.is_floating_point() else None
+    x, y = sample_tensors(splits["training"], 0, settings["target_key"])
+    task = task_of(y[None], settings["task"], recorded_task)
+    n_outputs = dataset_outputs(splits, y, task, settings["target_key"])
+    first = next(iter(x.values())) if isinstance(x, Mapping) else x  # the width of the first input
     transform = None
     if settings["standardize"]:
-        if x_dtype is None:
-            raise engine.ConfigError("data.standardize: the Dataset's inputs are integers (token ids?), not features")
+        if isinstance(x, Mapping) or not first.is_floating_point():
+            raise engine.ConfigError("data.standardize: the Dataset's inputs are not features (token ids, a dict?)")
         transform = dataset_statistics(splits["training"], settings["num_workers"], settings["standardize"])
     parts = [splits[name] for name in SPLITS]
-    info = described(x[None] if x.dim() else x.reshape(1, 1), n_outputs, task, parts, settings)
-    return Prepared(*parts, task, info, transform, x_dtype)
+    info = described(first[None] if first.dim() else first.reshape(1, 1), n_outputs, task, parts, settings)
+    return Prepared(*parts, task, info, transform)
 
 
-def dataset_outputs(splits: dict[str, Any], y: torch.Tensor, task: str) -> int:
+def dataset_outputs(splits: dict[str, Any], y: torch.Tensor, task: str, target_key: str) -> int:
     """The model's outputs for a Dataset's targets: their width for values; for labels, read once
     from every split (a class may appear in the held-out ones only) and checked as `data.task`
     takes them, unless the Dataset (or the one a split was cut from) names its ``classes``."""
     if task == "regression":
         return y.shape[-1] if y.dim() else 1
     classes = named_classes(splits["training"])
-    if classes is not None and task == "classification":
+    if classes is not None and task in ("classification", "sequence"):
         return len(classes)
     labels = [
-        as_task(torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))]), task, name)
+        as_task(
+            torch.stack([torch.as_tensor(pair_of(dataset[i], target_key, i)[1]) for i in range(len(dataset))]),
+            task,
+            name,
+        )
         for name, dataset in splits.items()
         if dataset is not None
     ]

@@ -3,6 +3,7 @@ sample, finite values, the task the targets are for, the number of classes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,9 @@ NOT_NUMBERS = {"U": "str", "S": "bytes", "O": "Python object", "c": "complex", "
 
 
 def tensors(pair: Any, split: str = "training") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) as tensors: float32 inputs; integer targets as int64 class indices, float targets as [N, k].
+    """(x, y) as tensors: float32 inputs, but integer inputs of integer sequence targets ([N, T]
+    token ids, for a language model) as int64; integer targets as int64 class indices, float
+    targets as [N, k].
 
     Checked first, naming the `split`: numbers (not strings or objects), one row per sample, as
     many targets as inputs, and every value finite in float32.
@@ -37,7 +40,8 @@ def tensors(pair: Any, split: str = "training") -> tuple[torch.Tensor, torch.Ten
         y = y.float().reshape(len(y), -1) if y.dim() == 1 else y.float()
     else:
         y = y.long()
-    x = x.float()
+    token_ids = not x.is_floating_point() and not y.is_floating_point() and y.dim() > 1 and y[0].numel() > 1
+    x = x.long() if token_ids else x.float()
     for tensor, part in ((x, "inputs"), (y, "targets")):
         finite(tensor, f"the {split} {part}")
     return x, y
@@ -100,21 +104,28 @@ def class_count(low: int, high: int, n_samples: int) -> int:
 
 def outputs_of(labels: torch.Tensor, task: str) -> int:
     """The model's outputs for targets `labels` (every split's, as `task` takes them): the target
-    width for values, 1 for binary labels, the class count for class indices."""
+    width for values, 1 for binary labels, the class count for class indices (per sample, or per
+    position of a sequence, where negative targets are ignored positions: padding)."""
     if task == "classification":
         return class_count(int(labels.min()), int(labels.max()), len(labels))
+    if task == "sequence":
+        return class_count(0, int(labels.max()), labels.numel())
     return labels.shape[-1] if labels.dim() > 1 else 1
 
 
 def task_of(y: torch.Tensor, task: str, recorded: str) -> str:
-    """What the targets are: ``data.task``; for "auto", the task a trained run recorded (its
-    [inferred] task, when another file is read for it), else class indices when they are integers
-    and values when they are floats."""
+    """What the targets `y` (of one sample or more: [N, ...]) are: ``data.task``; for "auto", the
+    task a trained run recorded (its [inferred] task, when another file is read for it), else
+    values when they are floats, class indices when they are integers, one per sample, and a
+    sequence of class indices when they are integers, several per sample."""
     if task != "auto":
         return task
     if recorded:
         return recorded
-    return "regression" if y.is_floating_point() else "classification"
+    if y.is_floating_point():
+        return "regression"
+    # Integer targets of more than one value per sample ([N, T]) are a class index per position.
+    return "sequence" if y.dim() > 1 and y[0].numel() > 1 else "classification"
 
 
 def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:
@@ -122,17 +133,16 @@ def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:
     [N], binary labels as float [N, 1] of 0 and 1; a ConfigError naming data.task otherwise."""
     if task == "regression":
         return y.float().reshape(len(y), -1)
+    if task == "sequence":
+        whole_numbers(y, task, split)
+        return y.long()
     flat = y.reshape(len(y), -1)
     if flat.shape[1] != 1:
         raise engine.ConfigError(
             f"data.task = {task!r}: the {split} targets have {flat.shape[1]} columns; labels are one column"
         )
     flat = flat[:, 0]
-    if flat.is_floating_point() and not torch.equal(flat, flat.round()):
-        raise engine.ConfigError(
-            f"data.task = {task!r}: the {split} targets are not whole numbers "
-            f'(e.g. {float(flat[flat != flat.round()][0])}); for values set data.task = "regression"'
-        )
+    whole_numbers(flat, task, split)
     if task == "binary":
         outside = (flat != 0) & (flat != 1)
         if outside.any():
@@ -142,6 +152,15 @@ def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:
             )
         return flat.float().reshape(-1, 1)
     return flat.long()
+
+
+def whole_numbers(y: torch.Tensor, task: str, split: str) -> None:
+    """A ConfigError naming data.task when the `split` targets `y` are not whole numbers."""
+    if y.is_floating_point() and not torch.equal(y, y.round()):
+        raise engine.ConfigError(
+            f"data.task = {task!r}: the {split} targets are not whole numbers "
+            f'(e.g. {float(y[y != y.round()][0])}); for values set data.task = "regression"'
+        )
 
 
 def same_rows(
@@ -159,23 +178,41 @@ def same_rows(
         raise engine.ConfigError(f"data: the training targets are {kinds[0]} but the {split} targets {kinds[1]}")
 
 
-def sample_tensors(dataset: Dataset, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample `index` of a Dataset as two tensors of numbers, or a ConfigError saying what it is."""
-    sample = dataset[index]
+def pair_of(sample: Any, target_key: str, index: int) -> tuple[Any, Any]:
+    """A Dataset's sample as (input, target): an (input, target) pair, or a dict whose `target_key`
+    item is the target and whose other items are the inputs (``input_ids``, ``attention_mask``)."""
+    if isinstance(sample, Mapping):
+        if target_key not in sample:
+            raise engine.ConfigError(
+                f"data.target_key: sample {index} of the Dataset is a dict without {target_key!r} "
+                f"(it has: {', '.join(map(str, sample))}); name the key of its targets"
+            )
+        return {key: value for key, value in sample.items() if key != target_key}, sample[target_key]
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
         raise engine.ConfigError(
-            f"data: sample {index} of the Dataset is a {type(sample).__name__}, not an (input, target) pair"
+            f"data: sample {index} of the Dataset is a {type(sample).__name__}, not an (input, target) pair or a dict"
         )
-    pair = []
-    for value, part in zip(sample, ("input", "target")):
+    return sample[0], sample[1]
+
+
+def sample_tensors(dataset: Dataset, index: int, target_key: str = "labels") -> tuple[Any, torch.Tensor]:
+    """Sample `index` of a Dataset as tensors of numbers (its inputs: one tensor, or a dict of them),
+    or a ConfigError saying what it is."""
+    x, y = pair_of(dataset[index], target_key, index)
+    parts = {f"input {key!r}": value for key, value in x.items()} if isinstance(x, Mapping) else {"input": x}
+    tensors = {}
+    for part, value in [*parts.items(), ("target", y)]:
         if not isinstance(value, (torch.Tensor, np.ndarray, np.generic, int, float)):
             kind = type(value)
             raise engine.ConfigError(
                 f"data: the {part} of sample {index} of the Dataset is a {kind.__module__}.{kind.__qualname__}, "
                 "not a tensor, array or number (convert it in the Dataset)"
             )
-        pair.append(numbers(value, f"the {part} of sample {index} of the Dataset"))
-    return pair[0], pair[1]
+        tensors[part] = numbers(value, f"the {part} of sample {index} of the Dataset")
+    y = tensors.pop("target")
+    if isinstance(x, Mapping):
+        return {key: tensors[f"input {key!r}"] for key in x}, y
+    return tensors["input"], y
 
 
 def named_classes(dataset: Dataset) -> Any:

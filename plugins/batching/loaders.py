@@ -4,7 +4,8 @@ this process's `Part` of every batch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -103,11 +104,13 @@ class DatasetLoaders:
 
     def __init__(self, prepared: Any, settings: Any, seed: int, device: torch.device, part: Part) -> None:
         self.info, self.input_transform, self.part = prepared.info, prepared.transform, part
-        self.dataset, self.task, self.x_dtype = prepared.train, prepared.task, prepared.x_dtype
+        self.dataset, self.task = prepared.train, prepared.task
         self.seed, self.shuffle, self.device = seed, settings["shuffle"], device
-        self.y_dtype = torch.int64 if self.task == "classification" else torch.float32
+        self.y_dtype = torch.int64 if self.task in ("classification", "sequence") else torch.float32
         workers = settings["num_workers"]
+        self.collate = functools.partial(collate, target_key=settings["target_key"])
         options = {
+            "collate_fn": self.collate,
             "batch_size": part.piece_size,
             "num_workers": workers,
             "pin_memory": settings["pin_memory"] and device.type == "cuda",
@@ -133,7 +136,7 @@ class DatasetLoaders:
         # Read here, not through the DataLoader: its workers and their seeds belong to the epochs.
         # A few samples show the shapes; each may cost a file read and a decode.
         count = min(len(self.dataset), self.part.batch_size, SAMPLE_SIZE)
-        x, y = default_collate([self.dataset[i] for i in range(count)])
+        x, y = self.collate([self.dataset[i] for i in range(count)])
         return self.on_device(x, y)
 
     def train_batches(self) -> int:
@@ -169,10 +172,24 @@ class DatasetLoaders:
                 iterator._shutdown_workers()
                 loader._iterator = None
 
-    def on_device(self, x: torch.Tensor, y: torch.Tensor) -> engine.Batch:
-        """A collated batch on the run's device (non-blocking from pinned memory), as a Batch."""
-        x = x.to(self.device, self.x_dtype, non_blocking=True)
+    def on_device(self, x: Any, y: torch.Tensor) -> engine.Batch:
+        """A collated batch on the run's device (non-blocking from pinned memory), as a Batch: float
+        inputs as float32 (numpy's float64 would meet float32 weights), integer ones (token ids)
+        as they are; a dict of inputs, each so."""
+        x = {key: self.input(value) for key, value in x.items()} if isinstance(x, Mapping) else self.input(x)
         y = y.to(self.device, self.y_dtype, non_blocking=True)
-        if self.task != "classification" and y.dim() == 1:  # values and binary labels: [N, 1]
+        if self.task in ("regression", "binary") and y.dim() == 1:  # values and binary labels: [N, 1]
             y = y.reshape(-1, 1)
         return engine.Batch(x, y)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, torch.float32 if x.is_floating_point() else None, non_blocking=True)
+
+
+def collate(samples: list[Any], target_key: str) -> tuple[Any, Any]:
+    """A batch of a Dataset's samples as (inputs, targets): of (input, target) pairs, or of dicts
+    whose `target_key` item is the target (the inputs: a dict of the other items, batched)."""
+    if isinstance(samples[0], Mapping):
+        inputs = [{key: value for key, value in sample.items() if key != target_key} for sample in samples]
+        return default_collate(inputs), default_collate([sample[target_key] for sample in samples])
+    return default_collate(samples)

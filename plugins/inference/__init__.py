@@ -16,9 +16,9 @@ import sys
 
 import engine
 
-from .backends import Backend, load_backend
+from .backends import Backend, backend_of, load_backend
 from .exporting import ExportReport, Run, export
-from .serving import evaluate, predict, predictions, read_inputs, write_evaluation, write_predictions
+from .serving import evaluate, predict, predictions, read_inputs, takes_targets, write_evaluation, write_predictions
 
 __all__ = ["Backend", "ExportReport", "evaluate", "export", "load_backend", "predict"]
 
@@ -81,7 +81,8 @@ def served_options(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    backend = load_backend(args.run_dir, args.which, args.backend, plugins=args.plugin, blocked=args.block)
+    run = Run.open(args.run_dir, args.which, args.plugin, args.block)
+    backend = backend_of(run, args.backend, takes_targets(run))
     print(f"backend: {backend.description}", file=sys.stderr)
     result = evaluate(
         args.run_dir,

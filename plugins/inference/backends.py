@@ -2,7 +2,12 @@
 
 ``auto`` tries the formats this machine can run, by their `auto_rank` (highest first), uses a
 verified export of these weights in the run's ``exports/`` folder or exports one, and falls back
-to eager, saying why.
+to eager, saying why: whatever stops an export (a model torch.export cannot trace, inputs it does
+not take, a check it fails) makes ``auto`` serve the model eagerly, never an error.
+
+A run whose model computes its loss from its targets (``[model] targets``, or a loss component
+returning `engine.ModelLoss`) is evaluated eagerly, called as training called it: an export
+takes the inputs alone.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ class Backend:
     description: str  # one line: which backend, from which file, and why
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)
+        # A compiled runner reads its input's memory as laid out at export (AOTInductor assumes it
+        # contiguous): a window of a token stream is a strided view.
+        return self.run(x.contiguous())
 
 
 def backend_names(plugins: engine.Plugins) -> list[str]:
@@ -51,12 +58,18 @@ def load_backend(
     return backend_of(Run.open(run_dir, which, plugins, blocked), backend)
 
 
-def backend_of(run: Run, backend: str) -> Backend:
+def backend_of(run: Run, backend: str, eager_only: str = "") -> Backend:
+    """The run's model on `backend`; `eager_only` says why no export can serve it here (evaluating
+    a model that takes its targets), which makes auto choose eager and an export format an error."""
     names = backend_names(run.plugins)
     if backend not in names:
         raise engine.ConfigError(f"--backend: unknown backend {backend!r}{engine.suggest(backend, names)}")
     if backend == EAGER:
         return eager(run, "eager (asked for)")
+    if eager_only:
+        if backend != "auto":
+            raise engine.ConfigError(f"--backend {backend}: {eager_only}; use --backend eager")
+        return eager(run, f"eager (auto; {eager_only})")
     if backend != "auto":
         return exported(run, backend, export_format(run, backend))
     skipped = []
@@ -72,8 +85,8 @@ def backend_of(run: Run, backend: str) -> Backend:
             continue
         try:
             return exported(run, name, chosen, auto=True)
-        except (engine.ConfigError, engine.TrainingError, OSError) as error:
-            skipped.append(f"{name}: {error}")
+        except Exception as error:  # whatever stops an export, auto serves the model eagerly
+            skipped.append(f"{name}: {engine.one_line(error) if not isinstance(error, engine.EngineError) else error}")
     return eager(run, "eager (auto; " + ("; ".join(skipped) or "no export format can serve") + ")")
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,39 @@ class Run:
         return engine.load_config(job, overrides, [*self.extra, *plugins], self.blocked)
 
     def module(self) -> torch.nn.Module:
-        """The trained model, built with this run's plugins (`--plugin`, `--block`)."""
-        return engine.trained_module(self.config, self.plugins, self.info, self.weights, self.weights_format)
+        """The trained model, built with this run's plugins (`--plugin`, `--block`), returning its
+        output as the run took it (``[model] output``: a tuple's logits)."""
+        module = engine.trained_module(self.config, self.plugins, self.info, self.weights, self.weights_format)
+        spec = self.config["model"]["output"]
+        return Picked(module, spec).eval() if spec else module
+
+    def inputs(self) -> torch.Tensor:
+        """A few inputs of the kind the model takes: the run's own (a sample of its training data,
+        read again), or where that data cannot be read any more, token ids of its vocabulary for a
+        sequence task and N(0, 1) features otherwise."""
+        config, found, cpu = self.config, self.plugins, torch.device("cpu")
+        try:
+            data = engine.build_component(
+                config, found, "data", seed=config["seed"], device=cpu, inferred=config["inferred"]
+            )
+            loaders = found.hook.build_loaders(
+                data=data, config=config, seed=config["seed"], device=cpu, rank=0, world_size=1
+            )
+        except (engine.ConfigError, OSError):
+            generator = torch.Generator().manual_seed(0)
+            shape = (8, *(self.info.input_shape or (self.info.n_features,)))
+            if self.info.task == "sequence":
+                return torch.randint(0, self.info.n_outputs, shape, generator=generator)
+            return torch.randn(shape, generator=generator)
+        try:
+            x = loaders.sample().x
+        finally:
+            loaders.close()
+        if isinstance(x, Mapping):
+            raise engine.ConfigError(
+                f"the model takes a dict of inputs ({', '.join(x)}); an export takes one tensor: serve it eagerly"
+            )
+        return x.contiguous()
 
     def fingerprint(self) -> str:
         """The sha256 of the config and the weights: an export of other weights is stale."""
@@ -78,6 +109,18 @@ class Run:
 
     def export_path(self, name: str, suffix: str) -> Path:
         return self.run_dir / EXPORTS / f"{self.which}-{name}{suffix}"
+
+
+class Picked(torch.nn.Module):
+    """A model whose logits are in what it returns (``[model] output``: a tuple's, a dict's), as
+    exports and backends serve it: returning them alone."""
+
+    def __init__(self, module: torch.nn.Module, spec: str) -> None:
+        super().__init__()
+        self.module, self.pick = module, engine.output_of(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.module(x))
 
 
 def export_format(run: Run, name: str, overrides: Sequence[str] = ()) -> engine.ExportFormat:
@@ -133,6 +176,7 @@ def write_export(run: Run, name: str, chosen: engine.ExportFormat, path: Path) -
     if missing:
         raise engine.ConfigError(f"export {name}: {missing}")
     module = run.module()
+    inputs = run.inputs()
     started = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written and checked in a folder beside the target, then renamed over it: a format may insist
@@ -140,7 +184,7 @@ def write_export(run: Run, name: str, chosen: engine.ExportFormat, path: Path) -
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = staging / path.name
-        example = example_inputs(run.info, 2, torch.Generator().manual_seed(0))
+        example = batch_of(inputs, 2)
         what = f"export {name}: model {run.config['model']['name']!r} ({type(module).__name__})"
         try:
             with quiet_torch():
@@ -149,7 +193,7 @@ def write_export(run: Run, name: str, chosen: engine.ExportFormat, path: Path) -
             raise engine.ConfigError(f"{what}: {error}") from error
         except Exception as error:
             raise engine.TrainingError(f"{what}: {engine.one_line(error)}") from error
-        verified = verify(module, chosen.load(staged), chosen, name, run.info)
+        verified = verify(module, chosen.load(staged), chosen, name, inputs)
         staged.replace(path)
         engine.runs.fsync_directory(path.parent)
     finally:
@@ -177,24 +221,21 @@ def trace(module: torch.nn.Module, example: torch.Tensor) -> torch.export.Export
             raise engine.ConfigError(f"torch.export cannot trace it{_where(error)}: {_reason(error)}") from error
 
 
-def example_inputs(info: engine.DataInfo, size: int, generator: torch.Generator) -> torch.Tensor:
-    """A batch of `size` random inputs of the run's input shape (its [inferred] ``input_shape``:
-    C x H x W for images; a run that recorded none: rows of ``n_features``), what exports are
-    traced with and checked on."""
-    return torch.randn(size, *(info.input_shape or (info.n_features,)), generator=generator)
+def batch_of(inputs: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch of `size` of the run's inputs, their rows repeated as needed."""
+    return inputs[torch.arange(size) % len(inputs)].contiguous()
 
 
 def verify(
-    module: torch.nn.Module, runner: engine.Runner, chosen: engine.ExportFormat, name: str, info: engine.DataInfo
+    module: torch.nn.Module, runner: engine.Runner, chosen: engine.ExportFormat, name: str, inputs: torch.Tensor
 ) -> dict[str, Any]:
-    """Run `runner` and the eager `module` on the same random batches of each size in
-    VERIFY_BATCHES (up to the format's `max_batch`); a TrainingError if any output differs by more
-    than the format's tolerance."""
-    generator = torch.Generator().manual_seed(0)
+    """Run `runner` and the eager `module` on the same batches of the run's `inputs` (`Run.inputs`),
+    of each size in VERIFY_BATCHES (up to the format's `max_batch`); a TrainingError if any output
+    differs by more than the format's tolerance."""
     tolerance, worst = chosen.tolerance, 0.0
     sizes = [size for size in VERIFY_BATCHES if chosen.max_batch is None or size <= chosen.max_batch]
     for size in sizes:
-        x = example_inputs(info, size, generator)
+        x = batch_of(inputs, size)
         with torch.inference_mode():
             expected = module(x)
         got = runner(x).detach()

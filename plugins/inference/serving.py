@@ -1,7 +1,8 @@
 """`predict` and `evaluate` on a run's model, and the files they read and write: a ``data``
-component named after the file's suffix (``path``, ``val_path``) reads inputs and labels with the
-checks training applies, and a ``predictions`` component, named likewise, writes what `predict`
-returns."""
+component named after the file's suffix (``path``, ``val_path``), or the run's own when its
+factory lists the suffix in its ``suffixes`` attribute (token files: ``.bin``, ``.npy``, text),
+reads inputs and labels with the checks training applies, and a ``predictions`` component, named
+likewise, writes what `predict` returns."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 import engine
 
-from .backends import Backend, backend_of, load_backend
+from .backends import EAGER, Backend, backend_of, load_backend
 from .exporting import Run
 
 EVALUATIONS = "evaluations"  # in the run directory: what `evaluate` writes
@@ -28,15 +29,18 @@ def predictions(backend: Backend, x: Any, batch_size: int = 1024) -> dict[str, t
     """The backend's predictions for the inputs `x` (N samples of the run's input shape: [N,
     n_features], [N, C, H, W] for images; array or tensor), in batches:
     ``class`` (indices) and ``probability`` ([N, classes]) for classification, ``class`` (0 or 1)
-    and ``probability`` ([N], of class 1) for binary labels, ``value`` for regression."""
+    and ``probability`` ([N], of class 1) for binary labels, ``value`` for regression; for a
+    sequence task (token ids [N, T]) a ``class`` per position [N, T] and ``probability`` over the
+    vocabulary, the last axis [N, T, vocabulary]."""
     info = backend.info
-    x, width = inputs(x, info.n_features)
+    x, width = inputs(x, info)
     wrong = misfit(tuple(x.shape[1:]) if x.dim() > 1 else (width,), info)
     if wrong:
         raise engine.ConfigError(f"inputs have {wrong[0]}, but the model was trained on {wrong[1]}")
     outputs = torch.cat([backend(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]).detach()
-    if info.task == "classification":
-        # softmax turns logits into probabilities, and leaves log-probabilities' exp unchanged
+    if info.task in ("classification", "sequence"):
+        # softmax turns logits into probabilities, and leaves log-probabilities' exp unchanged; the
+        # classes (a vocabulary) are the last axis of [N, classes] and of [N, T, vocabulary].
         probability = torch.softmax(outputs.float(), dim=-1)
         return {"class": probability.argmax(dim=-1), "probability": probability}
     if info.task == "binary":  # one logit: the probability of class 1, which wins above the threshold
@@ -63,20 +67,25 @@ def read_inputs(run: Run, file: str | Path, overrides: Sequence[str] = ()) -> to
     labels where the component can do without), checked against the run's input shape."""
     config, found = file_config(run, Path(file), overrides, labelled=False)
     cpu = torch.device("cpu")
-    data = engine.build_component(config, found, "data", seed=config["seed"], device=cpu, labelled=False)
-    x, width = inputs(data[0] if isinstance(data, tuple) else data, run.info.n_features)
+    data = engine.build_component(
+        config, found, "data", seed=config["seed"], device=cpu, labelled=False, inferred=config["inferred"]
+    )
+    x, width = inputs(data[0] if isinstance(data, tuple) else data, run.info)
     wrong = misfit(tuple(x.shape[1:]) if x.dim() > 1 else (width,), run.info)
     if wrong:
         raise wrong_shape(file, wrong, run)
     return x
 
 
-def inputs(x: Any, n_features: int) -> tuple[torch.Tensor, int]:
-    """`x` (an array or tensor) as a float32 CPU tensor of samples, one feature a column when the
-    model takes one; and its features per sample, for the caller to check (1 for a flat array: a
-    value per sample; 0 for a single number)."""
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float().cpu()
-    if x.dim() == 1 and n_features == 1:
+def inputs(x: Any, info: engine.DataInfo) -> tuple[torch.Tensor, int]:
+    """`x` (an array or tensor) as a CPU tensor of samples: float32 features, one a column when the
+    model takes one, or for a sequence task int64 token ids [N, T]; and its features (or tokens)
+    per sample, for the caller to check (1 for a flat array: a value per sample; 0 for a single
+    number)."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).cpu()
+    token_ids = info.task == "sequence" and not x.is_floating_point()
+    x = x.long() if token_ids else x.float()
+    if x.dim() == 1 and info.n_features == 1:
         x = x[:, None]
     return x, x.shape[-1] if x.dim() > 1 else x.dim()
 
@@ -135,6 +144,9 @@ def file_config(
         raise engine.ConfigError(f"--data: file '{file}' does not exist")
     reader = suffix(file, "--data")
     table = run.plugins.components.get("data", {})
+    own = run.config["data"]["name"]
+    if own in table and f".{reader}" in getattr(table[own].factory, "suffixes", ()):
+        reader = own  # the run's own component reads files of this suffix (token files, text)
     if reader not in table:
         raise engine.ConfigError(
             f"--data '{file}': no data component reads .{reader} files{engine.suggest(reader, table)}"
@@ -178,7 +190,7 @@ class EvaluationData:
             raise engine.ConfigError(
                 f"{where}: its labels are for {found.task}, but run '{run.run_dir}' did {info.task}"
             )
-        if info.task == "classification" and found.n_outputs > info.n_outputs:
+        if info.task in ("classification", "sequence") and found.n_outputs > info.n_outputs:
             raise engine.ConfigError(
                 f"{where}: has class index {found.n_outputs - 1}, but run '{run.run_dir}' has {info.n_outputs} classes"
             )
@@ -219,17 +231,21 @@ def evaluate(
     ``non_finite``."""
     run = Run.open(run_dir, which, plugins, blocked)
     file = Path(data)
+    chosen = backend if isinstance(backend, Backend) else backend_of(run, backend, takes_targets(run))
     # On the CPU, where the backends run; no accelerate component: the train step is never called.
-    changes = {"device": "cpu", "accelerate": {"name": None}}
+    changes: dict[str, Any] = {"device": "cpu", "accelerate": {"name": None}}
+    if chosen.name != EAGER:  # an export returns the logits alone, and takes the inputs alone
+        changes["model"] = {**run.config.to_dict()["model"], "output": "", "targets": ""}
     config, found = file_config(run, file, overrides, True, changes, [EvaluationData(run, file)])
     chosen = backend if isinstance(backend, Backend) else backend_of(run, backend)
     # The trainer's setup seeds every RNG (every CUDA device's too): all kept as they were.
     with engine.kept_rng(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         trainer = engine.Trainer(config, found)
         try:
-            # compute_loss hooks (a regularizer) read the trained weights from the trainer's module.
+            # compute_loss hooks (a regularizer) read the trained weights from the trainer's module,
+            # which the eager backend is, called as training called it.
             trainer.module.load_state_dict(engine.runs.load(run.weights, run.weights_format)["model"])
-            metrics = trainer.validate(model=Served(chosen))
+            metrics = trainer.validate(model=trainer.module if chosen.name == EAGER else Served(chosen))
         finally:
             trainer.loaders.close()
     result: dict[str, Any] = {"run": str(run.run_dir), "which": which, "data": str(file)}
@@ -239,6 +255,18 @@ def evaluate(
     if non_finite:  # JSON has no inf or nan
         result.update(dict.fromkeys(non_finite), non_finite=non_finite)
     return result
+
+
+def takes_targets(run: Run) -> str:
+    """Why an export cannot evaluate the run's model (it computes its loss from its targets), or ''."""
+    targets = run.config["model"]["targets"]
+    if targets:
+        return f"the model takes its targets (model.targets = {targets!r}), which an export does not"
+    cpu = torch.device("cpu")
+    loss = engine.build_component(run.config, run.plugins, "loss", info=run.info, device=cpu)
+    if isinstance(loss, engine.ModelLoss):
+        return "the run's loss is the one the model computes, which an export does not"
+    return ""
 
 
 def write_evaluation(result: Mapping[str, Any]) -> Path:

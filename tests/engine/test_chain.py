@@ -5,6 +5,7 @@ the data tells recorded in [inferred], a checkpoint restored into the final obje
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -121,7 +122,7 @@ def test_each_link_receives_what_the_previous_one_produced():
     assert trainer.optimizer.param_groups[0]["initial_lr"] == 0.05
     # Each factory got the context of its kind, and the optimizer the built module's parameters.
     assert set(chain.seen["model"]) == {"info", "device"} and set(chain.seen["scheduler"]) == {"optimizer", "length"}
-    assert chain.seen["scheduler"]["length"] == engine.RunLength(epochs=2, steps_per_epoch=1)
+    assert chain.seen["scheduler"]["length"] == engine.RunLength(epochs=2, steps_per_epoch=1, total_steps=2, batches=2)
     assert [p.data_ptr() for p in chain.seen["optimizer"]["params"]] == [
         p.data_ptr() for p in trainer.module.parameters()
     ]
@@ -227,6 +228,7 @@ def test_record_inferred_fills_in_what_the_data_tells_and_refuses_a_mismatch():
         "threshold": 0.7,
         "input_transform": "standardize",
         "input_shape": (3,),
+        "classes": (),
     }
     assert record_inferred(recorded, info, None)["inferred"]["input_transform"] == ""  # what this data fitted
     assert dict(config["inferred"])["task"] == ""  # a new config; the given one is unchanged
@@ -241,6 +243,10 @@ def test_record_inferred_fills_in_what_the_data_tells_and_refuses_a_mismatch():
         match=r"^inferred.input_shape: the job was written for \(3,\), but the data has \(1, 3, 3\)$",
     ):
         record_inferred(recorded, images, None)
+    named = engine.DataInfo(n_features=3, n_outputs=2, task="binary", n_train=10, classes=("no", "yes"))
+    assert record_inferred(config, named, None)["inferred"]["classes"] == ("no", "yes")  # a vocabulary, kept
+    with pytest.raises(engine.ConfigError, match=r"^inferred.classes: the job was written for \('no', 'yes'\)"):
+        record_inferred(record_inferred(config, named, None), dataclasses.replace(named, classes=("a", "b")), None)
 
 
 # --- a checkpoint restored, the optimizer rebuilt ----------------------------------------------

@@ -13,11 +13,13 @@ from engine.config import apply_overrides, load_job
 
 EXPECTED_DEFAULTS = {
     "seed": 42,
-    "epochs": 1000,
+    "epochs": 1000,  # neither epochs nor max_steps given
+    "max_steps": None,
     "device": "auto",
     "plugins": (),
     "grad_accumulation": 1,
     "val_every": 1,
+    "val_every_steps": 0,
     "run_name": "",
     "runs_dir": "runs",
     "resume": "",
@@ -28,6 +30,7 @@ EXPECTED_DEFAULTS = {
         "threshold": 0.5,
         "input_transform": "",
         "input_shape": (),
+        "classes": (),
     },
     "data": {
         "name": "linear_regression",
@@ -43,12 +46,13 @@ EXPECTED_DEFAULTS = {
         "threshold": 0.5,
         "num_workers": 0,
         "pin_memory": False,
+        "target_key": "labels",
         "n_samples": 100,
         "weight": 2.0,
         "bias": 3.0,
         "noise": 0.1,
     },
-    "model": {"name": "linear", "in_features": 0, "out_features": 0, "bias": True},
+    "model": {"output": "", "targets": "", "name": "linear", "in_features": 0, "out_features": 0, "bias": True},
     "loss": {"name": "mse", "reduction": "mean"},
     "optimizer": {
         "name": "adam",
@@ -58,11 +62,12 @@ EXPECTED_DEFAULTS = {
         "weight_decay": 0.0,
         "amsgrad": False,
         "impl": "auto",
+        "decay": "all",
     },
     "scheduler": {"name": "none"},
     "precision": {"name": "32"},
     "accelerate": {"name": "eager"},
-    "log": {"every": 0, "train_metrics": True, "progress": True, "curves": True},
+    "log": {"every": 0, "every_steps": 0, "train_metrics": True, "curves": True, "progress": True},
     "grad_clip": {"max_norm": 0.0, "norm_type": 2.0},
 }
 
@@ -96,6 +101,7 @@ def test_a_component_section_takes_the_chosen_components_parameters():
         "weight_decay": 0.0,
         "nesterov": False,
         "impl": "auto",
+        "decay": "all",
     }
 
 
@@ -248,7 +254,7 @@ def test_sections_are_read_only_mappings():
 
 def test_a_users_component_parameters_become_settings():
     config = resolved({"model": {"name": "tests.helpers:scaled_model", "scale": 2}})
-    assert config["model"] == {"name": "tests.helpers:scaled_model", "scale": 2.0}
+    assert config["model"] == {"output": "", "targets": "", "name": "tests.helpers:scaled_model", "scale": 2.0}
     with pytest.raises(engine.ConfigError, match=r"model.width: unknown key in \[model\]"):
         resolved({"model": {"name": "tests.helpers:scaled_model", "width": 2}})
 
@@ -328,3 +334,11 @@ def test_a_settings_class_checks_its_resolved_values_and_the_error_names_section
         match=r"^\[window\] \(plugin 'ChecksItsSettings'\): window.low \(2.0\) must be below window.high \(1.0\)$",
     ):
         engine.load_config(None, ["window.low=2"], plugins=[ChecksItsSettings])
+
+
+def test_strings_of_any_characters_round_trip_through_toml():
+    """A text's vocabulary ([inferred] classes) holds newlines, quotes and characters beyond the BMP."""
+    vocabulary = ("\n", " ", '"', "\\", "\x7f", "\x00", "é", "\u2028", "😀", "𝄞", "\\ud83d")
+    written = engine.dump_toml({"inferred": {"classes": vocabulary}, "name": 'a "b"\\c'})
+    assert tomllib.loads(written) == {"inferred": {"classes": list(vocabulary)}, "name": 'a "b"\\c'}
+    assert written.isascii()

@@ -391,6 +391,37 @@ def test_image_files(x, y, fill, reader, shape, model, augment, standardize, com
         assert_well_behaved([command[0], *overrides, *command[1:]], directory)
 
 
+@fuzz(15)
+@given(
+    data=st.binary(max_size=300),
+    suffix=st.sampled_from([".bin", ".bin", ".npy", ".txt"]),
+    dtype=st.sampled_from(["uint8", "uint16", "int32", "int64"]),
+    block_size=st.sampled_from([1, 4, 64]),
+    windows=st.sampled_from(["random", "sequential"]),
+    steps=st.sampled_from([[], ["--set", "max_steps=2"], ["--set", "max_steps=2", "--set", "val_every_steps=1"]]),
+    extra=st.lists(settings_pairs(), max_size=1),
+    command=COMMANDS,
+)
+def test_token_files(data, suffix, dtype, block_size, windows, steps, extra, command):
+    """Bytes as a token file (a raw .bin, an .npy file's, or text read a character a token)."""
+    with example_directory() as directory:
+        path = directory / f"tokens{suffix}"
+        path.write_bytes(data)
+        tokenizer = "char" if suffix == ".txt" else "ids"
+        overrides = ["--set", "data.name=tokens", "--set", f"data.path={path.name}", "--set", f"data.dtype={dtype}"]
+        overrides += ["--set", f"data.tokenizer={tokenizer}", "--set", f"data.block_size={block_size}"]
+        overrides += [
+            "--set",
+            f"data.windows={windows}",
+            "--set",
+            "data.batch_size=2",
+            "--set",
+            "loss.name=cross_entropy",
+        ]
+        overrides += [item for key, value in extra for item in ("--set", f"{key}={toml_value(value)}")]
+        assert_well_behaved([command[0], *overrides, *steps, *command[1:]], directory)
+
+
 CELLS = st.sampled_from(
     ["0", "1", "2", "1.5", "-3", "", " ", "x", "nan", "inf", "1e400", '"4"', "1,2", "10000000000000000"]
 )
@@ -441,6 +472,7 @@ HOOKS = {
     "after_step": "state",
     "compute_metrics": "batch, output",
     "on_log": "metrics",
+    "on_interval_end": "step",
     "on_epoch_end": "epoch",
     "after_validation": "",
     "skip_per_step": "trainer",

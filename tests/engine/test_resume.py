@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import engine
+from engine.steps import clock_of, run_length
 from tests.conftest import REPO
 
 KILLS = int(os.environ.get("ENGINE_RESUME_KILLS", "1"))
@@ -88,6 +89,17 @@ AUGMENTED = {
     "checkpoint": {"every_steps": 4},
 }
 
+# Counted in optimizer steps (3 an epoch): 10 end within the 4th epoch, validation and logging
+# points fall within epochs and at their ends.
+STEPS = {
+    **{key: value for key, value in MLP.items() if key != "epochs"},
+    "max_steps": 10,
+    "val_every": 0,
+    "val_every_steps": 4,
+    "log": {"every_steps": 3},
+    "scheduler": {"name": "cosine"},
+}
+
 
 def toml(job: dict[str, Any]) -> str:
     return engine.dump_toml(job)
@@ -136,6 +148,13 @@ def batches_of(job: dict[str, Any]) -> int:
     return -(-n // size)
 
 
+def total_batches(job: dict[str, Any]) -> int:
+    """The train steps (batches) of the whole run."""
+    batches = batches_of(job)
+    clock = clock_of([1.0] * batches, batches, job.get("grad_accumulation", 1))
+    return run_length(clock, job.get("epochs"), job.get("max_steps")).batches
+
+
 def first_checkpoint(job: dict[str, Any]) -> int:
     """The step of the first checkpoint `every_steps` takes: at the end of the window it falls in."""
     batches = batches_of(job)
@@ -151,6 +170,7 @@ def first_checkpoint(job: dict[str, Any]) -> int:
     [
         pytest.param(TUTORIAL, id="tutorial", marks=pytest.mark.slow),
         pytest.param(MLP, id="mlp-dropout-schedule-clip-accumulation"),
+        pytest.param(STEPS, id="max-steps-points-within-epochs", marks=pytest.mark.slow),
         pytest.param(DATASET, id="dataset-dataloader-2-workers", marks=pytest.mark.slow),
         pytest.param(COMPILED, id="compile", marks=pytest.mark.slow),
         pytest.param(BF16, id="bf16-mixed", marks=pytest.mark.slow),
@@ -174,7 +194,7 @@ def test_a_run_killed_at_a_random_step_resumes_exactly(case, tmp_path, request, 
         uninterrupted(tmp_path, monkeypatch)
     draw = random.Random(request.node.callspec.id)
     # The plugin's after_step runs before the checkpoint plugin's: a kill at a checkpoint's step comes first.
-    after_first_checkpoint = range(first_checkpoint(case) + 1, case["epochs"] * batches_of(case))
+    after_first_checkpoint = range(first_checkpoint(case) + 1, total_batches(case))
     for attempt, kill_at in enumerate(draw.sample(after_first_checkpoint, KILLS)):
         name = f"killed-{attempt}"
         killed = cli(tmp_path, "job.toml", "--set", f"run_name={name}", KILL_AT=str(kill_at))

@@ -84,4 +84,5 @@ def test_two_loss_terms_of_one_name_inside_the_step_are_a_training_error():
     trainer.compute_loss = [lambda batch, output: {"x": output.sum()}, lambda batch, output: {"x": output.mean()}]
     batch = next(trainer.loaders.train(1))
     with pytest.raises(engine.TrainingError, match=r"hook compute_loss: two loss terms are named 'x'"):
-        loss_terms(trainer, batch, trainer.model(batch.x))
+        output = trainer.model(batch.x)
+        loss_terms(trainer, batch, output, output)

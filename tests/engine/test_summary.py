@@ -59,6 +59,7 @@ def test_a_run_writes_its_resolved_config_summary_and_model_beside_its_plugins_f
         "threshold": 0.5,
         "input_transform": "",
         "input_shape": [20],
+        "classes": [],
     }
 
     summary = read_json(run_dir / "summary.json")
@@ -111,6 +112,7 @@ def test_config_toml_reruns_from_another_directory_with_its_plugins_data_and_siz
         "threshold": 0.5,
         "input_transform": "standardize",
         "input_shape": [3],
+        "classes": [],
     }
     monkeypatch.chdir(elsewhere)
     again = engine.run(config_file, overrides=["run_name=again"])

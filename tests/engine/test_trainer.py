@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import inspect
 import io
+import itertools
 import textwrap
 import tokenize
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 import engine
+from engine.steps import clock_of, run_length
 from tests.helpers import (
     QUICK,
     LossOnly,
@@ -479,19 +482,31 @@ def test_a_non_finite_validation_loss_is_reported_at_its_epoch():
 
 
 class Numbered:
-    """Loaders whose batches are named by (epoch, position)."""
+    """Loaders whose batches are named by (epoch, position); `batches` None: an endless stream."""
 
-    def __init__(self, batches: int) -> None:
+    def __init__(self, batches: int | None) -> None:
         self.batches = batches
 
     def train(self, epoch: int, start: int = 0):
+        if self.batches is None:
+            return ((epoch, position) for position in itertools.count(start))
         return iter([(epoch, position) for position in range(start, self.batches)])
 
 
-def stub(epochs: int = 2, batches: int = 3, accumulation: int = 2, state: engine.State | None = None):
-    """What `Trainer.loop` and `Trainer.end_epoch` read of a trainer, recording what they call:
-    the step, the after_step hooks, validation (every 2nd epoch), the logging point (every epoch),
-    the epoch scheduler and the on_epoch_end hooks."""
+def stub(
+    epochs: int | None = 2,
+    batches: int | None = 3,
+    accumulation: int = 2,
+    state: engine.State | None = None,
+    max_steps: int | None = None,
+    val_every: int = 2,
+    val_every_steps: int = 0,
+    log_every_steps: int = 0,
+):
+    """What `Trainer.loop` and the ends of its epochs and intervals read of a trainer, recording
+    what they call: the step, the after_step hooks, validation (every `val_every` epochs, every
+    `val_every_steps` optimizer steps), the logging point (every epoch, every `log_every_steps`),
+    the epoch scheduler, and the on_epoch_end and on_interval_end hooks."""
     calls: list[tuple] = []
 
     def train_step(batch, window):
@@ -502,25 +517,32 @@ def stub(epochs: int = 2, batches: int = 3, accumulation: int = 2, state: engine
         calls.append(("validate",))
         return {"val_loss": 1.0}
 
+    clock = clock_of([1.0] * (batches or 1), batches, accumulation)
     trainer = SimpleNamespace(
         state=state or engine.State(),
-        epochs=epochs,
         model=nn.Linear(1, 1).eval(),
         loaders=Numbered(batches),
-        windows=engine.windows([1.0] * batches, accumulation),
+        batches_per_epoch=batches,
+        clock=clock,
+        last_step=run_length(clock, epochs, max_steps).batches,
         train_step=train_step,
         after_step=[lambda loss, terms, window: calls.append(("after_step", window))],
         epoch_end=[lambda epoch: calls.append(("on_epoch_end", epoch))],
+        interval_end=[lambda step: calls.append(("on_interval_end", step))],
         interrupted=0,
         rank=0,
         has_validation=True,
-        val_every=2,
-        log_every=1,
+        val_every=val_every,
+        log_every=1 if batches else 0,
+        val_every_steps=val_every_steps,
+        log_every_steps=log_every_steps,
         validate=validate,
         log=lambda: calls.append(("log",)),
         epoch_scheduler=lambda: calls.append(("epoch_scheduler",)),
     )
-    trainer.end_epoch = lambda: engine.Trainer.end_epoch(trainer)
+    for method in ("end_epoch", "end_interval", "measure", "plan"):
+        setattr(trainer, method, functools.partial(getattr(engine.Trainer, method), trainer))
+    trainer.plan()
     return trainer, calls
 
 
@@ -533,24 +555,93 @@ def epoch_calls(epoch: int, windows: tuple[engine.Window, ...], start: int = 0, 
     return [*calls, ("log",), ("epoch_scheduler",), ("on_epoch_end", epoch)]
 
 
+def step_calls(epoch: int, positions: range, windows) -> list:
+    """The step and after_step of each batch position of `epoch`, as `stub` records them."""
+    calls: list[tuple] = []
+    for position in positions:
+        window = windows[position % len(windows)]
+        calls += [("train_step", (epoch, position), window), ("after_step", window)]
+    return calls
+
+
 def test_the_loop_runs_each_batch_through_the_step_and_after_step_then_ends_the_epoch():
     trainer, calls = stub()
     engine.Trainer.loop(trainer)
-    windows = trainer.windows
+    windows = trainer.clock.period
     assert windows == (engine.Window(True, False, 0.5), engine.Window(False, True, 0.5), engine.Window(True, True, 1.0))
     assert calls == [*epoch_calls(1, windows), *epoch_calls(2, windows, validated=True)]
     state = trainer.state
     assert (state.epoch, state.batch, state.step) == (3, 0, 6)
     assert [(epoch, step) for epoch, step, *_ in state.losses] == [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (2, 6)]
-    assert (state.val_metrics, state.val_epoch) == ({"val_loss": 1.0}, 2)
+    assert (state.val_metrics, state.val_step) == ({"val_loss": 1.0}, 6)
     assert trainer.model.training  # validation's eval mode ends when training goes on
 
 
 def test_the_loop_continues_a_resumed_epoch_from_its_position_and_window():
     trainer, calls = stub(state=engine.State(epoch=2, batch=1, step=4))
     engine.Trainer.loop(trainer)
-    assert calls == epoch_calls(2, trainer.windows, start=1, validated=True)
+    assert calls == epoch_calls(2, trainer.clock.period, start=1, validated=True)
     assert (trainer.state.epoch, trainer.state.step) == (3, 6)
+
+
+def test_a_run_counted_in_steps_ends_within_an_epoch_at_its_last_optimizer_step():
+    # 3 batches an epoch in windows of 2 and 1: 2 optimizer steps an epoch; 3 steps end after batch 5.
+    trainer, calls = stub(epochs=None, max_steps=3, val_every=0)
+    engine.Trainer.loop(trainer)
+    windows = trainer.clock.period
+    assert calls == [
+        *epoch_calls(1, windows),
+        *step_calls(2, range(2), windows),
+        ("validate",),  # the run's last step: validation and the logging point, then the interval's end
+        ("log",),
+        ("on_interval_end", 5),
+    ]
+    assert (trainer.state.epoch, trainer.state.batch, trainer.state.step) == (2, 2, 5)
+
+
+def test_epochs_and_max_steps_whichever_ends_first():
+    trainer, calls = stub(epochs=1, max_steps=30)
+    engine.Trainer.loop(trainer)
+    assert calls == epoch_calls(1, trainer.clock.period, validated=True) and trainer.state.step == 3
+
+
+def test_points_counted_in_steps_fall_at_the_end_of_their_window_within_and_at_the_end_of_epochs():
+    # Validation every 3 optimizer steps (batches 5, 9), logging every 2 (batches 3, 6, 9, 12):
+    # those at an epoch's end (3, 6, 9, 12) are the epoch's, the others an interval's.
+    trainer, calls = stub(epochs=4, val_every=0, val_every_steps=3, log_every_steps=2)
+    trainer.log_every = 0
+    engine.Trainer.loop(trainer)
+    points = [call for call in calls if call[0] not in ("train_step", "after_step")]
+    epoch_end = [("epoch_scheduler",)]
+    assert points == [
+        *[("log",), *epoch_end, ("on_epoch_end", 1)],
+        *[("validate",), ("on_interval_end", 5)],
+        *[("log",), *epoch_end, ("on_epoch_end", 2)],
+        *[("validate",), ("log",), *epoch_end, ("on_epoch_end", 3)],
+        *[("validate",), ("log",), *epoch_end, ("on_epoch_end", 4)],  # the last step: both
+    ]
+
+
+def test_an_endless_stream_runs_one_epoch_until_max_steps_with_its_points_counted_in_steps():
+    trainer, calls = stub(epochs=None, batches=None, accumulation=2, max_steps=4, val_every_steps=2)
+    engine.Trainer.loop(trainer)
+    window = trainer.clock.period
+    assert window == (engine.Window(True, False, 0.5), engine.Window(False, True, 0.5))
+    assert calls == [
+        *step_calls(1, range(4), window),
+        *[("validate",), ("on_interval_end", 4)],
+        *step_calls(1, range(4, 8), window),
+        *[("validate",), ("log",), ("on_interval_end", 8)],
+    ]
+    assert (trainer.state.epoch, trainer.state.batch, trainer.state.step) == (1, 8, 8)
+    resumed, calls = stub(epochs=None, batches=None, max_steps=4, state=engine.State(batch=5, step=5))
+    engine.Trainer.loop(resumed)
+    assert calls == [*step_calls(1, range(5, 8), window), ("validate",), ("log",), ("on_interval_end", 8)]
+
+
+def test_an_endless_stream_without_max_steps_is_refused_in_one_line():
+    with pytest.raises(engine.ConfigError, match=r"^max_steps: required, the training data is endless"):
+        stub(epochs=5, batches=None)
 
 
 def test_a_stop_request_ends_the_loop_after_its_epoch():
@@ -559,6 +650,13 @@ def test_a_stop_request_ends_the_loop_after_its_epoch():
     engine.Trainer.loop(trainer)
     assert [call for call in calls if call[0] == "on_epoch_end"] == [("on_epoch_end", 1), ("on_epoch_end", 2)]
     assert trainer.state.step == 6
+
+
+def test_a_stop_request_at_a_point_counted_in_steps_ends_the_run_there():
+    trainer, calls = stub(epochs=None, batches=None, max_steps=100, val_every_steps=2)
+    trainer.interval_end.append(lambda step: setattr(trainer.state, "stop", step == 8))
+    engine.Trainer.loop(trainer)
+    assert calls[-2:] == [("validate",), ("on_interval_end", 8)] and trainer.state.step == 8
 
 
 def test_a_signal_stops_the_loop_at_the_end_of_the_current_window():
@@ -573,7 +671,7 @@ def test_a_signal_stops_the_loop_at_the_end_of_the_current_window():
     with pytest.raises(engine.Interrupted) as raised:
         engine.Trainer.loop(trainer)
     assert raised.value.exit_code == 143
-    assert calls == epoch_calls(1, trainer.windows)[:4]  # the window's two batches, then no more
+    assert calls == epoch_calls(1, trainer.clock.period)[:4]  # the window's two batches, then no more
     assert (trainer.state.batch, trainer.state.step) == (2, 2)
     trainer, _ = stub()
     trainer.train_step, trainer.rank = signalled, 1  # another process stops at its next collective
@@ -610,8 +708,10 @@ def test_code_lines_counts_the_code_of_a_body_only():
 
 def test_the_loop_and_the_end_of_an_epoch_read_in_one_screen():
     """STYLE.md: the loop reads like the tutorial's and stays under 40 lines; resume, interruption
-    and evaluation live in the state, the trainer's other methods and plugins, not in the loop."""
-    functions = (engine.Trainer.loop, engine.Trainer.end_epoch)
+    and evaluation live in the state, the trainer's other methods and plugins, not in the loop.
+    The ends of its epochs and of its intervals counted in steps, and the choice of what is due
+    at either (`measure`), count with it."""
+    functions = (engine.Trainer.loop, engine.Trainer.end_epoch, engine.Trainer.end_interval, engine.Trainer.measure)
     assert sum(code_lines(function) for function in functions) <= 40, [code_lines(f) for f in functions]
     for function in functions:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))

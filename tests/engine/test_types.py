@@ -50,12 +50,12 @@ def test_a_window_is_hashable_so_compiled_steps_can_key_on_it():
 
 def test_the_state_round_trips_its_position_losses_and_every_rng_stream():
     losses = [(2, 7, torch.tensor(0.5), {"mse": torch.tensor(0.5)})]
-    state = engine.State(epoch=3, batch=2, step=12, metrics={"loss": 1.0}, val_epoch=2, seconds=4.5, losses=losses)
+    state = engine.State(epoch=3, batch=2, step=12, metrics={"loss": 1.0}, val_step=10, seconds=4.5, losses=losses)
     saved = state.state_dict()
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     restored = engine.State()
     restored.load_state_dict(saved)
-    assert (restored.epoch, restored.batch, restored.step, restored.val_epoch) == (3, 2, 12, 2)
+    assert (restored.epoch, restored.batch, restored.step, restored.val_step) == (3, 2, 12, 10)
     assert (restored.metrics, restored.seconds) == ({"loss": 1.0}, 4.5)
     [(epoch, step, loss, terms)] = restored.losses
     assert (epoch, step, loss.item(), terms["mse"].item()) == (2, 7, 0.5, 0.5)
@@ -70,15 +70,24 @@ def test_the_state_saves_plain_values_and_tensors_only(tmp_path):
     assert restored.losses[0][2].item() == 1.0
 
 
-def test_monitored_reads_a_metric_of_the_epoch_that_measured_it():
-    state = engine.State(metrics={"epoch": 3, "loss": 0.5}, val_metrics={"val_loss": 0.7}, val_epoch=2)
-    assert state.monitored(2, "val_loss", "k") == 0.7
-    assert state.monitored(3, "val_loss", "k") is None  # no validation at epoch 3
-    assert state.monitored(3, "loss", "k") == 0.5
-    assert state.monitored(2, "loss", "k") is None  # logged at epoch 3, not 2
+def test_monitored_reads_a_metric_measured_at_the_current_step():
+    state = engine.State(step=20, metrics={"step": 30, "loss": 0.5}, val_metrics={"val_loss": 0.7}, val_step=20)
+    assert state.monitored("val_loss", "k") == 0.7
+    assert state.monitored("loss", "k") is None  # logged at step 30, not 20
+    state.step = 30
+    assert state.monitored("val_loss", "k") is None  # no validation at step 30
+    assert state.monitored("loss", "k") == 0.5
     with pytest.raises(engine.TrainingError, match=r"^checkpoint\.monitor: 'val_acc' is not a metric of this run "):
-        state.monitored(2, "val_acc", "checkpoint.monitor")
-    assert engine.State().monitored(1, "val_acc", "k") is None  # nothing measured yet: no verdict
+        state.monitored("val_acc", "checkpoint.monitor")
+    assert engine.State().monitored("val_acc", "k") is None  # nothing measured yet: no verdict
+
+
+def test_a_checkpoint_of_before_steps_counted_validations_restores():
+    saved = engine.State(step=4).state_dict()
+    saved["val_epoch"] = saved.pop("val_step")
+    restored = engine.State()
+    restored.load_state_dict(saved)
+    assert restored.step == 4 and restored.val_step == 0
 
 
 def test_one_process_collectives_return_what_they_are_given():

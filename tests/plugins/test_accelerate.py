@@ -188,7 +188,10 @@ def choose(monkeypatch, eager_costs, others, epochs: int = 100, distributed: Any
     monkeypatch.setattr(accelerate, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     cpu = torch.device("cpu")
     trainer = SimpleNamespace(
-        device=cpu, epochs=epochs, batches_per_epoch=10, rank=0, distributed=distributed or engine.OneProcess(cpu)
+        device=cpu,
+        length=engine.RunLength(epochs, 10, epochs * 10, epochs * 10),
+        rank=0,
+        distributed=distributed or engine.OneProcess(cpu),
     )
     output = (torch.tensor(0.0), {})
 

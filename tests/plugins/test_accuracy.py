@@ -3,6 +3,8 @@ and over each epoch's training steps (train_accuracy)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from engine_plugins import accuracy
@@ -77,3 +79,11 @@ def test_validation_accuracy_matches_the_model_on_the_validation_set():
         expected = (result.model.eval()(x).argmax(dim=1) == y).float().mean().item()
     assert result.metrics["val_accuracy"] == pytest.approx(expected, abs=1e-6)
     assert 0.5 < result.metrics["val_accuracy"] <= 1
+
+
+def test_a_sequence_tasks_accuracy_is_per_position_leaving_padding_out():
+    output = torch.tensor([[[2.0, 1.0], [0.0, 3.0], [5.0, 0.0]], [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    target = torch.tensor([[0, 0, -100], [0, 1, 1]])  # 5 counted positions, hits at 3 of them
+    batch = engine.Batch(torch.zeros(2, 3, dtype=torch.long), target)
+    [value] = accuracy.compute_metrics(batch, output, SimpleNamespace(info=None)).values()
+    assert value.item() == pytest.approx(3 / 5)

@@ -122,3 +122,26 @@ def test_a_dataset_with_classes_reports_their_count(monkeypatch):
     monkeypatch.setattr(helpers, "named_blobs", named, raising=False)
     trainer = engine.setup(job(data={"name": "tests.helpers:named_blobs"}, loss={"name": "cross_entropy"}))
     assert trainer.info.n_outputs == 5 and trainer.model.out_features == 5
+
+
+def test_integer_targets_of_several_values_per_sample_are_a_sequence_task_with_token_ids_kept():
+    tokens = job(data={"name": "tests.helpers:next_tokens"}, model={"name": "tests.helpers:token_model"})
+    trainer = engine.setup({**tokens, "loss": {"name": "cross_entropy"}})
+    assert trainer.info == engine.DataInfo(6, 5, "sequence", 64)
+    batch = trainer.loaders.sample()
+    assert batch.x.dtype == torch.long and batch.y.shape == batch.x.shape  # ids, not features
+    with pytest.raises(engine.ConfigError, match=r"^loss.name: 'mse' compares outputs with values, but the targets"):
+        engine.setup(tokens)  # the default loss
+
+
+def test_a_dataset_of_sequences_needs_no_classes_attribute():
+    trainer = engine.setup(
+        job(
+            data={"name": "tests.helpers:next_tokens_dataset", "batch_size": 16},
+            model={"name": "tests.helpers:token_model"},
+            loss={"name": "cross_entropy"},
+        )
+    )
+    assert (trainer.info.task, trainer.info.n_outputs, trainer.info.n_features) == ("sequence", 5, 6)
+    batch = next(iter(trainer.loaders.train(1)))
+    assert (batch.x.dtype, batch.y.dtype, tuple(batch.y.shape)) == (torch.long, torch.long, (16, 6))

@@ -137,7 +137,7 @@ def test_csv_task_and_delimiter(csv_files):
         ),
         (
             {"path": "train.csv", "target": "label", "task": "auto-ish"},
-            "data.task: expected one of 'auto', 'regression', 'classification', 'binary', got 'auto-ish' "
+            "data.task: expected one of 'auto', 'regression', 'classification', 'binary', 'sequence', got 'auto-ish' "
             "(did you mean 'auto'?)",
         ),
     ],

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing
@@ -265,6 +266,8 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every other multi-process job of this module, run once in one pair of processes."""
     tmp_path = tmp_path_factory.mktemp("ddp")
     runs = {"runs_dir": str(tmp_path / "runs")}
+    tokens = {**TOKENS, "data": {**TOKENS["data"], "path": str(tmp_path / "tokens.bin")}}
+    np.random.RandomState(0).randint(40, size=4000).astype(np.uint16).tofile(tmp_path / "tokens.bin")
     jobs: Jobs = [
         (f"{name}-{accumulation}", jobs_with(optimizer=optimizer, grad_accumulation=accumulation, **runs), {})
         for name, optimizer, accumulation in (("sgd", SGD, 1), ("sgd", SGD, 3), ("adam", ADAM, 1))
@@ -290,8 +293,23 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ),
         ("resumed", None, {"resume": str(tmp_path / "runs" / "resumed")}),
         ("watched", jobs_with(run_name="watched", **WATCHED, **runs), {}),
+        ("tokens", {**tokens, **runs}, {}),
     ]
-    return in_processes(tmp_path, jobs)
+    return {**in_processes(tmp_path, jobs), "tokens job": tokens}
+
+
+# A language model on random windows of a token file: each process takes its piece of every
+# global batch of windows (plugins/tokens), with dropout, validation and logging by steps.
+TOKENS = {
+    "max_steps": 6,
+    "seed": 5,
+    "val_every_steps": 3,
+    "log": {"every_steps": 2},
+    "data": {"name": "tokens", "block_size": 8, "batch_size": 8, "val_fraction": 0.1},
+    "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16},
+    "loss": {"name": "cross_entropy"},
+    "optimizer": {"name": "adamw", "lr": 0.01, "decay": "matrices"},
+}
 
 
 def one_process(job: dict[str, Any], **options: Any) -> engine.Result:
@@ -320,6 +338,14 @@ def test_two_processes_reach_the_weights_of_one_with_other_optimizers_and_window
         assert_close(rank["weights"], expected.model.state_dict())
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     assert ranks[0]["metrics"] == pytest.approx(expected.metrics, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_on_random_windows_of_a_token_file_reach_the_weights_of_one(two_processes):
+    expected = one_process(two_processes["tokens job"])
+    for rank in two_processes["tokens"]:
+        assert_close(rank["weights"], expected.model.state_dict())
+    assert two_processes["tokens"][0]["metrics"] == pytest.approx(expected.metrics, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -150,10 +150,10 @@ def test_class_losses_check_logits_and_index_range(name):
     )
 
 
-def test_the_default_loss_is_mse_and_all_seven_are_registered():
+def test_the_default_loss_is_mse_and_all_eight_are_registered():
     plugins = engine.make_plugins()
     assert sorted(plugins.components["loss"]) == sorted(
-        ["mse", "cross_entropy", "l1", "smooth_l1", "huber", "bce_with_logits", "nll"]
+        ["mse", "cross_entropy", "l1", "smooth_l1", "huber", "bce_with_logits", "nll", "model"]
     )
     assert (plugins.default("loss"), plugins.defaults["loss"].plugin) == ("mse", "losses")
 
@@ -172,3 +172,34 @@ def test_regression_losses_train_the_default_job(name):
     result = engine.run(job(epochs=20, loss={"name": name}, optimizer={"lr": 0.1}))
     first = engine.run(job(epochs=1, run_name="first", loss={"name": name})).metrics["loss"]
     assert result.metrics[name] == result.metrics["loss"] < first
+
+
+# --- a sequence task: [N, T, C] logits, [N, T] targets ----------------------------------------------
+
+SEQUENCE = engine.DataInfo(n_features=5, n_outputs=4, task="sequence", n_train=8)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1])
+def test_sequence_losses_equal_torchs_on_the_flattened_logits(ignore_index):
+    generator = torch.Generator().manual_seed(2)
+    output = torch.randn(3, 5, 4, generator=generator)
+    target = torch.randint(0, 4, (3, 5), generator=generator)
+    target[0, :2] = ignore_index  # padding: counts for nothing
+    flat_output, flat_target = output.reshape(-1, 4), target.reshape(-1)
+    cross = losses.cross_entropy(SEQUENCE, CPU, weight=(1.0, 2.0, 1.0, 0.5), ignore_index=ignore_index)
+    weights = torch.tensor([1.0, 2.0, 1.0, 0.5])
+    expected = F.cross_entropy(flat_output, flat_target, weight=weights, ignore_index=ignore_index)
+    torch.testing.assert_close(cross(output, target), expected)
+    assert cross(output, target) != F.cross_entropy(flat_output, flat_target.clamp_min(0), weight=weights)
+    nll = losses.nll(SEQUENCE, CPU, ignore_index=ignore_index)
+    log_probabilities = output.log_softmax(-1)
+    expected = F.nll_loss(log_probabilities.reshape(-1, 4), flat_target, ignore_index=ignore_index)
+    torch.testing.assert_close(nll(log_probabilities, target), expected)
+
+
+def test_sequence_losses_check_the_shapes_and_the_vocabulary():
+    cross = losses.cross_entropy(SEQUENCE, CPU)
+    with pytest.raises(engine.TrainingError, match=r"expects logits \[N, T, C\] and class indices \[N, T\]"):
+        cross(torch.randn(3, 4, 5), torch.zeros(3, 5, dtype=torch.long))  # (N, C, T): torch's own layout
+    with pytest.raises(engine.TrainingError, match="the model outputs only 3 classes"):
+        cross(torch.randn(3, 5, 3), torch.zeros(3, 5, dtype=torch.long))

@@ -112,3 +112,28 @@ def test_a_class_absent_from_the_validation_set_scores_zero_without_a_warning(tm
         warnings.simplefilter("error")  # torchmetrics' "No positive samples in targets", at every validation
         result = engine.run(job)
     assert 0 <= result.metrics["val_recall"] < 1
+
+
+def test_a_sequence_task_reports_perplexity_and_per_position_accuracy_and_no_per_class_metric():
+    sequences = {
+        "epochs": 4,
+        "run_name": "sequences",
+        "data": {"name": "tests.helpers:next_tokens", "batch_size": 16, "val_fraction": 0.25},
+        "model": {"name": "tests.helpers:token_model"},
+        "loss": {"name": "cross_entropy"},
+        "optimizer": {"lr": 0.05},
+    }
+    trainer = engine.setup(sequences)
+    result = trainer.fit()
+    x, y = trainer.loaders.val_data
+    with torch.no_grad():
+        logits = trainer.module.eval()(x)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 5), y.reshape(-1))
+    m = result.metrics
+    assert m["val_loss"] == pytest.approx(loss.item(), abs=1e-5)
+    assert m["val_perplexity"] == pytest.approx(loss.exp().item(), rel=1e-5)
+    assert m["val_accuracy"] == pytest.approx((logits.argmax(-1) == y).float().mean().item(), abs=1e-6)
+    assert not {"val_f1", "val_precision", "val_auroc"} & set(m)
+    assert not (result.run_dir / "confusion_matrix.json").exists()
+    asked = engine.run({**sequences, "run_name": "asked", "metrics": {"sequence": ["f1"]}}).metrics
+    assert 0 <= asked["val_f1"] <= 1

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from engine_plugins import schedulers
 
 import engine
 from tests.helpers import Recorder, job
@@ -81,3 +82,29 @@ def test_the_scheduler_is_on_the_trainer_for_checkpoints():
 def test_scheduler_settings_are_validated():
     with pytest.raises(engine.ConfigError, match=r"scheduler.warmup: unknown key in \[scheduler\]"):
         engine.load_config(job(scheduler={"name": "warmup_cosine", "warmup": 10}))
+
+
+def test_schedules_span_max_steps_when_it_ends_the_run():
+    # 7 optimizer steps, ending within the second epoch: warmup_cosine spans them, cosine steps per step.
+    recorder = lrs({"name": "warmup_cosine", "warmup_steps": 2, "min_ratio": 0.1}, epochs=None, max_steps=7)
+    expected = [0.1 * (i + 1) / 2 for i in range(2)]
+    expected += [0.1 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - 2) / 5))) for i in range(2, 7)]
+    assert recorder.lrs == pytest.approx(expected)
+    cosine = lrs({"name": "cosine", "eta_min": 0.01}, epochs=4, max_steps=7, run_name="cosine")  # max_steps first
+    assert cosine.lrs == pytest.approx([0.01 + 0.09 * (1 + math.cos(math.pi * i / 7)) / 2 for i in range(7)])
+
+
+def test_schedules_over_max_steps_count_optimizer_steps_not_batches():
+    # Windows of 2 batches (the 5th alone): 4 optimizer steps are 7 batches.
+    recorder = lrs({"name": "warmup_cosine", "warmup_steps": 4}, epochs=None, max_steps=4, grad_accumulation=2)
+    assert len(recorder.lrs) == 7
+    assert recorder.lrs == pytest.approx([0.025, 0.025, 0.05, 0.05, 0.075, 0.1, 0.1])
+
+
+def test_a_schedule_counted_in_epochs_is_refused_on_endless_data():
+    endless = engine.RunLength(epochs=None, steps_per_epoch=None, total_steps=100, batches=100)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(
+        engine.ConfigError, match=r"^scheduler.name: 'step' counts epochs, and the training data is endless"
+    ):
+        schedulers.step_lr(optimizer, endless)

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import runs
 from .checks import returned
 from .config import Config
 from .errors import ConfigError, one_line
+from .saved import read_checkpoint
 from .step import build_step
 from .types import (
     DataInfo,
@@ -52,7 +52,8 @@ def build_chain(trainer: Any, checkpoint: Path | None) -> None:
     optimizer = build_components(trainer)
     wrap_components(trainer, optimizer)
     if checkpoint is not None:
-        restore(trainer, runs.load(checkpoint, runs.CHECKPOINT_FORMAT), checkpoint)
+        template = trainer.distributed.state(trainer.module, trainer.optimizer)
+        restore(trainer, read_checkpoint(trainer.plugins, checkpoint, template), checkpoint)
     bind_hooks(trainer)
     step = chain(trainer, "wrap_step", "step", build_step(trainer))
     trainer.train_step = trainer.acceleration.step(step) if trainer.acceleration is not None else step
@@ -78,17 +79,19 @@ def build_data(trainer: Any) -> None:
 
 
 def build_components(trainer: Any) -> torch.optim.Optimizer:
-    """The model (behind the data's input transform), the loss, the optimizer and the precision."""
+    """The model (behind the data's input transform), the loss, the precision, the model laid out
+    over the processes, and the optimizer on its parameters."""
     info, device = trainer.info, trainer.device
     model = trainer.build("model", info=info, device=device)
     transform = trainer.loaders.input_transform
-    trainer.module = (model if transform is None else WithInputTransform(transform.module, model)).to(device)
+    model = model if transform is None else WithInputTransform(transform.module, model)
     trainer.loss_name = trainer.config["loss"]["name"].rpartition(":")[2]
     trainer.loss_fn = trainer.build("loss", info=info, device=device)
-    params = [p for p in trainer.module.parameters() if p.requires_grad]
-    optimizer = trainer.build("optimizer", params=params)
     trainer.precision = trainer.build("precision", device=device) or Precision(device.type)
-    return optimizer
+    # Before the optimizer: FSDP2 replaces the parameters with this process's shards.
+    trainer.module = trainer.distributed.distribute(model, trainer.precision)
+    params = [p for p in trainer.module.parameters() if p.requires_grad]
+    return trainer.build("optimizer", params=params)
 
 
 def wrap_components(trainer: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -152,8 +155,7 @@ def restore(trainer: Any, saved: Mapping[str, Any], source: Path) -> None:
     if it does not fit them), then give each plugin its state back."""
     trainer.resumed_from = source
     try:
-        trainer.module.load_state_dict(saved["model"])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.distributed.load_state(trainer.module, trainer.optimizer, saved)
         if trainer.scheduler is not None and saved["scheduler"] is not None:
             trainer.scheduler.load_state_dict(saved["scheduler"])
         if trainer.precision.scaler is not None and saved["scaler"] is not None:

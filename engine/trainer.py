@@ -148,9 +148,9 @@ class Trainer:
                 state.losses.append((state.epoch, state.step, loss, terms))
                 for hook in self.after_step:
                     hook(loss=loss, terms=terms, window=window)
-                # Rank 0 stops, at the end of a window (within one the gradients are half summed);
-                # the others stop at their next collective, which it no longer joins.
-                if self.interrupted and window.last and self.rank == 0:
+                # At the end of a window (within one the gradients are half summed), where the
+                # processes agree to stop (engine.Distributed.stops).
+                if self.interrupted and window.last and self.distributed.stops(state.step):
                     raise Interrupted(self.interrupted)
             self.end_epoch()
 
@@ -179,8 +179,9 @@ class Trainer:
         if test is not None:  # once, on the model the run ended with
             self.state.test_metrics = self.validate(test, "test", self.final_module)
             check_finite(self.state.test_metrics, self.state.epoch - 1)
+        weights = self.distributed.full_weights(self.final_module)  # every process: a gather when sharded
         if self.rank == 0:
-            saved = {"format": runs.MODEL_FORMAT, "model": self.final_module.state_dict(), "step": self.state.step}
+            saved = {"format": runs.MODEL_FORMAT, "model": weights, "step": self.state.step}
             runs.save(saved, self.run_dir / runs.MODEL)
 
     def end(self, error: BaseException | None) -> BaseException | None:
@@ -300,8 +301,10 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         """Everything a resumed run needs, as tensors and plain values (it loads with
         weights_only=True): the model, optimizer, scheduler, gradient scaler, the loop state with
-        every RNG, and the state the plugins return from `save_plugin_state`. Taken at the end of an
-        accumulation window (within one the gradients are half summed) or of an epoch."""
+        every RNG, and the state the plugins return from `save_plugin_state`; the model and the
+        optimizer as `engine.Distributed.state` gives them (when sharded, this process's shards:
+        every process takes the checkpoint). Taken at the end of an accumulation window (within
+        one the gradients are half summed) or of an epoch."""
         state, scaler = self.state, self.precision.scaler
         if state.batch and not self.windows[state.batch - 1].last:
             raise TrainingError("a checkpoint is taken at the end of an accumulation window, not inside one")
@@ -309,8 +312,7 @@ class Trainer:
         saved["seconds"] = self.elapsed()
         return {
             "format": runs.CHECKPOINT_FORMAT,
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self.distributed.state(self.module, self.optimizer),  # "model" and "optimizer"
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": saved,

@@ -8,6 +8,7 @@ The learning rate defaults to 0.01, the tutorial's, for every optimizer.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Annotated, Literal
 
@@ -22,23 +23,39 @@ NonNegative = Annotated[float, engine.Range(ge=0)]
 Beta = Annotated[float, engine.Range(ge=0, lt=1)]
 
 
-def implementation(impl: Impl, params: list[torch.Tensor]) -> dict[str, bool | None]:
-    """The fused/foreach keyword arguments for `impl`."""
+def implementation(impl: Impl, params: list[torch.Tensor], fuses_shards: bool = True) -> dict[str, bool | None]:
+    """The fused/foreach keyword arguments for `impl`; `fuses_shards`: whether torch's fused kernel
+    takes sharded parameters (FSDP2's DTensors: Adam's and AdamW's do, SGD's not in torch 2.13)."""
     if impl == "auto":
         supported = _get_fused_kernels_supported_devices()
         fusable = params and all(p.device.type in supported and p.is_floating_point() for p in params)
-        return {"fused": True} if fusable else {}
+        return {"fused": True} if fusable and (fuses_shards or not sharded(params)) else {}
     if impl == "fused":
+        if not fuses_shards and sharded(params):
+            raise engine.ConfigError(
+                "optimizer.impl: torch's fused kernel of this optimizer does not take sharded parameters "
+                "(distributed.strategy 'fsdp'): use 'auto' or 'foreach'"
+            )
         return {"fused": True}
     return {"foreach": impl == "foreach"}
 
 
+def sharded(params: list[torch.Tensor]) -> bool:
+    """Whether the parameters are FSDP2's shards (DTensors, which exist only once their module is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(isinstance(p, module.DTensor) for p in params)
+
+
 def built(
-    optimizer: type[torch.optim.Optimizer], params: Iterable[torch.Tensor], impl: Impl, **settings
+    optimizer: type[torch.optim.Optimizer],
+    params: Iterable[torch.Tensor],
+    impl: Impl,
+    fuses_shards: bool = True,
+    **settings,
 ) -> torch.optim.Optimizer:
     """`optimizer` over `params` with `settings`, in the implementation `impl` asks for."""
     params = list(params)
-    return optimizer(params, **settings, **implementation(impl, params))
+    return optimizer(params, **settings, **implementation(impl, params, fuses_shards))
 
 
 def sgd(
@@ -53,7 +70,7 @@ def sgd(
     if nesterov and (momentum <= 0 or dampening != 0):
         raise engine.ConfigError("optimizer.nesterov: needs momentum > 0 and dampening = 0")
     settings = {"momentum": momentum, "dampening": dampening, "weight_decay": weight_decay, "nesterov": nesterov}
-    return built(torch.optim.SGD, params, impl, lr=lr, **settings)
+    return built(torch.optim.SGD, params, impl, fuses_shards=False, lr=lr, **settings)
 
 
 def adam(

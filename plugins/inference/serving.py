@@ -215,7 +215,7 @@ def evaluate(
         trainer = engine.Trainer(config, found)
         try:
             # compute_loss hooks (a regularizer) read the trained weights from the trainer's module.
-            trainer.module.load_state_dict(engine.runs.load(run.weights, run.weights_format)["model"])
+            trainer.module.load_state_dict(run.module().state_dict())
             metrics = trainer.validate(model=Served(chosen))
         finally:
             trainer.loaders.close()

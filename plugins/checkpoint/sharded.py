@@ -21,6 +21,7 @@ after-training commands), the whole tensors are read.
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -49,14 +50,18 @@ def start(taken: dict[str, Any], temporary: Path, group: Any, in_background: boo
 def read(path: Path, template: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint directory `path`, its shards read into `template`'s tensors."""
     shards = {key: template[key] for key in SHARDS if key in template}
-    if any(not isinstance(name, str) for name in shards.get("optimizer", {}).get("state", {})):
+    # A sharded run's optimizer state names its parameters; a whole model's numbers them.
+    groups = shards.get("optimizer", {}).get("param_groups", [])
+    if any(not isinstance(name, str) for group in groups for name in group["params"]):
         raise engine.ConfigError(
             f"checkpoint '{path}' holds a sharded model (distributed.strategy 'fsdp'): continue it with that strategy"
         )
     beside = engine.runs.load(path / STATE, engine.runs.CHECKPOINT_FORMAT)
     whole = not any(isinstance(value, DTensor) for value in shards.get("model", {}).values())
     try:
-        dcp.load(shards, checkpoint_id=path, no_dist=whole or not dist.is_initialized())
+        with warnings.catch_warnings():  # that a single process reads the whole tensors, as meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(shards, checkpoint_id=path, no_dist=whole or not dist.is_initialized())
     except Exception as error:
         raise engine.ConfigError(f"checkpoint '{path}' does not fit this run: {engine.one_line(error)}") from None
     return {**beside, **shards}

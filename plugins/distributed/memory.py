@@ -40,7 +40,7 @@ def figures(trainer: engine.TrainerView) -> tuple[torch.Tensor, list[int]]:
 def report(rows: torch.Tensor, whole: list[int], strategy: str) -> str:
     """``memory per process ...`` and one line per rank: what it holds, and its share of the whole."""
     lines = [
-        f"memory per process after the first step ({strategy}, {len(rows)} processes): "
+        f"memory per process after the first step ({strategy}, {len(rows)} process{'es' * (len(rows) > 1)}): "
         f"{' + '.join(KINDS)}; the whole model's: {' + '.join(size(b) for b in whole)} = {size(sum(whole))}"
     ]
     for rank, row in enumerate(rows.tolist()):

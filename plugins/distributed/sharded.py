@@ -86,7 +86,8 @@ class Sharded(Joined):
         return {"model": model, "optimizer": optimizer_state}
 
     def load_state(self, module: nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
-        if not all(isinstance(name, str) for name in saved["optimizer"].get("state", {})):
+        # A sharded run's optimizer state names its parameters; a whole model's numbers them.
+        if not all(isinstance(name, str) for group in saved["optimizer"]["param_groups"] for name in group["params"]):
             raise ValueError(
                 "it holds the whole model of a run whose model was not sharded (distributed.strategy 'ddp', or "
                 "one process): continue it with that strategy"

@@ -48,9 +48,13 @@ class Joined(engine.OneProcess):
             store, rank, world_size = next(dist.rendezvous("env://"))
         else:
             store, rank, world_size = dist.HashStore(), 0, 1
-        # The launcher starts a fresh store per attempt (torchrun --max-restarts), but a store that
-        # rank 0 hosts outlives a run within its process: forget an earlier run's error.
-        self.store = dist.PrefixStore(f"engine/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        # torchrun's agent keeps its store across the restarts of --max-restarts, and a process
+        # group looks its peers' addresses up there: every key of an attempt (the groups' and the
+        # run's error) goes under a prefix of its own, or a process that reaches a group first
+        # reads the address of a process of the attempt before. A store that rank 0 hosts outlives
+        # a run within its process: forget an earlier run's error.
+        store = dist.PrefixStore(f"engine/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        self.store = store
         if rank == 0:
             self.store.delete_key(ERROR_KEY)
         dist.init_process_group(

@@ -113,7 +113,9 @@ def test_a_worker_that_keeps_failing_ends_the_job_with_its_error_once_the_restar
     done = command(tmp_path, *run, "--nproc", "2", "--max-restarts", "1")
     assert done.returncode == 1
     message = "rank 1, epoch 1, step 1: plugin 'failing' failed in hook after_step: ValueError: boom"
-    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [f"error: {message}"] * 2  # each attempt
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {message}"
+    ] * 2  # each attempt
     assert done.stderr.strip().splitlines()[-1] == f"error: {message}"
     summary = read_json(tmp_path / "runs" / "failing" / "summary.json")
     assert summary["status"] == "failed" and summary["error"] == message

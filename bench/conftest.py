@@ -41,6 +41,8 @@ GROUPS = {
     "checkpoint": "an epoch with a checkpoint at its end beside one without; saving and loading one",
     "logging": "an epoch logging to TensorBoard at its end beside one logging to the run files only",
     "distributed": "data-parallel training in two processes beside one, by hand (DDP) and by the engine",
+    "fsdp": "the model sharded over two processes (FSDP2; one per GPU), by hand and by the engine, rounds interleaved",
+    "sharded-checkpoint": "an fsdp epoch with an async or a synchronous sharded checkpoint at its end beside none",
 }
 
 
@@ -305,6 +307,7 @@ class Group:
         hook_calls_per_step: int = 0,
         rounds: int | None = None,
         samples_per_step: int = 0,
+        between: Round | None = None,
     ) -> None:
         """Time `run_round` over the job's rounds, after its warm-up rounds (excluded).
 
@@ -313,7 +316,9 @@ class Group:
         `reference` names a second contender to compare with, and `hook_calls_per_step` the extra
         hook calls per step over it, for a dispatch cost per call. `samples_per_step` (a forward
         pass's batch size, in the inference group) adds the 99th percentile of a round and the
-        samples per second to the record, for the latency table.
+        samples per second to the record, for the latency table. `between` runs, untimed, before
+        each round: the other contenders' rounds, so that the group's rounds interleave and a
+        change in the machine's load touches them alike.
         """
         steps = steps_per_round or self.job.epochs_per_round * batches_per_epoch(self.job)
         group = f"{self.name}:{self.job.name}:{self.device}"
@@ -339,8 +344,9 @@ class Group:
                 run_round()
                 torch.cuda.synchronize()  # the round ends when the GPU is done, not when it was queued
 
+        between = None if self.benchmark.disabled else between  # the smoke run times nothing
         self.benchmark.pedantic(
-            timed, rounds=rounds or self.job.rounds, warmup_rounds=self.job.warmup_rounds, iterations=1
+            timed, setup=between, rounds=rounds or self.job.rounds, warmup_rounds=self.job.warmup_rounds, iterations=1
         )
         if self.benchmark.stats is not None:  # None under --benchmark-disable
             median = self.benchmark.stats.stats.median

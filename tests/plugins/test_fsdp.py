@@ -121,6 +121,24 @@ def test_the_time_trigger_falls_at_the_step_rank_0_estimated(monkeypatch):
     assert found["sharded"] == found["whole"] == [4, 8, 12, 16, 20, 24, 28, 32]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
+def test_fsdp_on_one_gpu_over_nccl_trains_as_the_whole_model_does_and_resumes(precision):
+    sharded = job(device="cuda", optimizer=ADAMW, precision={"name": precision}, checkpoint={"every_steps": 5})
+    with pytest.raises(engine.TrainingError):
+        engine.run({**sharded, "run_name": "gpu"}, plugins=[CrashAt(11)])
+    resumed = engine.run(resume="runs/gpu")  # from step 10's sharded checkpoint, written from the GPU
+    expected = {k: v.cpu() for k, v in engine.run({**whole(sharded), "run_name": "whole"}).model.state_dict().items()}
+    atol = 1e-5
+    if precision != "32":  # within the difference the format makes (see the two-process test)
+        full = engine.run({**whole(sharded), "precision": {"name": "32"}, "run_name": "full"}).model.state_dict()
+        atol = max((expected[key] - full[key].cpu()).abs().max().item() for key in expected) / 4
+    assert_close(final_weights(resumed.run_dir), expected, atol=atol)
+    assert read_json(resumed.run_dir / "summary.json")["resumed_from"] == "checkpoints/step-000000010.dcp"
+    assert not torch.distributed.is_initialized()
+
+
 # --- what the strategy shards, and what it refuses --------------------------------------------------
 
 

@@ -29,6 +29,8 @@ import engine
 # One intra-op thread by default, as in the CPU targets: with more, the small tutorial
 # ops pay thread-pool wake-ups and the figures swing with whatever else the machine runs.
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+# At most this many timed rounds per contender, when set: a quick run (bench/gpu.sh sets 5).
+MAX_ROUNDS = int(os.environ.get("BENCH_ROUNDS", "0"))
 
 # Groups and what their contenders compare. A group's name starts each benchmark's pytest-benchmark
 # group ("loop-overhead:tutorial:cpu"), so that only contenders doing the same work are compared.
@@ -345,8 +347,9 @@ class Group:
                 torch.cuda.synchronize()  # the round ends when the GPU is done, not when it was queued
 
         between = None if self.benchmark.disabled else between  # the smoke run times nothing
+        rounds = min(rounds or self.job.rounds, MAX_ROUNDS or self.job.rounds)
         self.benchmark.pedantic(
-            timed, setup=between, rounds=rounds or self.job.rounds, warmup_rounds=self.job.warmup_rounds, iterations=1
+            timed, setup=between, rounds=rounds, warmup_rounds=self.job.warmup_rounds, iterations=1
         )
         if self.benchmark.stats is not None:  # None under --benchmark-disable
             median = self.benchmark.stats.stats.median

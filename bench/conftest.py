@@ -348,9 +348,7 @@ class Group:
 
         between = None if self.benchmark.disabled else between  # the smoke run times nothing
         rounds = min(rounds or self.job.rounds, MAX_ROUNDS or self.job.rounds)
-        self.benchmark.pedantic(
-            timed, setup=between, rounds=rounds, warmup_rounds=self.job.warmup_rounds, iterations=1
-        )
+        self.benchmark.pedantic(timed, setup=between, rounds=rounds, warmup_rounds=self.job.warmup_rounds, iterations=1)
         if self.benchmark.stats is not None:  # None under --benchmark-disable
             median = self.benchmark.stats.stats.median
             info["us_per_step"] = round(median / steps * 1e6, 3)

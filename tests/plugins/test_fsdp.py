@@ -19,16 +19,19 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing
 from engine_plugins import checkpoint as checkpoint_plugin
+from engine_plugins import datasets
 from engine_plugins.cudagraph import Graphed
 from engine_plugins.distributed import memory
 from engine_plugins.distributed.sharded import layers, units
 from torch import nn
 
 import engine
+from engine.cli import main
 from tests.helpers import read_json, read_jsonl
 from tests.plugins.test_distributed import ADAM, DATASET, MLP, SGD, CrashAt, assert_close, free_ports
 
@@ -78,6 +81,13 @@ def test_one_process_sharding_over_itself_trains_as_the_whole_model_does():
     # engine.load reads a sharded checkpoint whole, without a process group; model.pt is one file.
     assert_close(engine.load(result.run_dir, which="last").state_dict(), expected.model.state_dict(), atol=0.0)
     assert not torch.distributed.is_initialized()  # the run left its group of one
+    # So do the after-training commands: evaluate on the last checkpoint gives the final validation's figures.
+    x, y = datasets.classification(seed=3, n_samples=60, n_features=8)
+    np.savez("data.npz", x=x, y=y)
+    evaluate = ["evaluate", str(result.run_dir), "--data", "data.npz", "--backend", "eager"]
+    assert main([*evaluate, "--which", "last"]) == main(evaluate) == 0
+    last, final = (read_json(result.run_dir / "evaluations" / f"data-{which}.json") for which in ("last", "final"))
+    assert last["loss"] == pytest.approx(final["loss"], abs=1e-6)
 
 
 def test_a_sharded_run_resumes_exactly_and_its_strategy_cannot_change_on_resume(tmp_path):

@@ -29,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import statistics
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +59,13 @@ def _wide_512() -> Job:
 # the reference measurement: 128 -> 512 -> 512 -> 10, LayerNorm, GELU, fused Adam.
 DISTRIBUTED_JOBS = {"mlp": JOBS["mlp"], "wide": _wide_512()}
 # The engine contenders, by their overrides of the job.
-SHARDED = ["distributed.strategy=fsdp", "checkpoint.every_seconds=0", "checkpoint.keep_best=0"]
+# No training metrics (accuracy inside each step): the hand-written loop computes none.
+SHARDED = [
+    "distributed.strategy=fsdp",
+    "checkpoint.every_seconds=0",
+    "checkpoint.keep_best=0",
+    "log.train_metrics=false",
+]
 ENGINES = {
     "engine": [],
     "engine, fsdp": SHARDED,
@@ -65,6 +73,7 @@ ENGINES = {
     "engine, fsdp, sync checkpoint": [*SHARDED, "checkpoint.every_epochs=1", "checkpoint.async_save=false"],
 }
 CONTENDERS = ("by hand", "by hand, no all-reduce", "by hand, half batch", "by hand, fsdp", *ENGINES)
+SAVING: list[float] = []  # in an engine's process: the seconds each round spent taking checkpoints
 
 
 def free_port() -> int:
@@ -143,6 +152,9 @@ def serve(rank: int, world_size: int, port: int, contender: str, job: str, devic
         while (message := pipe.recv()) != "stop":
             if message == "profile":
                 pipe.send(profiled(run_round, device))
+                continue
+            if message == "saving":
+                pipe.send(statistics.median(SAVING) if SAVING else 0.0)
                 continue
             run_round()
             if device == "cuda":
@@ -235,11 +247,22 @@ def engine_round(
         trainer.state.stop = epoch == epochs
 
     trainer.epoch_end.append(end_round)
+    checkpoints = trainer.plugins.pm.get_plugin("checkpoint")
+    save, saving = checkpoints.save, [0.0]
+
+    def timed_save(*args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        save(*args, **kwargs)
+        saving[0] += time.perf_counter() - started
+
+    checkpoints.save = timed_save  # what the training thread spends taking checkpoints
 
     def run_round() -> None:
         state = trainer.state
         state.epoch, state.batch, state.stop = 1, 0, False
+        saving[0] = 0.0
         trainer.loop()
+        SAVING.append(saving[0])
 
     def finish() -> None:
         trainer.final_module = trainer.module

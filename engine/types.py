@@ -139,9 +139,7 @@ class Distributed(Protocol):
     rank: int  # this process's, 0 in a single process; rank 0 alone prints and writes files
     world_size: int  # the number of processes
     device: torch.device  # this process's device (on CUDA, the GPU of its local rank)
-    # Each process holds a shard of the parameters and the optimizer's state (FSDP2's DTensors):
-    # every process takes part in a checkpoint, and writes its own shards.
-    sharded: bool
+    sharded: bool  # each process holds shards of the model (FSDP2): all take part in a checkpoint
 
     def distribute(self, module: torch.nn.Module, precision: Precision) -> torch.nn.Module:
         """The model laid out over the processes, on this process's device; called once in the
@@ -150,9 +148,8 @@ class Distributed(Protocol):
 
     def state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The model's and optimizer's part of a checkpoint, ``{"model": ..., "optimizer": ...}``:
-        their state dicts; when `sharded`, this process's shards keyed by parameter names
-        (torch.distributed.checkpoint's `get_state_dict`), what a checkpoint of any number of
-        processes loads into."""
+        their state dicts; when `sharded`, this process's shards by parameter name (DCP's
+        `get_state_dict`), which a checkpoint of any number of processes loads into."""
 
     def load_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
         """Load the ``"model"`` and ``"optimizer"`` of a checkpoint (shaped as `state` returns them)."""

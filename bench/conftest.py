@@ -29,6 +29,8 @@ import engine
 # One intra-op thread by default, as in the issue's CPU targets: with more, the small tutorial
 # ops pay thread-pool wake-ups and the figures swing with whatever else the machine runs.
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+# At most this many timed rounds per contender, when set: a quick run (bench/gpu.sh sets 5).
+MAX_ROUNDS = int(os.environ.get("BENCH_ROUNDS", "0"))
 
 # Groups and what their contenders compare. A group's name starts each benchmark's pytest-benchmark
 # group ("loop-overhead:tutorial:cpu"), so that only contenders doing the same work are compared.
@@ -42,6 +44,8 @@ GROUPS = {
     "logging": "an epoch logging to TensorBoard at its end beside one logging to the run files only",
     "distributed": "data-parallel training in two processes beside one, by hand (DDP) and by the engine",
     "tokens": "a language model on windows of a token file, in tokens per second, by hand and by the engine",
+    "fsdp": "the model sharded over two processes (FSDP2; one per GPU), by hand and by the engine, rounds interleaved",
+    "sharded-checkpoint": "an fsdp epoch with an async or a synchronous sharded checkpoint at its end beside none",
 }
 
 
@@ -307,6 +311,7 @@ class Group:
         hook_calls_per_step: int = 0,
         rounds: int | None = None,
         samples_per_step: int = 0,
+        between: Round | None = None,
     ) -> None:
         """Time `run_round` over the job's rounds, after its warm-up rounds (excluded).
 
@@ -315,7 +320,9 @@ class Group:
         `reference` names a second contender to compare with, and `hook_calls_per_step` the extra
         hook calls per step over it, for a dispatch cost per call. `samples_per_step` (a forward
         pass's batch size, in the inference group) adds the 99th percentile of a round and the
-        samples per second to the record, for the latency table.
+        samples per second to the record, for the latency table. `between` runs, untimed, before
+        each round: the other contenders' rounds, so that the group's rounds interleave and a
+        change in the machine's load touches them alike.
         """
         steps = steps_per_round or self.job.epochs_per_round * batches_per_epoch(self.job)
         group = f"{self.name}:{self.job.name}:{self.device}"
@@ -341,9 +348,9 @@ class Group:
                 run_round()
                 torch.cuda.synchronize()  # the round ends when the GPU is done, not when it was queued
 
-        self.benchmark.pedantic(
-            timed, rounds=rounds or self.job.rounds, warmup_rounds=self.job.warmup_rounds, iterations=1
-        )
+        between = None if self.benchmark.disabled else between  # the smoke run times nothing
+        rounds = min(rounds or self.job.rounds, MAX_ROUNDS or self.job.rounds)
+        self.benchmark.pedantic(timed, setup=between, rounds=rounds, warmup_rounds=self.job.warmup_rounds, iterations=1)
         if self.benchmark.stats is not None:  # None under --benchmark-disable
             median = self.benchmark.stats.stats.median
             info["us_per_step"] = round(median / steps * 1e6, 3)

@@ -10,6 +10,13 @@ A contender is built in every one of its processes from its name:
   seeded epoch order, as a careful hand-written DDP loop does.
 - ``engine``: the engine's loop (`Trainer.loop`, one logging point per round); with several
   processes under the environment torchrun gives them, its `distributed` plugin does the rest.
+- ``by hand, fsdp``: the hand-written loop with the model sharded by FSDP2 as the engine's
+  ``fsdp`` strategy shards it (``fully_shard`` on every layer holding parameters, then on the
+  model), fused Adam on the shards, each rank its slice of every global batch; with one process,
+  a group of one.
+- ``engine, fsdp``: the engine with ``distributed.strategy = "fsdp"`` and no checkpoint;
+  ``engine, fsdp, async checkpoint`` and ``engine, fsdp, sync checkpoint``: with a sharded
+  checkpoint at the end of every epoch, written by `dcp.async_save` or by `dcp.save`.
 - ``by hand, no all-reduce`` and ``by hand, half batch``, for the profile: the hand-written loop
   on each rank's slice of every global batch without DDP (the processes compute side by side and
   never communicate), and on one slice in one process (half the batch, alone on the machine).
@@ -22,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import statistics
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 from conftest import JOBS, Job
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import engine
@@ -47,7 +58,22 @@ def _wide_512() -> Job:
 # The MLP job of the shared suite (global batch 32) and the wide job with global batch 512, as in
 # the issue's reference measurement: 128 -> 512 -> 512 -> 10, LayerNorm, GELU, fused Adam.
 DISTRIBUTED_JOBS = {"mlp": JOBS["mlp"], "wide": _wide_512()}
-CONTENDERS = ("by hand", "engine", "by hand, no all-reduce", "by hand, half batch")
+# The engine contenders, by their overrides of the job.
+# No training metrics (accuracy inside each step): the hand-written loop computes none.
+SHARDED = [
+    "distributed.strategy=fsdp",
+    "checkpoint.every_seconds=0",
+    "checkpoint.keep_best=0",
+    "log.train_metrics=false",
+]
+ENGINES = {
+    "engine": [],
+    "engine, fsdp": SHARDED,
+    "engine, fsdp, async checkpoint": [*SHARDED, "checkpoint.every_epochs=1"],
+    "engine, fsdp, sync checkpoint": [*SHARDED, "checkpoint.every_epochs=1", "checkpoint.async_save=false"],
+}
+CONTENDERS = ("by hand", "by hand, no all-reduce", "by hand, half batch", "by hand, fsdp", *ENGINES)
+SAVING: list[float] = []  # in an engine's process: the seconds each round spent taking checkpoints
 
 
 def free_port() -> int:
@@ -127,6 +153,9 @@ def serve(rank: int, world_size: int, port: int, contender: str, job: str, devic
             if message == "profile":
                 pipe.send(profiled(run_round, device))
                 continue
+            if message == "saving":
+                pipe.send(statistics.median(SAVING) if SAVING else 0.0)
+                continue
             run_round()
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -140,9 +169,10 @@ def build(
     rank: int, world_size: int, port: int, contender: str, job: Job, device: str
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The round and the teardown of `contender` in process `rank`."""
-    if contender == "engine":
-        return engine_round(rank, world_size, port, job, device)
-    communicate = contender == "by hand" and world_size > 1
+    if contender in ENGINES:
+        return engine_round(rank, world_size, port, job, device, ENGINES[contender])
+    sharded = contender == "by hand, fsdp"
+    communicate = sharded or (contender == "by hand" and world_size > 1)
     slices = 2 if contender == "by hand, half batch" else world_size  # of each global batch
     if communicate:
         backend = "nccl" if device == "cuda" else "gloo"
@@ -151,8 +181,16 @@ def build(
     if device == "cuda":
         torch.cuda.set_device(where)
     torch.manual_seed(job.seed)  # the engine seeds the same way right before its model
-    model = job.model().to(where)
-    if communicate:
+    model = job.model()
+    if sharded:  # each layer holding parameters a unit, then the model; fully_shard moves the shards to the device
+        mesh = init_device_mesh(device, (world_size,))
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    else:
+        model = model.to(where)
+    if communicate and not sharded:
         model = DistributedDataParallel(model, device_ids=[rank] if device == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=job.lr, fused=True)
     loss_fn = job.loss()
@@ -177,9 +215,11 @@ def build(
 
 
 def engine_round(
-    rank: int, world_size: int, port: int, job: Job, device: str
+    rank: int, world_size: int, port: int, job: Job, device: str, overrides: list[str]
 ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """The engine's loop from the first epoch, as bench/conftest.py's `Contenders.engine` runs it."""
+    """The engine's loop from the first epoch, as bench/conftest.py's `Contenders.engine` runs it:
+    a round is epochs in the middle of a long run (its last epoch would take the run's final
+    checkpoint)."""
     if world_size > 1:
         os.environ.update(
             RANK=str(rank),
@@ -191,15 +231,38 @@ def engine_round(
     epochs = job.epochs_per_round
     trainer = engine.setup(
         job.config,
-        overrides=[f"device={device}", f"epochs={epochs}", f"log.every={epochs}", f"runs_dir={tempfile.mkdtemp()}"],
+        overrides=[
+            f"device={device}",
+            f"epochs={epochs}",
+            f"log.every={epochs}",
+            f"runs_dir={tempfile.mkdtemp()}",
+            *overrides,
+        ],
         blocked=["console"],
     )
     trainer.start()
+    trainer.epochs = 2**62
+
+    def end_round(epoch: int) -> None:
+        trainer.state.stop = epoch == epochs
+
+    trainer.epoch_end.append(end_round)
+    checkpoints = trainer.plugins.pm.get_plugin("checkpoint")
+    save, saving = checkpoints.save, [0.0]
+
+    def timed_save(*args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        save(*args, **kwargs)
+        saving[0] += time.perf_counter() - started
+
+    checkpoints.save = timed_save  # what the training thread spends taking checkpoints
 
     def run_round() -> None:  # the run again from its start: its epochs, and its steps
         state = trainer.state
         state.epoch, state.batch, state.step, state.stop = 1, 0, 0, False
+        saving[0] = 0.0
         trainer.loop()
+        SAVING.append(saving[0])
 
     def finish() -> None:
         trainer.final_module = trainer.module

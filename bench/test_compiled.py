@@ -9,6 +9,8 @@ Contenders, for the tutorial job, the MLP job and a wider model where fusion mat
 - engine compile, and compile with ``mode = "reduce-overhead"`` (CUDA graphs inside Inductor);
 - engine cudagraph: the whole step captured in one CUDA graph (CUDA only);
 - engine auto: what ``[accelerate] name = "auto"`` settles on after its trial steps (the warm-up rounds);
+- engine bf16-mixed and engine 16-mixed: the eager step under autocast (fp16 with its gradient
+  scaler; CUDA only: the CPU's autocast kernels are not what these precisions are for);
 - hand-written CUDA graph: the same step captured by hand, the floor for the GPU rows (CUDA only).
 
 Compiling costs seconds per contender, so under ``--benchmark-disable`` (the CI smoke run) the
@@ -59,7 +61,10 @@ ENGINE = {
     "engine compile reduce-overhead": ["accelerate.name=compile", "accelerate.mode=reduce-overhead"],
     "engine cudagraph": ["accelerate.name=cudagraph"],
     "engine auto": ["accelerate.name=auto"],
+    "engine bf16-mixed": ["accelerate.name=eager", "precision.name=bf16-mixed"],
+    "engine 16-mixed": ["accelerate.name=eager", "precision.name=16-mixed"],
 }
+CUDA_ONLY = ("engine cudagraph", "engine bf16-mixed", "engine 16-mixed")
 COMPILING = ("engine compile", "engine compile reduce-overhead")
 
 
@@ -76,8 +81,8 @@ def test_hand_written(contenders: Contenders, compiled: Group) -> None:
 
 @pytest.mark.parametrize("contender", list(ENGINE))
 def test_engine(contenders: Contenders, compiled: Group, contender: str) -> None:
-    if contender == "engine cudagraph" and not contenders.device.startswith("cuda"):
-        pytest.skip("CUDA graphs need a CUDA device")
+    if contender in CUDA_ONLY and not contenders.device.startswith("cuda"):
+        pytest.skip("a CUDA row")
     if contender in COMPILING and compiled.benchmark.disabled:
         pytest.skip("compiling costs seconds per contender: timed runs only")
     impl = torch_default_impl(contenders.device)

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import runs
 from .calling import ModelLoss, model_call
 from .checks import returned
 from .config import Config
 from .errors import ConfigError, one_line
 from .hookspecs import CHAINED_TYPES
+from .saved import read_checkpoint
 from .step import build_step
 from .steps import clock_of, run_length
 from .types import DataInfo, InputTransform, Loaders, Precision, Scheduled, State, Window, WithInputTransform
@@ -37,7 +37,8 @@ def build_chain(trainer: Any, checkpoint: Path | None) -> None:
     optimizer = build_components(trainer)
     wrap_components(trainer, optimizer)
     if checkpoint is not None:
-        restore(trainer, runs.load(checkpoint, runs.CHECKPOINT_FORMAT), checkpoint)
+        template = trainer.distributed.state(trainer.module, trainer.optimizer)
+        restore(trainer, read_checkpoint(trainer.plugins, checkpoint, template), checkpoint)
     bind_hooks(trainer)
     step = chain(trainer, "wrap_step", "step", build_step(trainer))
     trainer.train_step = trainer.acceleration.step(step) if trainer.acceleration is not None else step
@@ -65,21 +66,23 @@ def build_data(trainer: Any) -> None:
 
 
 def build_components(trainer: Any) -> torch.optim.Optimizer:
-    """The model (behind the data's input transform), the loss, the optimizer and the precision."""
+    """The model (behind the data's input transform), the loss, the precision, the model laid out
+    over the processes, and the optimizer on its parameters."""
     info, device = trainer.info, trainer.device
     model = trainer.build("model", info=info, device=device)
     transform = trainer.loaders.input_transform
-    trainer.module = (model if transform is None else WithInputTransform(transform.module, model)).to(device)
+    model = model if transform is None else WithInputTransform(transform.module, model)
     trainer.loss_name = trainer.config["loss"]["name"].rpartition(":")[2]
     trainer.loss_fn = trainer.build("loss", info=info, device=device)
     trainer.model_loss = isinstance(trainer.loss_fn, ModelLoss)
     # How the step calls the model (engine/calling.py): a dict of inputs goes in as keywords.
     keywords = isinstance(trainer.loaders.sample().x, Mapping)
     trainer.call = model_call(trainer.config["model"], keywords)
-    named = [(name, p) for name, p in trainer.module.named_parameters() if p.requires_grad]
-    optimizer = trainer.build("optimizer", params=[p for _, p in named], named_params=named)
     trainer.precision = trainer.build("precision", device=device) or Precision(device.type)
-    return optimizer
+    # Before the optimizer: FSDP2 replaces the parameters with this process's shards.
+    trainer.module = trainer.distributed.distribute(model, trainer.precision)
+    named = [(name, p) for name, p in trainer.module.named_parameters() if p.requires_grad]
+    return trainer.build("optimizer", params=[p for _, p in named], named_params=named)
 
 
 def wrap_components(trainer: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -158,8 +161,7 @@ def restore(trainer: Any, saved: Mapping[str, Any], source: Path) -> None:
     if it does not fit them), then give each plugin its state back."""
     trainer.resumed_from = source
     try:
-        trainer.module.load_state_dict(saved["model"])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.distributed.load_state(trainer.module, trainer.optimizer, saved)
         if trainer.scheduler is not None and saved["scheduler"] is not None:
             trainer.scheduler.load_state_dict(saved["scheduler"])
         if trainer.precision.scaler is not None and saved["scaler"] is not None:

@@ -7,12 +7,13 @@
     (the distributed component: joins the processes of a data-parallel run, if any)
     (the data component)
     build_loaders            firstresult: batch iterators over the data (this process's slice)
-    (the model, loss, optimizer and precision components)
+    (the model, loss and precision components; the model laid out over the processes, which
+     FSDP2 shards (engine.Distributed.distribute); the optimizer component on its parameters)
     wrap_model               chained: DDP, an averaging wrapper; the step calls the result
     (the accelerate component)
     wrap_optimizer           chained: then the accelerate component's optimizer
     (the scheduler component, built on the final optimizer)
-    (restore from a checkpoint, when resuming, into these final objects)
+    (restore from a checkpoint, when resuming, into these final objects: see read_checkpoint)
     load_plugin_state        the plugins' own state from that checkpoint
     skip_per_step            per plugin: True leaves its per-step and per-epoch hooks unbound
     wrap_step                chained: then the accelerate component's step wraps them all
@@ -49,6 +50,7 @@
     (summary.json: "completed" (or a plugin's State.stop_status), "failed" or "interrupted")
     -- opening a run (--resume, engine.load, the after-training commands) --
     find_checkpoint          firstresult: the file of the run's last or best checkpoint
+    read_checkpoint          firstresult: that checkpoint, read (also when a run resumes)
 
 Whatever fails in the setup chain is a ConfigError (exit 2; nothing is written yet): the
 exception of a hook names its plugin and hook. Once the run directory exists, from
@@ -93,8 +95,8 @@ SETUP_CHAIN = (
     "build_loaders",
     "model",
     "loss",
-    "optimizer",
     "precision",
+    "optimizer",
     "wrap_model",
     "accelerate",
     "wrap_optimizer",
@@ -448,4 +450,19 @@ def find_checkpoint(run_dir: Path, which: str) -> Path | None:
 
     Called when a run is resumed and when one is opened (`engine.load`, the after-training
     commands with ``--which``), without a trainer. The path must be inside ``run_dir``.
+    """
+
+
+@hookspec(firstresult=True)
+def read_checkpoint(path: Path, template: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The checkpoint at `path` (what `find_checkpoint` answered) as `Trainer.checkpoint` made it,
+    read by the plugin that wrote it; None for a path it did not write, which the core then reads
+    as one ordinary checkpoint file (``torch.load``, weights only). The first non-None result wins.
+
+    ``template`` holds the tensors to read the model's state into (``"model"``) and, when a run
+    resumes, the optimizer's (``"optimizer"``), shaped as `engine.Distributed.state` gives them:
+    a sharded checkpoint is read into them, each process its own shards, whatever number of
+    processes wrote it (torch.distributed.checkpoint reshards). Called by every process of a
+    resumed run, in the setup chain, and when a run is opened (`engine.load`, ``--which last``
+    or ``best``) in a single process. A checkpoint that does not fit is a ConfigError naming it.
     """

@@ -93,9 +93,19 @@ def trained_module(config: Config, plugins: Plugins, info: DataInfo, path: Path,
     transform = config["inferred"]["input_transform"]
     if transform:
         module = WithInputTransform(plugins.component("input_transform", transform).factory(info=info), module)
-    saved = runs.load(path, expected)
+    if expected == runs.CHECKPOINT_FORMAT:
+        saved = read_checkpoint(plugins, path, {"model": module.state_dict()})
+    else:
+        saved = runs.load(path, expected)
     try:  # a checkpoint's evaluated model (an average) where it kept one: what validation ranked
         module.load_state_dict(saved.get("evaluated") or saved["model"])
     except RuntimeError as error:
         raise ConfigError(f"file '{path}' does not fit the model of the run's config.toml: {one_line(error)}") from None
     return module.eval()
+
+
+def read_checkpoint(plugins: Plugins, path: Path, template: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint at `path` as `Trainer.checkpoint` made it: read by the plugin that wrote it
+    (`read_checkpoint`, into `template`'s tensors), else as one ordinary checkpoint file."""
+    read = plugins.hook.read_checkpoint(path=path, template=template)
+    return dict(read) if read is not None else runs.load(path, runs.CHECKPOINT_FORMAT)

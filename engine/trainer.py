@@ -151,13 +151,14 @@ class Trainer:
                     hook(loss=loss, terms=terms, window=window)
                 if state.step == self.due and state.batch != self.batches_per_epoch and self.end_interval():
                     break  # the run ends within the epoch
-                # Rank 0 stops, at the end of a window (within one the gradients are half summed);
-                # the others stop at their next collective, which it no longer joins.
-                if self.interrupted and window.last and self.rank == 0:
+                # At the end of a window (within one the gradients are half summed), where the
+                # processes agree to stop (engine.Distributed.stops).
+                if self.interrupted and window.last and self.distributed.stops(state.step):
                     raise Interrupted(self.interrupted)
             else:
                 self.end_epoch()
-                if self.interrupted and self.rank == 0:  # a signal during validation: the epoch's end is a window's
+                # A signal during validation: the epoch's end is a window's.
+                if self.interrupted and self.distributed.stops(state.step):
                     raise Interrupted(self.interrupted)
 
     def end_epoch(self) -> None:
@@ -211,8 +212,9 @@ class Trainer:
         if test is not None:  # once, on the model the run ended with
             self.state.test_metrics = self.validate(test, "test", self.final_module)
             check_finite(self.state.test_metrics, self.state.epoch - 1)
+        weights = self.distributed.full_weights(self.final_module)  # every process: a gather when sharded
         if self.rank == 0:
-            saved = {"format": runs.MODEL_FORMAT, "model": self.final_module.state_dict(), "step": self.state.step}
+            saved = {"format": runs.MODEL_FORMAT, "model": weights, "step": self.state.step}
             runs.save(saved, self.run_dir / runs.MODEL)
 
     def end(self, error: BaseException | None) -> BaseException | None:
@@ -338,8 +340,10 @@ class Trainer:
         weights_only=True): the model, optimizer, scheduler, gradient scaler, the loop state with
         every RNG, the state the plugins return from `save_plugin_state`, and the model validation
         evaluates when it is not the trained one (`final_model`: an average), which
-        ``which = "best" | "last"`` opens. Taken at the end of an accumulation window (within one
-        the gradients are half summed) or of an epoch."""
+        ``which = "best" | "last"`` opens; the model and the optimizer as
+        `engine.Distributed.state` gives them (when sharded, this process's shards: every process
+        takes the checkpoint). Taken at the end of an accumulation window (within one the gradients
+        are half summed) or of an epoch."""
         state, scaler = self.state, self.precision.scaler
         if state.batch and not self.clock.period[(state.batch - 1) % len(self.clock.period)].last:
             raise TrainingError("a checkpoint is taken at the end of an accumulation window, not inside one")
@@ -348,8 +352,7 @@ class Trainer:
         evaluated = self.final_model()  # the model validation evaluates (an average), if not the trained one
         return {
             "format": runs.CHECKPOINT_FORMAT,
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self.distributed.state(self.module, self.optimizer),  # "model" and "optimizer"
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": saved,

@@ -140,13 +140,38 @@ class Loaders(Protocol):
 class Distributed(Protocol):
     """The processes of the run: what the ``distributed`` component returns, or `OneProcess`.
 
-    The core reads this process's place from it and reduces the logged losses and the validation
-    sums with its collectives, each one call per logging point or validation.
+    The core reads this process's place from it, lays the model out over the processes with it,
+    takes the model's and optimizer's part of a checkpoint and the final weights through it, and
+    reduces the logged losses and the validation sums with its collectives, each one call per
+    logging point or validation.
     """
 
     rank: int  # this process's, 0 in a single process; rank 0 alone prints and writes files
     world_size: int  # the number of processes
     device: torch.device  # this process's device (on CUDA, the GPU of its local rank)
+    sharded: bool  # each process holds shards of the model (FSDP2): all take part in a checkpoint
+
+    def distribute(self, module: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+        """The model laid out over the processes, on this process's device; called once in the
+        setup chain, after the precision component and before the optimizer is built on the
+        result's parameters (FSDP2 replaces them with shards)."""
+
+    def state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The model's and optimizer's part of a checkpoint, ``{"model": ..., "optimizer": ...}``:
+        their state dicts; when `sharded`, this process's shards by parameter name (DCP's
+        `get_state_dict`), which a checkpoint of any number of processes loads into."""
+
+    def load_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+        """Load the ``"model"`` and ``"optimizer"`` of a checkpoint (shaped as `state` returns them)."""
+
+    def full_weights(self, module: torch.nn.Module) -> dict[str, Any]:
+        """The module's whole state dict in rank 0, what model.pt holds; when `sharded` every
+        process calls it (a gather) and the others receive {}."""
+
+    def stops(self, step: int) -> bool:
+        """Whether a process asked to stop (a signal) stops at the end of this window, at step
+        `step`: in a single process, yes. Rank 0 stops and the others learn it at their next
+        collective; when `sharded`, they agree on one step, to take the last checkpoint together."""
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value` (a picklable object), on every process."""
@@ -165,12 +190,28 @@ class Distributed(Protocol):
 
 
 class OneProcess:
-    """The run in a single process: collectives that return what they are given."""
+    """The run in a single process: collectives that return what they are given, the whole model."""
 
-    rank, world_size = 0, 1
+    rank, world_size, sharded = 0, 1, False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+
+    def distribute(self, module: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+        return module.to(self.device)
+
+    def state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {"model": module.state_dict(), "optimizer": optimizer.state_dict()}
+
+    def load_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+        module.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+
+    def full_weights(self, module: torch.nn.Module) -> dict[str, Any]:
+        return module.state_dict()
+
+    def stops(self, step: int) -> bool:
+        return True
 
     def broadcast(self, value: Any) -> Any:
         return value
@@ -409,7 +450,9 @@ class TrainerView(Protocol):
 
     def checkpoint(self) -> dict[str, Any]:
         """A checkpoint of the run now, at the end of an accumulation window or an epoch: what the
-        plugin that keeps checkpoints writes (and `--resume` restores), as tensors and plain values."""
+        plugin that keeps checkpoints writes (and `--resume` restores), as tensors and plain values;
+        when ``distributed.sharded``, every process takes it and holds its shards of the model and
+        optimizer."""
 
     def validate(
         self, batches: Iterable[Batch] | None = None, prefix: str = "val", model: torch.nn.Module | None = None

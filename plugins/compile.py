@@ -47,6 +47,9 @@ KNOWN = {
     "DistributedDataParallel": "DDP",
     "set_runtime_stats_and_log": "DDP",
     "_rebuild_buckets": "DDP",
+    # FSDP2's hooks, under distributed.strategy = "fsdp": Dynamo leaves them to eager
+    # (torch._dynamo.config.skip_fsdp_hooks), wrapping them in torch._dynamo.disable as it traces.
+    "function `disable` in file": "FSDP2 hooks",
 }
 
 

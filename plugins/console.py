@@ -61,16 +61,17 @@ def on_run_end(trainer: engine.TrainerView, error: BaseException | None) -> None
             hidden = {f"test_{terms[0]}"} if len(terms) == 1 else set()  # a single term is the loss itself
             shown = [(name[5:], value) for name, value in trainer.state.test_metrics.items() if name not in hidden]
             print("Test: " + ", ".join(f"{name} {value:.4f}" for name, value in shown))
-        print(parameters(trainer.final_module))
+        print(parameters(trainer.final_module, whole=not trainer.distributed.sharded))
     if trainer.run_dir is not None:
         print(f"Run files: {trainer.run_dir}")
 
 
-def parameters(model: torch.nn.Module) -> str:
-    """The learned parameters of a small model, by name (the tutorial's weight and bias); the count of a larger one."""
+def parameters(model: torch.nn.Module, whole: bool = True) -> str:
+    """The learned parameters of a small model, by name (the tutorial's weight and bias); the count
+    of a larger one, or of one sharded over the processes (not `whole`: this one holds a shard)."""
     named = list(model.named_parameters())
     count = sum(p.numel() for _, p in named)
-    if count > PRINT_PARAMETERS_UP_TO:
+    if count > PRINT_PARAMETERS_UP_TO or not whole:
         return f"Model: {count:,} parameters"
     return "Learned parameters: " + ", ".join(
         f"{name} = {_values(p.detach().cpu().flatten().tolist())}" for name, p in named

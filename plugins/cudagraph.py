@@ -62,6 +62,11 @@ class Graphed:
     def unavailable(self) -> str | None:
         if self.trainer.device.type != "cuda":
             return f"it needs a CUDA device; this run's device is {self.trainer.device.type}"
+        if self.trainer.distributed.sharded:
+            return (
+                "FSDP2's all-gathers and reduce-scatters (distributed.strategy 'fsdp') are not captured; use "
+                "'compile' or 'eager'"
+            )
         if self.trainer.world_size > 1:
             return (
                 f"it runs in a single process, not {self.trainer.world_size}: DDP's gradient all-reduce is "

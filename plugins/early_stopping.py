@@ -44,7 +44,15 @@ class EarlyStopping:
 
     @engine.hookimpl
     def skip_per_step(self, trainer: engine.TrainerView) -> bool:
-        return trainer.config["early_stopping"]["patience"] == 0
+        settings = trainer.config["early_stopping"]
+        if settings["patience"] and settings["restore_best"] and trainer.distributed.sharded:
+            # Checked here, in the setup chain: the best epoch's model is a copy of the whole model.
+            raise engine.ConfigError(
+                "early_stopping.restore_best: the best epoch's model is a copy of the whole model, which a sharded "
+                "one (distributed.strategy 'fsdp') cannot make: set it to false (the run then ends with the last "
+                "epoch's model; checkpoint.keep_best keeps the best checkpoints)"
+            )
+        return settings["patience"] == 0
 
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State, trainer: engine.TrainerView) -> None:

@@ -56,6 +56,11 @@ class WeightAveraging:
         self.decay = trainer.config["ema"]["decay"]
         if not self.decay:
             return None
+        if trainer.distributed.sharded:
+            raise engine.ConfigError(
+                "ema.decay: the average is a copy of the whole model, which a sharded one (distributed.strategy "
+                "'fsdp') cannot make: set ema.decay = 0, or use strategy 'ddp'"
+            )
         self.average = copy.deepcopy(trainer.module).requires_grad_(False)
         self.pairs = (
             list(self.average.parameters()),

@@ -15,6 +15,7 @@ them; each group keeps its settings through `engine.rebuild_optimizer`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
@@ -30,13 +31,19 @@ NonNegative = Annotated[float, engine.Range(ge=0)]
 Beta = Annotated[float, engine.Range(ge=0, lt=1)]
 
 
-def implementation(impl: Impl, params: list[torch.Tensor]) -> dict[str, bool | None]:
-    """The fused/foreach keyword arguments for `impl`."""
+def implementation(impl: Impl, params: list[torch.Tensor], fuses_shards: bool = True) -> dict[str, bool | None]:
+    """The fused/foreach keyword arguments for `impl`; `fuses_shards`: whether torch's fused kernel
+    takes sharded parameters (FSDP2's DTensors: Adam's and AdamW's do, SGD's not in torch 2.13)."""
     if impl == "auto":
         supported = _get_fused_kernels_supported_devices()
         fusable = params and all(p.device.type in supported and p.is_floating_point() for p in params)
-        return {"fused": True} if fusable else {}
+        return {"fused": True} if fusable and (fuses_shards or not sharded(params)) else {}
     if impl == "fused":
+        if not fuses_shards and sharded(params):
+            raise engine.ConfigError(
+                "optimizer.impl: torch's fused kernel of this optimizer does not take sharded parameters "
+                "(distributed.strategy 'fsdp'): use 'auto' or 'foreach'"
+            )
         return {"fused": True}
     return {"foreach": impl == "foreach"}
 
@@ -51,19 +58,26 @@ def groups(params: list[torch.Tensor], decay: Decay, weight_decay: float) -> lis
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
 
 
+def sharded(params: list[torch.Tensor]) -> bool:
+    """Whether the parameters are FSDP2's shards (DTensors, which exist only once their module is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(isinstance(p, module.DTensor) for p in params)
+
+
 def built(
     optimizer: type[torch.optim.Optimizer],
     params: Iterable[torch.Tensor],
     impl: Impl,
     decay: Decay = "all",
     weight_decay: float = 0.0,
+    fuses_shards: bool = True,
     **settings,
 ) -> torch.optim.Optimizer:
     """`optimizer` over `params` in the groups `decay` makes, with `settings`, in the
     implementation `impl` asks for."""
     params = list(params)
     chosen = groups(params, decay, weight_decay)
-    return optimizer(chosen, weight_decay=weight_decay, **settings, **implementation(impl, params))
+    return optimizer(chosen, weight_decay=weight_decay, **settings, **implementation(impl, params, fuses_shards))
 
 
 def sgd(
@@ -79,7 +93,7 @@ def sgd(
     if nesterov and (momentum <= 0 or dampening != 0):
         raise engine.ConfigError("optimizer.nesterov: needs momentum > 0 and dampening = 0")
     settings = {"momentum": momentum, "dampening": dampening, "nesterov": nesterov}
-    return built(torch.optim.SGD, params, impl, decay, weight_decay, lr=lr, **settings)
+    return built(torch.optim.SGD, params, impl, decay, weight_decay, fuses_shards=False, lr=lr, **settings)
 
 
 def adam(

@@ -64,7 +64,9 @@ class TensorBoard:
         if error is None or isinstance(error, engine.Interrupted):
             step = trainer.state.step
             self.writer.add_text("model", "```\n" + str(trainer.module) + "\n```", global_step=step)
-            for name, weight in trainer.module.state_dict().items():
+            # model.pt's weights: the model the run ended with, whole on rank 0 even when sharded.
+            final = engine.runs.load(trainer.run_dir / engine.runs.MODEL, engine.runs.MODEL_FORMAT)
+            for name, weight in final["model"].items():
                 if weight.is_floating_point():
                     self.writer.add_histogram(f"weights/{name}", weight.detach().float().cpu(), global_step=step)
         self.writer.close()

@@ -101,7 +101,9 @@ class Run:
     def fingerprint(self) -> str:
         """The sha256 of the config and the weights: an export of other weights is stale."""
         digest = hashlib.sha256()
-        for path in (self.run_dir / engine.runs.CONFIG, self.weights):
+        # A sharded checkpoint is a directory: its files, in order of name.
+        weights = sorted(self.weights.iterdir()) if self.weights.is_dir() else [self.weights]
+        for path in (self.run_dir / engine.runs.CONFIG, *weights):
             with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)

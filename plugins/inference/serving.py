@@ -237,14 +237,14 @@ def evaluate(
     if chosen.name != EAGER:  # an export returns the logits alone, and takes the inputs alone
         changes["model"] = {**run.config.to_dict()["model"], "output": "", "targets": ""}
     config, found = file_config(run, file, overrides, True, changes, [EvaluationData(run, file)])
-    chosen = backend if isinstance(backend, Backend) else backend_of(run, backend)
     # The trainer's setup seeds every RNG (every CUDA device's too): all kept as they were.
     with engine.kept_rng(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         trainer = engine.Trainer(config, found)
         try:
             # compute_loss hooks (a regularizer) read the trained weights from the trainer's module,
             # which the eager backend is, called as training called it.
-            trainer.module.load_state_dict(engine.runs.load(run.weights, run.weights_format)["model"])
+            weights = engine.trained_module(run.config, run.plugins, run.info, run.weights, run.weights_format)
+            trainer.module.load_state_dict(weights.state_dict())
             metrics = trainer.validate(model=trainer.module if chosen.name == EAGER else Served(chosen))
         finally:
             trainer.loaders.close()

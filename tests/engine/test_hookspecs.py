@@ -27,6 +27,7 @@ DISPATCHED = {
     "on_log",
     "save_plugin_state",
     "find_checkpoint",
+    "read_checkpoint",
 }
 
 
@@ -82,7 +83,7 @@ def test_the_tutorial_hook_names_are_kept():
 
 def test_firstresult_is_declared_where_one_answer_wins():
     firstresult = {name for name, spec in specs(hookspecs).items() if getattr(spec, MARKER)["firstresult"]}
-    assert firstresult == {"build_loaders", "find_checkpoint"}
+    assert firstresult == {"build_loaders", "find_checkpoint", "read_checkpoint"}
     for name in firstresult:
         assert "first non-None result wins" in " ".join(inspect.getdoc(getattr(hookspecs, name)).split()), name
 

@@ -358,7 +358,7 @@ def test_bound_hooks_receive_their_constants_and_only_the_arguments_they_declare
         def after_step(self, state, loss, terms, window, trainer):
             seen.append(("Every", state, loss, terms, window, trainer))
 
-    plugins = engine.make_plugins([Some, Every], blocked=["progress", "ema", "checkpoint"])
+    plugins = engine.make_plugins([Some, Every], blocked=["progress", "ema", "checkpoint", "distributed"])
     bound = plugins.bind_by_plugin("after_step", trainer="T", state="S")
     assert [name for name, _ in bound] == ["Every", "Some"]  # in call order: the last registered first
     for _, call in bound:

@@ -531,6 +531,7 @@ def stub(
         interval_end=[lambda step: calls.append(("on_interval_end", step))],
         interrupted=0,
         rank=0,
+        distributed=engine.OneProcess(torch.device("cpu")),
         has_validation=True,
         val_every=val_every,
         log_every=1 if batches else 0,
@@ -674,7 +675,8 @@ def test_a_signal_stops_the_loop_at_the_end_of_the_current_window():
     assert calls == epoch_calls(1, trainer.clock.period)[:4]  # the window's two batches, then no more
     assert (trainer.state.batch, trainer.state.step) == (2, 2)
     trainer, _ = stub()
-    trainer.train_step, trainer.rank = signalled, 1  # another process stops at its next collective
+    # Another process of a DDP run (rank 1) stops at its next collective, which rank 0 left.
+    trainer.train_step, trainer.distributed = signalled, SimpleNamespace(stops=lambda step: False)
     engine.Trainer.loop(trainer)
     assert trainer.state.step == 6
 

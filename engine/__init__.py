@@ -24,8 +24,9 @@ _HOMES = {
     "chain": ("rebuild_optimizer",),
     "plugins": ("ENTRY_POINT_GROUP", "Plugins", "make_plugins"),
     "saved": ("load", "model_file", "open_run", "trained_module"),
-    "schema": ("FilePath", "Range"),
-    "trainer": ("Result", "Trainer", "run", "setup"),
+    "schema": ("Changeable", "FilePath", "Range"),
+    "start": ("run", "setup"),
+    "trainer": ("Result", "Trainer"),
     "types": (
         "Acceleration",
         "Batch",

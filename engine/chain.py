@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import runs
+from . import resuming, runs
 from .checks import returned
 from .config import Config
 from .errors import ConfigError, one_line
@@ -42,17 +42,23 @@ CHAINED_TYPES: dict[str, type] = {
 
 def build_chain(trainer: Any, checkpoint: Path | None) -> None:
     """Every link of the setup chain, in order, on a trainer that holds its config, plugins and
-    processes; `checkpoint` is restored into the final objects when the run resumes."""
+    processes; `checkpoint` is restored into the final objects when the run resumes, once its
+    record shows that the config and the data are the run's (engine/resuming.py)."""
     config = trainer.config
     trainer.epochs, trainer.accumulation = config["epochs"], config["grad_accumulation"]
     trainer.val_every, trainer.device, trainer.state = config["val_every"], trainer.distributed.device, State()
+    saved = runs.load(checkpoint, runs.CHECKPOINT_FORMAT) if checkpoint is not None else None
+    if saved is not None:
+        resuming.check_config(trainer, saved, checkpoint)
     seed_everything(config["seed"])
     build_data(trainer)
+    if saved is not None:
+        resuming.check_data(trainer, saved, checkpoint)
     torch.manual_seed(config["seed"])  # model init must not depend on what the data consumed
     optimizer = build_components(trainer)
     wrap_components(trainer, optimizer)
-    if checkpoint is not None:
-        restore(trainer, runs.load(checkpoint, runs.CHECKPOINT_FORMAT), checkpoint)
+    if saved is not None:
+        restore(trainer, saved, checkpoint)
     bind_hooks(trainer)
     step = chain(trainer, "wrap_step", "step", build_step(trainer))
     trainer.train_step = trainer.acceleration.step(step) if trainer.acceleration is not None else step
@@ -161,6 +167,7 @@ def restore(trainer: Any, saved: Mapping[str, Any], source: Path) -> None:
         trainer.state.load_state_dict(saved["state"], trainer.device)
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
         raise ConfigError(f"checkpoint '{source}' does not fit this run: {one_line(error)}") from None
+    resuming.continue_position(trainer, saved)
     trainer.hooks.load_plugin_state(state=saved["plugins"], trainer=trainer)
 
 

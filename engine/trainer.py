@@ -1,10 +1,11 @@
-"""The trainer: a run's setup (engine/chain.py), its loop, validation and logging points, its end,
-and `setup` and `run`, which build one."""
+"""The trainer: a run's setup (engine/chain.py), its loop, validation and logging points, its end.
+`engine.setup` and `engine.run` build one (engine/start.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -17,14 +18,13 @@ from typing import Any
 
 import torch
 
-from . import runs
+from . import resuming, runs
 from .chain import build_chain, chain, resolve_device
 from .checks import check_finite, check_finite_row, check_sample, explain, in_eval_mode, setup_error, whole_set_metrics
 from .components import build_component
-from .config import Config, dump_toml, load_config
+from .config import Config, dump_toml
 from .errors import ConfigError, Interrupted, TrainingError, one_line
 from .plugins import Plugins
-from .saved import found_checkpoint
 from .step import batch_metrics, loss_terms, total
 from .types import Batch, Distributed, OneProcess, State
 
@@ -58,6 +58,7 @@ class Trainer:
         run_dir: Path | None = None,
         checkpoint: Path | None = None,
         distributed: Distributed | None = None,
+        allow_changes: Iterable[str] = (),
     ) -> None:
         self.config, self.plugins, self.hooks = config, plugins, plugins.hook
         self.distributed = distributed if distributed is not None else OneProcess(resolve_device(config["device"]))
@@ -66,13 +67,21 @@ class Trainer:
         self.final_module: torch.nn.Module | None = None
         self.interrupted = 0  # the number of the signal that asked the run to stop
         self.started, self.started_at = 0.0, ""
+        # What resumes changed of the run's settings, and what this one may change beyond the
+        # changeable ones (engine/resuming.py).
+        self.changes: list[dict[str, Any]] = []
+        self.allowed_changes = tuple(allow_changes)
+        self.lock: runs.Lock | None = None
         try:
+            if run_dir is not None and self.rank == 0:  # before its checkpoint is read
+                self.lock = runs.Lock(run_dir)
             build_chain(self, self.distributed.broadcast(checkpoint))  # the checkpoint rank 0 found
             check_sample(self)
-        except ConfigError:
-            raise
-        except Exception as error:  # nothing is written yet: whatever failed, it is the setup's
-            raise setup_error(plugins, error) from error
+        except BaseException as error:
+            self.release()
+            if isinstance(error, ConfigError) or not isinstance(error, Exception):
+                raise
+            raise setup_error(plugins, error) from error  # nothing is written yet: it is the setup's
 
     @property
     def rank(self) -> int:
@@ -121,16 +130,34 @@ class Trainer:
         return Result(self.final_module.eval(), metrics, self.run_dir, self.config, self.state)
 
     def start(self) -> None:
-        """Create the run directory exclusively with its config.toml (or continue the resumed one),
-        mark the run running, then `on_run_start`. Rank 0 writes, and tells the others the name."""
-        if self.run_dir is None:
-            created = runs.create(self.config["runs_dir"], self.config["run_name"]) if self.rank == 0 else None
-            self.run_dir = self.distributed.broadcast(created)
+        """Create the run directory exclusively (or continue the resumed one), claim it, then
+        `on_run_start`. Rank 0 writes, and tells the others the name."""
+        created = self.run_dir is None
+        if created:
+            made = runs.create(self.config["runs_dir"], self.config["run_name"]) if self.rank == 0 else None
+            self.run_dir = self.distributed.broadcast(made)
         self.started, self.started_at = time.perf_counter(), now()
         if self.rank == 0:
+            self.claim(created)
+        self.hooks.on_run_start(trainer=self)
+
+    def claim(self, created: bool) -> None:
+        """Rank 0's hold on the run directory: its lock (a resumed run's is taken at setup), the
+        space kept for the final summary, config.toml and the "running" summary. A new directory
+        that cannot get that far is removed: it holds nothing, and its name stays free."""
+        try:
+            self.lock = self.lock or runs.Lock(self.run_dir)
+            runs.reserve(self.run_dir)
             runs.write_text(self.run_dir / runs.CONFIG, dump_toml(self.config))
             runs.write_json(self.run_dir / runs.SUMMARY, self.summary())
-        self.hooks.on_run_start(trainer=self)
+        except BaseException as error:
+            if created:
+                self.release()
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.started_at = ""  # no summary for a directory that is gone
+            if isinstance(error, OSError):
+                raise TrainingError(f"cannot start the run in '{self.run_dir}': {one_line(error)}") from None
+            raise
 
     def loop(self) -> None:
         """The tutorial's loop: epochs of steps, then the epoch's end."""
@@ -193,13 +220,21 @@ class Trainer:
                 if error is None:
                     error = self.stopped(raised)
         if self.run_dir is not None and self.rank == 0 and self.started_at:
+            runs.unreserve(self.run_dir)  # the space kept for this write, on a disk the run may have filled
             try:
                 runs.write_json(self.run_dir / runs.SUMMARY, self.summary(error, ended=True))
             except OSError as raised:
                 error = error or TrainingError(f"cannot write {self.run_dir / runs.SUMMARY}: {one_line(raised)}")
         self.loaders.close()
         self.distributed.close()
+        self.release()
         return error
+
+    def release(self) -> None:
+        """Let the run directory go: its lock, for the next process to train it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def summary(self, error: BaseException | None = None, ended: bool = False) -> dict[str, Any]:
         """summary.json, its one schema: "running" with the process, then how the run ended."""
@@ -212,6 +247,8 @@ class Trainer:
         }
         if self.resumed_from is not None:
             values["resumed_from"] = str(self.resumed_from.relative_to(self.run_dir))
+        if self.changes:  # what resumes changed, each at the step it resumed from
+            values["changes"] = self.changes
         if not ended:
             return values
         state, wall = self.state, self.elapsed()
@@ -315,6 +352,7 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": saved,
             "plugins": self.plugin_state(),
+            "course": resuming.course(self),
         }
 
     def plugin_state(self) -> dict[str, Any]:
@@ -361,84 +399,3 @@ class Trainer:
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def setup(
-    job: Mapping[str, Any] | str | Path | Config | None = None,
-    *,
-    overrides: Iterable[str] = (),
-    plugins: Iterable[Any] = (),
-    blocked: Iterable[str] = (),
-    resume: str | Path | None = None,
-    imports: bool = True,
-) -> Trainer:
-    """A Trainer ready to `fit`, with a fresh plugin manager: the setup chain has run, nothing is written.
-
-    Its first link, the ``distributed`` component, joins the processes of a data-parallel run (under
-    torchrun); when a later link fails, the processes learn it and leave their group.
-
-    Whatever fails here is a ConfigError naming what is at fault. `resume` continues a run: a run
-    directory continues from its last checkpoint (its config.toml is the job unless one is given);
-    "auto", like the config's ``resume = "auto"``, continues the run named by ``run_name`` when it
-    has a checkpoint and starts it otherwise. `imports` False refuses a job that imports code
-    (`load_config`).
-    """
-    explicit = resume not in (None, "", "auto")
-    run_dir = Path(resume) if explicit else None
-    if run_dir is not None:
-        if not (run_dir / runs.CONFIG).is_file():
-            raise ConfigError(f"--resume: '{run_dir}' is not a run directory (it has no {runs.CONFIG})")
-        job = run_dir / runs.CONFIG if job is None else job
-    config, found = load_config(job, overrides, plugins, blocked, imports=imports)
-    if run_dir is None and (resume == "auto" or config["resume"] == "auto"):
-        if not config["run_name"]:
-            raise ConfigError("resume = 'auto': name the run to continue with run_name")
-        existing = Path(config["runs_dir"]) / config["run_name"]
-        run_dir = existing if existing.is_dir() else None
-    elif run_dir is None:
-        runs.check_free(config["runs_dir"], config["run_name"])  # `fit` creates it exclusively
-    checkpoint = last_checkpoint(found, run_dir) if run_dir is not None else None
-    if checkpoint is None and explicit:
-        raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from")
-    # The first link of the setup chain: joins the processes of a data-parallel run (None: one).
-    distributed = build_component(config, found, "distributed", device=resolve_device(config["device"]))
-    try:
-        return Trainer(config, found, run_dir=run_dir, checkpoint=checkpoint, distributed=distributed)
-    except BaseException as error:
-        if distributed is None:
-            raise
-        stopped = distributed.failed(error)  # another process's error, if it came first
-        distributed.close()
-        if stopped is error:
-            raise
-        raise stopped from error
-
-
-def last_checkpoint(plugins: Plugins, run_dir: Path) -> Path | None:
-    """The checkpoint a resumed run continues from, as the plugin that keeps them answers."""
-    if not plugins.hook.find_checkpoint.get_hookimpls():
-        raise ConfigError(
-            f"--resume: no plugin implements find_checkpoint to find the checkpoint of run '{run_dir}' to "
-            "continue from (is the plugin that writes checkpoints blocked?)"
-        )
-    found = plugins.hook.find_checkpoint(run_dir=run_dir, which="last")
-    return found_checkpoint(run_dir, found) if found is not None else None
-
-
-def run(
-    job: Mapping[str, Any] | str | Path | Config | None = None,
-    *,
-    overrides: Iterable[str] = (),
-    plugins: Iterable[Any] = (),
-    blocked: Iterable[str] = (),
-    resume: str | Path | None = None,
-    imports: bool = True,
-) -> Result:
-    """Train the job and return the model it ended with (in eval mode) and the final metrics.
-
-    `job` is a dict shaped like the TOML file, a path to one, a Config, or None for the default
-    job. `plugins` are extra plugin objects or module names; `blocked` names plugins to skip;
-    `resume` and `imports` are as for `setup`.
-    """
-    trainer = setup(job, overrides=overrides, plugins=plugins, blocked=blocked, resume=resume, imports=imports)
-    return trainer.fit()

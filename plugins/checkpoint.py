@@ -57,10 +57,11 @@ NUMBERED = re.compile(r"(step|best)-(\d+)\.pt")
 
 @dataclass(frozen=True)
 class Settings:
-    every_steps: Annotated[int, engine.Range(ge=0)] = 0  # 0: off
-    every_epochs: Annotated[int, engine.Range(ge=0)] = 0  # 0: off
-    every_seconds: Annotated[float, engine.Range(ge=0)] = 60.0  # 0: off
-    keep_last: Annotated[int, engine.Range(ge=1)] = 2
+    # When checkpoints are taken and how many are kept: a resumed run may change them.
+    every_steps: Annotated[int, engine.Range(ge=0), engine.Changeable()] = 0  # 0: off
+    every_epochs: Annotated[int, engine.Range(ge=0), engine.Changeable()] = 0  # 0: off
+    every_seconds: Annotated[float, engine.Range(ge=0), engine.Changeable()] = 60.0  # 0: off
+    keep_last: Annotated[int, engine.Range(ge=1), engine.Changeable()] = 2
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     keep_best: Annotated[int, engine.Range(ge=0)] = 1  # 0: no best tracking
@@ -85,11 +86,19 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     index = run_dir / FOLDER / RANKING
     try:
         ranking = json.loads(index.read_text(encoding="utf-8"))["ranking"]
-        return run_dir / FOLDER / ranking[0]["file"] if ranking else None
+        return run_dir / FOLDER / own_name(ranking[0]["file"], index) if ranking else None
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
         raise engine.ConfigError(f"file '{index}' cannot be read: {engine.one_line(error)}") from None
+
+
+def own_name(name: Any, source: Any) -> str:
+    """`name` if it names a checkpoint of the folder (``best-<step>.pt``): a ranking read from a
+    file names nothing else, so that nothing outside the folder is read or deleted through it."""
+    if not (isinstance(name, str) and NUMBERED.fullmatch(name) and name.startswith("best-")):
+        raise engine.ConfigError(f"'{source}' ranks {name!r}, which is not a best checkpoint's file name")
+    return name
 
 
 class Checkpoints:
@@ -123,9 +132,11 @@ class Checkpoints:
         self.settings = trainer.config["checkpoint"]
         self.every_steps, self.every_epochs = self.settings["every_steps"], self.settings["every_epochs"]
         self.keep_best, self.monitor = self.settings["keep_best"], self.settings["monitor"]
+        fresh = not (trainer.run_dir / FOLDER).exists()
+        engine.runs.folder(trainer.run_dir, FOLDER)  # a real folder: pruning must not delete through a link
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.rearm()
-        self.forget_after(trainer, trainer.state.step)  # a directory reused by a resumed or restarted run
+        self.forget_after(trainer, trainer.state.step, fresh)  # a directory reused by a resumed or restarted run
 
     @engine.hookimpl
     def skip_per_step(self, trainer: engine.TrainerView) -> bool:
@@ -169,9 +180,11 @@ class Checkpoints:
         return {"checkpoint": {"best": [dict(entry) for entry in self.best]}}
 
     @engine.hookimpl
-    def load_plugin_state(self, state: dict[str, Any]) -> None:
+    def load_plugin_state(self, state: dict[str, Any], trainer: engine.TrainerView) -> None:
         if "checkpoint" in state:
             self.best = [dict(entry) for entry in state["checkpoint"]["best"]]
+            for entry in self.best:
+                own_name(entry.get("file"), trainer.resumed_from)
 
     def improved(self, epoch: int, state: engine.State) -> float | None:
         """The monitored value of this epoch if it ranks among the best kept, else None."""
@@ -184,7 +197,8 @@ class Checkpoints:
         return value if (value < worst if self.settings["mode"] == "min" else value > worst) else None
 
     def save(self, trainer: engine.TrainerView, best: float | None = None) -> None:
-        """Take a checkpoint now; write it (and rank it, and prune the old ones) in the background."""
+        """Take a checkpoint now; write it (and rank it, and prune the old ones) in the background.
+        The folder was checked to be the run's own at the start; the writer keeps to it."""
         state, run_dir = trainer.state, trainer.run_dir
         path = checkpoint_path(run_dir, "step", state.step)
         ranking = None
@@ -225,13 +239,13 @@ class Checkpoints:
         index = {"monitor": self.settings["monitor"], "mode": self.settings["mode"], "ranking": ranking}
         runs.write_text(run_dir / FOLDER / RANKING, json.dumps(index, indent=2) + "\n")
 
-    def forget_after(self, trainer: engine.TrainerView, step: int) -> None:
+    def forget_after(self, trainer: engine.TrainerView, step: int, fresh: bool) -> None:
         """Remove what a killed run left after `step` (its later checkpoints, a half-written one)
-        and rank only the best checkpoints that exist."""
-        for stray in trainer.run_dir.rglob(".*.tmp"):
+        and rank only the best checkpoints that exist; in a `fresh` folder, there is none."""
+        for stray in [*trainer.run_dir.glob(".*.tmp"), *(trainer.run_dir / FOLDER).glob(".*.tmp")]:
             stray.unlink()
-        if not (trainer.run_dir / FOLDER).is_dir():
-            return  # a new run
+        if fresh:
+            return
         for kind in ("step", "best"):
             for saved_step, path in numbered(trainer.run_dir, kind):
                 if saved_step > step:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import engine
 
@@ -20,7 +20,7 @@ METRICS = "metrics.jsonl"  # one JSON object per logging point (the metrics_file
 
 @dataclass(frozen=True)
 class Settings:
-    curves: bool = True  # curves.png in the run directory when matplotlib is installed
+    curves: Annotated[bool, engine.Changeable()] = True  # curves.png in the run directory when matplotlib is installed
 
 
 @engine.hookimpl

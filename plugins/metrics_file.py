@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ class MetricsFile:
     def on_run_start(self, trainer: engine.TrainerView) -> None:
         if trainer.rank:
             return
-        self.file = os.open(trainer.run_dir / METRICS, os.O_RDWR | os.O_CREAT, 0o644)
+        self.file = engine.runs.append_only(trainer.run_dir / METRICS)  # refuses a link out of the run
         if os.fstat(self.file).st_size < self.offset:
             # Shorter than when the checkpoint was taken (cut by a fault or by hand): go on after its
             # last whole line, not after the zero bytes that extending it would write.
@@ -104,7 +103,11 @@ class RunRow:
 def run_row(run_dir: Path) -> RunRow:
     summary = engine.runs.read_summary(run_dir)
     status = summary.get("status", "unknown")
-    if status == "running" and alive(summary.get("pid", -1), summary.get("host", "")) is False:
+    # Running is what the run's lock says: a process holds it while it trains, and the kernel
+    # releases it when the process dies, however it dies.
+    if engine.runs.held(run_dir):
+        status = "running"
+    elif status == "running":
         status = "crashed"
     lines = engine.runs.read_lines(run_dir / METRICS)
     validated = [line["val_loss"] for line in lines if _finite(line.get("val_loss"))]
@@ -118,19 +121,6 @@ def run_row(run_dir: Path) -> RunRow:
         wall_s=summary.get("wall_time_s", last.get("time")),
         started=summary.get("started", ""),
     )
-
-
-def alive(pid: int, host: str) -> bool | None:
-    """Whether process `pid` runs on `host`; None when the run was on another host."""
-    if host != socket.gethostname():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def runs_table(runs_dir: str | Path, sort: str = "started", descending: bool = False) -> str:

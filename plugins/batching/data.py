@@ -106,15 +106,27 @@ def outputs_of(labels: torch.Tensor, task: str) -> int:
     return labels.shape[-1] if labels.dim() > 1 else 1
 
 
-def task_of(y: torch.Tensor, task: str, recorded: str) -> str:
+# Losses that take one logit per sample, of the probability of class 1: with them, targets that are
+# all 0 or 1 (of any dtype: bce_with_logits itself wants floats) are binary labels.
+BINARY_LOSSES = frozenset({"bce_with_logits"})
+
+
+def task_of(y: torch.Tensor, task: str, recorded: str, loss: str = "") -> str:
     """What the targets are: ``data.task``; for "auto", the task a trained run recorded (its
-    [inferred] task, when another file is read for it), else class indices when they are integers
-    and values when they are floats."""
+    [inferred] task, when another file is read for it), else binary labels when the loss takes
+    them and they are all 0 or 1, class indices when they are integers, values when floats."""
     if task != "auto":
         return task
     if recorded:
         return recorded
+    if loss in BINARY_LOSSES and zeros_and_ones(y):
+        return "binary"
     return "regression" if y.is_floating_point() else "classification"
+
+
+def zeros_and_ones(y: torch.Tensor) -> bool:
+    """Whether `y` holds labels 0 and 1 only, one per sample."""
+    return y.numel() > 0 and y.numel() == len(y.reshape(len(y), -1)) and bool(((y == 0) | (y == 1)).all())
 
 
 def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:

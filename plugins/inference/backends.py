@@ -1,13 +1,12 @@
 """A run's model ready to run on a batch: eager PyTorch, or a verified export loaded back.
 
 ``auto`` tries the formats this machine can run, by their `auto_rank` (highest first), uses a
-verified export of these weights in the run's ``exports/`` folder or exports one, and falls back
-to eager, saying why.
+verified export of these weights in the run's ``exports/`` folder (under the content hash its
+record holds) or exports one, and falls back to eager, saying why.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 import engine
 
-from .exporting import Run, export_format, record_path, write_export
+from .exporting import Changed, Run, export_format, load_verified, verified_record, write_export
 
 EAGER = "eager"
 
@@ -46,9 +45,11 @@ def load_backend(
     *,
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
+    trust: bool = False,
 ) -> Backend:
-    """A run's model on `backend`: ``eager``, an export format, or ``auto`` (see the module docstring)."""
-    return backend_of(Run.open(run_dir, which, plugins, blocked), backend)
+    """A run's model on `backend`: ``eager``, an export format, or ``auto`` (see the module
+    docstring). `trust`: the run's config may import code, and its exports may hold code."""
+    return backend_of(Run.open(run_dir, which, plugins, blocked, trust), backend)
 
 
 def backend_of(run: Run, backend: str) -> Backend:
@@ -88,22 +89,23 @@ def eager(run: Run, description: str) -> Backend:
 
 
 def exported(run: Run, name: str, chosen: engine.ExportFormat, auto: bool = False) -> Backend:
-    """The format's verified export of the run's weights, written first if there is none."""
+    """The format's verified export of the run's weights, loaded under its content hash; written
+    (and verified) first if there is none, or none this process may load."""
     missing = chosen.missing()
     if missing:
         raise engine.ConfigError(f"--backend {name}: {missing}")
     path = run.export_path(name, chosen.suffix)
     how = "auto" if auto else "asked for"
-    if verified(path, run):
-        return Backend(name, chosen.load(path), run.info, f"{name} ({how}; verified export {path})")
-    report = write_export(run, name, chosen, path)
-    return Backend(name, chosen.load(path), run.info, f"{name} ({how}; {report.describe()})")
-
-
-def verified(path: Path, run: Run) -> bool:
-    """Whether `path` holds an export of these weights that passed its check."""
-    try:
-        record = json.loads(record_path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return path.is_file() and record.get("fingerprint") == run.fingerprint()
+    record = verified_record(path, run)
+    why = ""
+    if record is not None and run.may_load(chosen, record["sha256"]):
+        try:
+            return Backend(
+                name, load_verified(chosen, path, record["sha256"]), run.info, f"{name} ({how}; verified export {path})"
+            )
+        except Changed as changed:
+            why = f"{changed}; "
+    elif record is not None:  # a verified file that may hold code, from a run received from elsewhere
+        why = "its export may run code and the run is not trusted (--trust-run) nor the file verified here; "
+    report, runner = write_export(run, name, chosen, path)
+    return Backend(name, runner, run.info, f"{name} ({how}; {why}{report.describe()})")

@@ -29,11 +29,14 @@ def predictions(backend: Backend, x: Any, batch_size: int = 1024) -> dict[str, t
     ``class`` (indices) and ``probability`` ([N, classes]) for classification, ``class`` (0 or 1)
     and ``probability`` ([N], of class 1) for binary labels, ``value`` for regression."""
     info = backend.info
+    check_batch_size(batch_size)
     x, width = inputs(x, info.n_features)
     if width != info.n_features:
         raise engine.ConfigError(
             f"inputs have {width} features per sample, but the model was trained on {info.n_features}"
         )
+    if len(x) == 0:
+        raise engine.ConfigError("the inputs hold no samples")
     outputs = torch.cat([backend(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]).detach()
     if info.task == "classification":
         # softmax turns logits into probabilities, and leaves log-probabilities' exp unchanged
@@ -53,21 +56,52 @@ def predict(
     backend: str = "auto",
     batch_size: int = 1024,
     plugins: Iterable[Any] = (),
+    trust: bool = False,
+    pass_non_finite: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A run's predictions for the inputs `x` (see `predictions`), on `backend` (see `load_backend`)."""
-    return predictions(load_backend(run_dir, which, backend, plugins=plugins), x, batch_size)
+    """A run's predictions for the inputs `x` (see `predictions`), on `backend` (see
+    `load_backend`); inputs that are not finite are refused unless `pass_non_finite`."""
+    loaded = load_backend(run_dir, which, backend, plugins=plugins, trust=trust)
+    if not pass_non_finite:
+        finite_inputs(inputs(x, loaded.info.n_features)[0], "the inputs")
+    return predictions(loaded, x, batch_size)
 
 
-def read_inputs(run: Run, file: str | Path, overrides: Sequence[str] = ()) -> torch.Tensor:
+def check_batch_size(size: int) -> int:
+    if size < 1:
+        raise engine.ConfigError(f"--batch-size: expected 1 or more samples, got {size}")
+    return size
+
+
+def read_inputs(
+    run: Run, file: str | Path, overrides: Sequence[str] = (), *, pass_non_finite: bool = False
+) -> torch.Tensor:
     """The inputs of a data file, read by the data component named after its suffix (without
-    labels where the component can do without), checked against the run's input width."""
+    labels where the component can do without), checked against the run's input width, holding
+    samples, and (unless `pass_non_finite`) finite."""
     config, found = file_config(run, Path(file), overrides, labelled=False)
     cpu = torch.device("cpu")
     data = engine.build_component(config, found, "data", seed=config["seed"], device=cpu, labelled=False)
     x, width = inputs(data[0] if isinstance(data, tuple) else data, run.info.n_features)
+    if len(x) == 0:
+        raise engine.ConfigError(f"--data '{file}': holds no samples")
     if width != run.info.n_features:
         raise wrong_width(file, width, run)
+    if not pass_non_finite:
+        finite_inputs(x, f"--data '{file}'")
     return x
+
+
+def finite_inputs(x: torch.Tensor, where: str) -> None:
+    """A ConfigError naming the first row (sample) of `x` that holds NaN or inf."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    count = int(bad.sum())
+    if count:
+        first = int(bad.nonzero()[0, 0])
+        raise engine.ConfigError(
+            f"{where}: row {first} (counting from 0) holds a value that is not finite (NaN or inf), and {count} "
+            f"row{'s' if count > 1 else ''} in all; predict them anyway with --pass-non-finite"
+        )
 
 
 def inputs(x: Any, n_features: int) -> tuple[torch.Tensor, int]:
@@ -89,7 +123,12 @@ def wrong_width(file: str | Path, width: int, run: Run) -> engine.ConfigError:
 
 def write_predictions(run: Run, columns: Mapping[str, torch.Tensor], out: str | Path, overrides: Sequence[str] = ()):
     """Write `columns` with the ``predictions`` component named after `out`'s suffix."""
-    out = Path(out)
+    writer = predictions_writer(run, Path(out), overrides)
+    writer(Path(out), {key: value.numpy() for key, value in columns.items()})
+
+
+def predictions_writer(run: Run, out: Path, overrides: Sequence[str] = ()) -> Any:
+    """The ``predictions`` component named after `out`'s suffix, with its settings."""
     name = suffix(out, "--out")
     table = run.plugins.components.get("predictions", {})
     if name not in table:
@@ -97,8 +136,7 @@ def write_predictions(run: Run, columns: Mapping[str, torch.Tensor], out: str | 
             f"--out '{out}': no predictions component writes .{name} files{engine.suggest(name, table)}"
         )
     config, found = run.load_config(overrides=[f"predictions.name={name}", *overrides])
-    writer = engine.build_component(config, found, "predictions")
-    writer(out, {key: value.numpy() for key, value in columns.items()})
+    return engine.build_component(config, found, "predictions")
 
 
 def suffix(path: Path, option: str) -> str:
@@ -198,6 +236,7 @@ def evaluate(
     overrides: Sequence[str] = (),
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
+    trust: bool = False,
 ) -> dict[str, Any]:
     """The loss terms and metrics of a run's model on a labelled data file, by the run's own
     validation: a Trainer built from the run's config (nothing is written, nothing trained, the
@@ -205,7 +244,7 @@ def evaluate(
     model. On the run's validation data it gives the run's final validation figures. A figure
     that is not finite (the model's outputs overflow on this data) is None, and named in
     ``non_finite``."""
-    run = Run.open(run_dir, which, plugins, blocked)
+    run = Run.open(run_dir, which, plugins, blocked, trust)
     file = Path(data)
     # On the CPU, where the backends run; no accelerate component: the train step is never called.
     changes = {"device": "cpu", "accelerate": {"name": None}}
@@ -230,7 +269,10 @@ def evaluate(
 
 def write_evaluation(result: Mapping[str, Any]) -> Path:
     """`result` as ``runs/<name>/evaluations/<data file stem>-<which>.json``."""
-    path = Path(result["run"]) / EVALUATIONS / f"{Path(result['data']).stem}-{result['which']}.json"
-    path.parent.mkdir(exist_ok=True)
-    engine.runs.write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    folder = engine.runs.folder(Path(result["run"]), EVALUATIONS)  # a real folder of the run, not a link out
+    path = folder / f"{Path(result['data']).stem}-{result['which']}.json"
+    try:
+        engine.runs.write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    except OSError as error:
+        raise engine.TrainingError(f"cannot write '{path}': {engine.one_line(error)}") from None
     return path

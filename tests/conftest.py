@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 # but where a test asks for it: drawing a PNG at the end of each of the suite's hundreds of runs
 # would cost a minute.
 os.environ["ENGINE_BLOCK"] = "curves"
+# The hashes of the exports this machine verified (plugins/inference) go to a cache of the test
+# session's own, not the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="engine-tests-cache-")
 
 
 @pytest.fixture(autouse=True)

@@ -75,7 +75,9 @@ def test_a_checkpoint_holds_everything_a_resumed_run_needs_and_loads_without_pic
     path = checkpoint_plugin.Checkpoints().find_checkpoint(result.run_dir, "last")
     saved = torch.load(path, weights_only=True)  # raises on anything but tensors and plain values
     assert saved["format"] == runs.CHECKPOINT_FORMAT
-    assert set(saved) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "plugins"}
+    assert set(saved) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "plugins", "course"}
+    assert saved["course"]["config"]["precision.name"] == "16-mixed"  # what it trains with: engine/resuming.py
+    assert saved["course"]["sizes"] == {"n_train": 64, "n_val": 0, "n_test": 0, "batches_per_epoch": 4}
     assert saved["scheduler"]["last_epoch"] == 12 and saved["scaler"]["scale"] > 0
     assert saved["state"]["epoch"] == 4 and saved["state"]["step"] == 12
     assert set(saved["state"]["rng"]) >= {"python", "numpy", "torch"}
@@ -91,7 +93,7 @@ def test_a_file_that_would_run_code_is_refused(tmp_path):
     bad = tmp_path / "evil.pt"
     with open(bad, "wb") as handle:
         pickle.dump({"format": runs.CHECKPOINT_FORMAT, "x": Payload()}, handle)
-    with pytest.raises(engine.ConfigError, match=r"evil.pt' is not a readable engine.checkpoint/2 file"):
+    with pytest.raises(engine.ConfigError, match=r"evil.pt' is not a readable engine.checkpoint/3 file"):
         runs.load(bad, runs.CHECKPOINT_FORMAT)
 
 
@@ -228,6 +230,7 @@ def test_find_checkpoint_answers_last_and_best():
 def test_without_the_checkpoint_plugin_the_run_keeps_its_model_and_engine_load_works():
     result = engine.run(job(epochs=3, run_name="bare"), blocked=["checkpoint"])
     assert sorted(path.name for path in result.run_dir.iterdir()) == [
+        ".lock",
         "config.toml",
         "metrics.jsonl",
         "model.pt",

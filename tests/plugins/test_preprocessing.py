@@ -218,7 +218,7 @@ def test_the_binary_threshold_decides_accuracy_metrics_confusion_and_predictions
     ("file", "data", "loss", "message"),
     [
         (scaled_classes, {"task": "binary"}, "bce_with_logits", "data.task = 'binary': the training targets hold 2"),
-        (binary_file, {}, "bce_with_logits", 'For 0/1 labels: data.task = "binary"'),
+        (scaled_classes, {}, "bce_with_logits", 'For 0/1 labels: data.task = "binary"'),
         (binary_file, {"task": "binary"}, "cross_entropy", 'data.task = "binary" gives 0/1 labels with one output'),
         (scaled_classes, {"val_fraction": 0.6, "test_fraction": 0.4}, "cross_entropy", "of 240 samples leave none"),
     ],

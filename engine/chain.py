@@ -49,11 +49,11 @@ def build_chain(trainer: Any, checkpoint: Path | None) -> None:
     trainer.val_every, trainer.device, trainer.state = config["val_every"], trainer.distributed.device, State()
     saved = runs.load(checkpoint, runs.CHECKPOINT_FORMAT) if checkpoint is not None else None
     if saved is not None:
-        resuming.check_config(trainer, saved, checkpoint)
+        allowed = resuming.check_config(trainer, saved, checkpoint)
     seed_everything(config["seed"])
     build_data(trainer)
     if saved is not None:
-        resuming.check_data(trainer, saved, checkpoint)
+        resuming.check_data(trainer, saved, checkpoint, allowed)
     torch.manual_seed(config["seed"])  # model init must not depend on what the data consumed
     optimizer = build_components(trainer)
     wrap_components(trainer, optimizer)

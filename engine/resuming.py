@@ -55,24 +55,26 @@ def recorded(saved: Mapping[str, Any], source: Path) -> dict[str, Any]:
     return dict(found)
 
 
-def check_config(trainer: Any, saved: Mapping[str, Any], source: Path) -> None:
+def check_config(trainer: Any, saved: Mapping[str, Any], source: Path) -> list[str]:
     """The config a resume continues with against the one the run was trained with (all but
-    [inferred], which the data fills in: `check_data`)."""
+    [inferred], which the data fills in: `check_data`); the keys the user allowed to change."""
     old = {key: value for key, value in recorded(saved, source)["config"].items() if not key.startswith("inferred.")}
     new = {key: value for key, value in flat(trainer.config).items() if not key.startswith("inferred.")}
     check_allowed(trainer.allowed_changes, [*new, *old, *(f"inferred.{size}" for size in SIZES)])
     trainer.changes = [*recorded(saved, source)["changes"]]
-    judge(trainer, saved, source, differences(old, new), changeable(trainer.config, trainer.plugins))
+    return judge(trainer, saved, source, differences(old, new), changeable(trainer.config, trainer.plugins))
 
 
-def check_data(trainer: Any, saved: Mapping[str, Any], source: Path) -> None:
-    """What the data tells (its task and sizes, [inferred]) against what the run trained on."""
+def check_data(trainer: Any, saved: Mapping[str, Any], source: Path, allowed: list[str]) -> None:
+    """What the data tells (its task and sizes, [inferred]) against what the run trained on. An
+    allowed change of the [data] section (its batch size, its samples) explains these."""
     found = recorded(saved, source)
     old = {key: value for key, value in found["config"].items() if key.startswith("inferred.")}
     old.update({f"inferred.{size}": value for size, value in found["sizes"].items()})
     new = {key: value for key, value in flat(trainer.config).items() if key.startswith("inferred.")}
     new.update({f"inferred.{size}": value for size, value in course(trainer)["sizes"].items()})
-    judge(trainer, saved, source, differences(old, new), set())
+    explained = set(new) if any(key.startswith("data.") for key in allowed) else set()
+    judge(trainer, saved, source, differences(old, new), explained)
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -88,9 +90,12 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[st
     return found
 
 
-def judge(trainer: Any, saved: Mapping[str, Any], source: Path, found: list[tuple[str, Any, Any]], free: set[str]):
-    """Refuse the changes neither `free` nor allowed by the user; record the others."""
-    allowed = set(trainer.allowed_changes)
+def judge(
+    trainer: Any, saved: Mapping[str, Any], source: Path, found: list[tuple[str, Any, Any]], free: set[str]
+) -> list[str]:
+    """Refuse the changes neither `free` nor allowed by the user; record the others. The keys the
+    user allowed."""
+    allowed, overridden = set(trainer.allowed_changes), []
     refused = []
     for key, old, new in found:
         section = key.rpartition(".")[0]
@@ -100,12 +105,14 @@ def judge(trainer: Any, saved: Mapping[str, Any], source: Path, found: list[tupl
             continue
         change = {"key": key, "from": _stored(old), "to": _stored(new), "step": saved["state"]["step"]}
         trainer.changes.append({**change, "override": override})
+        overridden += [key] if override else []
     if refused:
         run = source.parent.parent
         raise ConfigError(
             f"--resume: run '{run}' was trained with other settings: {', '.join(refused)}; a resume continues the "
             "same run (allow a change with --allow-change KEY, recorded in its summary, or start a new run)"
         )
+    return overridden
 
 
 def check_allowed(allowed: Iterable[str], keys: Iterable[str]) -> None:

@@ -197,3 +197,15 @@ def test_the_table_reads_summary_json_alone_when_the_run_wrote_no_metrics_file()
     assert not (result.run_dir / METRICS).exists()
     [_, row] = runs_table("runs").splitlines()
     assert row.split()[:4] == ["plain", "completed", "3", f"{result.metrics['loss']:.4g}"]
+
+
+def test_a_metrics_file_that_is_a_link_out_of_the_run_is_never_written_through(tmp_path):
+    """A resume cuts metrics.jsonl back to its checkpoint: through a link it would cut another file."""
+    result = engine.run(job(epochs=3, log={"every": 1}, checkpoint={"every_steps": 1}))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a line that must stay\n" * 50)
+    (result.run_dir / METRICS).unlink()
+    (result.run_dir / METRICS).symlink_to(victim)
+    with pytest.raises(engine.TrainingError, match=r"failed in hook on_run_start: .*metrics.jsonl' is a link: a run's"):
+        engine.run(resume=result.run_dir, overrides=["epochs=4"])
+    assert victim.read_text() == "a line that must stay\n" * 50

@@ -125,8 +125,9 @@ def task_of(y: torch.Tensor, task: str, recorded: str, loss: str = "") -> str:
 
 
 def zeros_and_ones(y: torch.Tensor) -> bool:
-    """Whether `y` holds labels 0 and 1 only, one per sample."""
-    return y.numel() > 0 and y.numel() == len(y.reshape(len(y), -1)) and bool(((y == 0) | (y == 1)).all())
+    """Whether `y` (targets, or one sample's) holds labels 0 and 1 only, one per sample."""
+    flat = y.reshape(len(y), -1) if y.dim() else y.reshape(1, 1)
+    return flat.numel() > 0 and flat.shape[1] == 1 and bool(((flat == 0) | (flat == 1)).all())
 
 
 def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:

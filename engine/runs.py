@@ -238,9 +238,9 @@ class Lock:
             except BlockingIOError:
                 time.sleep(LOCK_WAIT_S)
         else:
-            holder = os.pread(descriptor, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = os.pread(descriptor, 200, 0).decode("utf-8", "replace").strip()
             os.close(descriptor)
-            raise ConfigError(f"run {run_dir.name!r} is in use by {holder} (a run is trained by one process at a time)")
+            raise in_use(run_dir, holder)
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.descriptor: int | None = descriptor
@@ -251,6 +251,21 @@ class Lock:
             _HELD.discard(self.descriptor)
             os.close(self.descriptor)  # the lock goes with its last descriptor
             self.descriptor = None
+
+
+def in_use(run_dir: Path, holder: str) -> ConfigError:
+    return ConfigError(
+        f"run {run_dir.name!r} is in use by {holder or 'another process'} (a run is trained by one process at a time)"
+    )
+
+
+def check_not_held(run_dir: Path) -> None:
+    """A ConfigError naming the process that trains the run now, if one does: said before anything
+    else is checked of the run (`Lock` is what keeps a second process out)."""
+    if held(run_dir):
+        with contextlib.suppress(OSError):
+            raise in_use(run_dir, (run_dir / LOCK).read_text(encoding="utf-8", errors="replace").strip())
+        raise in_use(run_dir, "")
 
 
 def held(run_dir: Path) -> bool:

@@ -65,6 +65,8 @@ def setup(
         run_dir = existing if existing.is_dir() else None
     elif run_dir is None:
         runs.check_free(config["runs_dir"], config["run_name"])  # `fit` creates it exclusively
+    if run_dir is not None:
+        runs.check_not_held(run_dir)  # the truest reason first: its checkpoints may be still to come
     checkpoint = last_checkpoint(found, run_dir) if run_dir is not None else None
     if checkpoint is None and explicit:
         raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from{why_not(run_dir)}")

@@ -22,6 +22,7 @@ from .exporting import ExportReport, Run, export, writable
 from .serving import (
     check_batch_size,
     evaluate,
+    file_config,
     predict,
     predictions,
     predictions_writer,
@@ -92,9 +93,9 @@ def served_options(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    backend = load_backend(
-        args.run_dir, args.which, args.backend, plugins=args.plugin, blocked=args.block, trust=args.trust_run
-    )
+    run = Run.open(args.run_dir, args.which, args.plugin, args.block, args.trust_run)
+    file_config(run, Path(args.data), args.overrides, labelled=True)  # the file and its reader, before an export
+    backend = backend_of(run, args.backend)
     print(f"backend: {backend.description}", file=sys.stderr)
     result = evaluate(
         args.run_dir,

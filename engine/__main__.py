@@ -1,11 +1,12 @@
 """``python -m engine``.
 
-Ctrl-C is taken over first, before the CLI (and torch) is imported. Outside a run nothing of
-value is being written, so it ends the command there and then: one line, exit code 130, the
-temporary files being written removed, and no Python code run after it (a KeyboardInterrupt or a
-SystemExit raised inside an import, a finalizer or a library's ``except BaseException`` could be
-swallowed, turned into another error or printed as a traceback). A run installs its own handler
-while it trains (`Trainer.signals`: finish the step, checkpoint, exit 130).
+Ctrl-C (and SIGTERM) is taken over first, before the CLI (and torch) is imported. Outside a run
+nothing of value is being written, so it ends the command there and then: one line, exit code
+130 (143), the temporary files being written removed, and no Python code run after it (a
+KeyboardInterrupt or a SystemExit raised inside an import, a finalizer or a library's ``except
+BaseException`` could be swallowed, turned into another error or printed as a traceback). A run
+installs its own handlers while it trains (`Trainer.signals`: finish the step, checkpoint, exit
+130 or 143).
 """
 
 import os
@@ -23,7 +24,8 @@ def interrupted(number: int, frame: object) -> None:
     os._exit(128 + number)
 
 
-signal.signal(signal.SIGINT, interrupted)
+for number in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(number, interrupted)
 
 
 def own_package() -> None:

@@ -132,12 +132,18 @@ def finished(process: subprocess.Popen[str], timeout: float = 300) -> Outcome:
 
 
 def training(run_dir: Path, process: subprocess.Popen[str], timeout: float = 240) -> None:
-    """Until `process` trains the run: its lock held and a line logged."""
+    """Until `process` trains the run: its lock held, its summary "running" and its metrics file
+    open (`on_run_start` done)."""
     deadline = time.monotonic() + timeout
-    while not (engine.runs.held(run_dir) and (run_dir / "metrics.jsonl").is_file()):
+    while not (
+        engine.runs.held(run_dir)
+        and engine.runs.read_summary(run_dir).get("status") == "running"
+        and (run_dir / "metrics.jsonl").is_file()
+    ):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the run did not start"
         time.sleep(0.1)
+    time.sleep(0.5)  # past on_run_start, into the loop
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -22,7 +22,7 @@ from .exporting import ExportReport, Run, export, writable
 from .serving import (
     check_batch_size,
     evaluate,
-    file_config,
+    evaluated,
     predict,
     predictions,
     predictions_writer,
@@ -94,19 +94,8 @@ def served_options(parser: argparse.ArgumentParser) -> None:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     run = Run.open(args.run_dir, args.which, args.plugin, args.block, args.trust_run)
-    file_config(run, Path(args.data), args.overrides, labelled=True)  # the file and its reader, before an export
-    backend = backend_of(run, args.backend)
+    result, backend = evaluated(run, Path(args.data), args.backend, args.overrides)
     print(f"backend: {backend.description}", file=sys.stderr)
-    result = evaluate(
-        args.run_dir,
-        args.data,
-        which=args.which,
-        backend=backend,
-        overrides=args.overrides,
-        plugins=args.plugin,
-        blocked=args.block,
-        trust=args.trust_run,
-    )
     write_evaluation(result)
     if result.get("non_finite"):
         print(f"warning: not finite on this data (null below): {', '.join(result['non_finite'])}", file=sys.stderr)

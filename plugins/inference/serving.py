@@ -245,26 +245,34 @@ def evaluate(
     that is not finite (the model's outputs overflow on this data) is None, and named in
     ``non_finite``."""
     run = Run.open(run_dir, which, plugins, blocked, trust)
-    file = Path(data)
+    return evaluated(run, Path(data), backend, overrides)[0]
+
+
+def evaluated(
+    run: Run, file: Path, backend: str | Backend = "auto", overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], Backend]:
+    """`evaluate` of an open run, and the backend it ran on. The file is read and checked before
+    the backend is loaded, which may export the model into the run: a file that cannot be
+    evaluated leaves nothing written."""
     # On the CPU, where the backends run; no accelerate component: the train step is never called.
     changes = {"device": "cpu", "accelerate": {"name": None}}
     config, found = file_config(run, file, overrides, True, changes, [EvaluationData(run, file)])
-    chosen = backend if isinstance(backend, Backend) else backend_of(run, backend)
     with engine.kept_rng(torch.device("cpu")):
         trainer = engine.Trainer(config, found)
         try:
+            chosen = backend if isinstance(backend, Backend) else backend_of(run, backend)
             # compute_loss hooks (a regularizer) read the trained weights from the trainer's module.
             trainer.module.load_state_dict(engine.runs.load(run.weights, run.weights_format)["model"])
             metrics = trainer.validate(model=Served(chosen))
         finally:
             trainer.loaders.close()
-    result: dict[str, Any] = {"run": str(run.run_dir), "which": which, "data": str(file)}
+    result: dict[str, Any] = {"run": str(run.run_dir), "which": run.which, "data": str(file)}
     result.update(samples=trainer.info.n_val, backend=chosen.name)
     result.update({name.removeprefix("val_"): value for name, value in metrics.items()})
     non_finite = [name for name, value in result.items() if isinstance(value, float) and not math.isfinite(value)]
     if non_finite:  # JSON has no inf or nan
         result.update(dict.fromkeys(non_finite), non_finite=non_finite)
-    return result
+    return result, chosen
 
 
 def write_evaluation(result: Mapping[str, Any]) -> Path:

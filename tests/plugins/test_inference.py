@@ -538,3 +538,14 @@ def test_a_forged_program_under_a_forged_record_does_not_run_even_from_a_trusted
     assert code == 2 and err.endswith(
         "holds pickled objects (exported/data/constants/opaque_obj_0), which loading would run\n"
     )
+
+
+def test_a_file_evaluate_cannot_read_is_refused_before_a_backend_exports_into_the_run(trained, tmp_path, capsys):
+    """auto exports the model into the run to serve it: not for a file that cannot be evaluated."""
+    run = Path(shutil.copytree(trained["classify"], tmp_path / "run"))
+    for made in ("exports", "evaluations"):  # by other tests of the shared run
+        shutil.rmtree(run / made, ignore_errors=True)
+    np.savez("unlabelled.npz", x=np.zeros((4, 8), np.float32))
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", "unlabelled.npz")
+    assert code == 2 and out == "" and err.startswith("error: data.path: file ") and err.count("\n") == 1
+    assert not (run / "exports").exists() and not (run / "evaluations").exists()

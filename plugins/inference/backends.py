@@ -52,10 +52,15 @@ def load_backend(
     return backend_of(Run.open(run_dir, which, plugins, blocked, trust), backend)
 
 
-def backend_of(run: Run, backend: str) -> Backend:
+def known_backend(run: Run, backend: str) -> str:
     names = backend_names(run.plugins)
     if backend not in names:
         raise engine.ConfigError(f"--backend: unknown backend {backend!r}{engine.suggest(backend, names)}")
+    return backend
+
+
+def backend_of(run: Run, backend: str) -> Backend:
+    known_backend(run, backend)
     if backend == EAGER:
         return eager(run, "eager (asked for)")
     if backend != "auto":

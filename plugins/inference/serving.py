@@ -18,7 +18,7 @@ import torch
 
 import engine
 
-from .backends import Backend, backend_of, load_backend
+from .backends import Backend, backend_of, known_backend, load_backend
 from .exporting import Run
 
 EVALUATIONS = "evaluations"  # in the run directory: what `evaluate` writes
@@ -254,6 +254,8 @@ def evaluated(
     """`evaluate` of an open run, and the backend it ran on. The file is read and checked before
     the backend is loaded, which may export the model into the run: a file that cannot be
     evaluated leaves nothing written."""
+    if not isinstance(backend, Backend):
+        known_backend(run, backend)
     # On the CPU, where the backends run; no accelerate component: the train step is never called.
     changes = {"device": "cpu", "accelerate": {"name": None}}
     config, found = file_config(run, file, overrides, True, changes, [EvaluationData(run, file)])

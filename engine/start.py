@@ -47,29 +47,9 @@ def setup(
     sections). `imports` False refuses a job that imports code (`load_config`).
     """
     plugins = list(plugins)
-    if resume is not None and not str(resume):
-        raise ConfigError("--resume: expected a run directory or 'auto', got an empty string")
-    explicit = resume not in (None, "auto")
-    run_dir = Path(resume) if explicit else None
-    if run_dir is not None:
-        if not (run_dir / runs.CONFIG).is_file():
-            raise ConfigError(f"--resume: '{run_dir}' is not a run directory (it has no {runs.CONFIG})")
-        if job is None:
-            check_trusted(run_dir, plugins, trust, "--resume: ")
-            job = run_dir / runs.CONFIG
+    run_dir, job = resumed(resume, job, plugins, trust)
     config, found = load_config(job, overrides, plugins, blocked, imports=imports)
-    if run_dir is None and (resume == "auto" or config["resume"] == "auto"):
-        if not config["run_name"]:
-            raise ConfigError("resume = 'auto': name the run to continue with run_name")
-        existing = Path(config["runs_dir"]) / config["run_name"]
-        run_dir = existing if existing.is_dir() else None
-    elif run_dir is None:
-        runs.check_free(config["runs_dir"], config["run_name"])  # `fit` creates it exclusively
-    if run_dir is not None:
-        runs.check_not_held(run_dir)  # the truest reason first: its checkpoints may be still to come
-    checkpoint = last_checkpoint(found, run_dir) if run_dir is not None else None
-    if checkpoint is None and explicit:
-        raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from{why_not(run_dir)}")
+    run_dir, checkpoint = continued(config, found, run_dir, resume)
     # The first link of the setup chain: joins the processes of a data-parallel run (None: one).
     distributed = build_component(config, found, "distributed", device=resolve_device(config["device"]))
     try:
@@ -84,6 +64,46 @@ def setup(
         if stopped is error:
             raise
         raise stopped from error
+
+
+def resumed(resume: str | Path | None, job: Any, plugins: list[Any], trust: bool) -> tuple[Path | None, Any]:
+    """The run directory `resume` names (None: none, or "auto"), and the job: the run's
+    config.toml when none is given, which imports code only if `trust` (engine/saved.py)."""
+    if resume is not None and not str(resume):
+        raise ConfigError("--resume: expected a run directory or 'auto', got an empty string")
+    if resume in (None, "auto"):
+        return None, job
+    run_dir = Path(resume)
+    if not (run_dir / runs.CONFIG).is_file():
+        raise ConfigError(f"--resume: '{run_dir}' is not a run directory (it has no {runs.CONFIG})")
+    if job is None:
+        check_trusted(run_dir, plugins, trust, "--resume: ")
+        job = run_dir / runs.CONFIG
+    return run_dir, job
+
+
+def continued(
+    config: Config, plugins: Plugins, run_dir: Path | None, resume: str | Path | None
+) -> tuple[Path | None, Path | None]:
+    """The run directory the run continues (`resume = "auto"`: the one run_name names, if it
+    exists) and the checkpoint it continues from; none when it is a new run."""
+    if run_dir is None and (resume == "auto" or config["resume"] == "auto"):
+        if not config["run_name"]:
+            raise ConfigError("resume = 'auto': name the run to continue with run_name")
+        existing = Path(config["runs_dir"]) / config["run_name"]
+        if not existing.is_dir():
+            return None, None
+        run_dir, explicit = existing, False
+    elif run_dir is None:
+        runs.check_free(config["runs_dir"], config["run_name"])  # `fit` creates it exclusively
+        return None, None
+    else:
+        explicit = True
+    runs.check_not_held(run_dir)  # the truest reason first: its checkpoints may be still to come
+    checkpoint = last_checkpoint(plugins, run_dir)
+    if checkpoint is None and explicit:
+        raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from{why_not(run_dir)}")
+    return run_dir, checkpoint
 
 
 def last_checkpoint(plugins: Plugins, run_dir: Path) -> Path | None:

@@ -396,6 +396,19 @@ elif case == "export":
     report["train"] = engine("run", *job, "--set", "epochs=2", "--quiet")
     fill(8 * 1024)
     report["run"] = engine("export", "runs/r", "--format", "exported")
+elif case == "metrics":  # no checkpoint but the last: what fills the disk is metrics.jsonl
+    report["run"] = engine("run", "--set", "run_name=r", "--set", "epochs=100000", "--set", "log.every=1",
+                           "--set", "checkpoint.every_seconds=0", "--quiet")
+elif case == "resume":
+    report["train"] = engine("run", *job, "--set", "epochs=2", "--quiet")
+    fill(16 * 1024)
+    report["run"] = engine("run", "--resume", "runs/r", "--set", "epochs=4", "--quiet")
+elif case == "evaluate":
+    report["train"] = engine("run", *job, "--set", "epochs=2", "--quiet")
+    import numpy as np
+    np.savez(os.path.join(disk, "x.npz"), x=np.random.randn(10, 20).astype("float32"), y=np.arange(10) % 4)
+    fill(0)
+    report["run"] = engine("evaluate", "runs/r", "--data", "x.npz", "--backend", "eager")
 elif case == "predict":
     report["train"] = engine("run", *job, "--set", "epochs=2", "--quiet")
     import numpy as np
@@ -462,8 +475,27 @@ def test_disk_a_run_that_cannot_start_leaves_no_directory(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_disk_metrics_that_fill_the_disk_stay_whole_lines_and_the_summary_says_why(tmp_path: Path) -> None:
+    report = on_a_small_disk(tmp_path, "metrics", "200k")
+    promised(Outcome(report["run"]["code"], "", report["run"]["err"]), 1, "No space left on device")
+    assert report["summary"]["status"] == "failed" and "metrics.jsonl" in report["summary"]["error"]
+    assert [line["epoch"] for line in report["metrics"]] == list(range(1, len(report["metrics"]) + 1))
+
+
+@pytest.mark.slow
+def test_disk_a_resume_on_a_full_disk_fails_in_one_line_and_keeps_the_run(tmp_path: Path) -> None:
+    report = on_a_small_disk(tmp_path, "resume", "2m")
+    promised(Outcome(report["train"]["code"], "", report["train"]["err"]), 0)
+    promised(Outcome(report["run"]["code"], "", report["run"]["err"]), 1, "cannot start the run in ")
+    assert report["summary"]["status"] in ("completed", "failed")  # the last one it could write, whole
+    assert "checkpoints/step-000000002.pt" in report["files"] and "model.pt" in report["files"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "case", ["export", "predict"], ids=["disk:export-on-a-full-disk", "disk:predict-on-a-full-disk"]
+    "case",
+    ["export", "predict", "evaluate"],
+    ids=["disk:export-on-a-full-disk", "disk:predict-on-a-full-disk", "disk:evaluate-on-a-full-disk"],
 )
 def test_disk_after_training_commands_on_a_full_disk_fail_in_one_line(tmp_path: Path, case: str) -> None:
     report = on_a_small_disk(tmp_path, case, "2m")
@@ -809,6 +841,26 @@ def test_distributed_a_second_run_on_a_run_two_processes_train_is_refused(tmp_pa
         outcome = finished(first)
     promised(outcome, 143, "interrupted by SIGTERM")
     interrupted_run(run)
+
+
+@pytest.mark.slow
+def test_distributed_a_run_of_two_processes_resumes_in_one_and_in_two(tmp_path: Path) -> None:
+    """The number of processes is not the run's course (the batch is global): no change to refuse."""
+    write_job(tmp_path, {**CLASSIFY, "run_name": "ddp"})
+    promised(command(tmp_path, "run", "job.toml", "--nproc", "2", "--quiet"), 0)
+    promised(command(tmp_path, "run", "--resume", "runs/ddp", "--set", "epochs=4", "--quiet"), 0)
+    promised(command(tmp_path, "run", "--resume", "runs/ddp", "--set", "epochs=5", "--nproc", "2", "--quiet"), 0)
+    summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 5 * 8
+    assert [change["key"] for change in summary["changes"]] == ["epochs", "epochs"]
+
+
+@pytest.mark.slow
+def test_distributed_a_forged_config_is_refused_in_one_line_by_every_process(tmp_path: Path) -> None:
+    write_job(tmp_path, {**CLASSIFY, "run_name": "ddp"})
+    promised(command(tmp_path, "run", "job.toml", "--quiet"), 0)
+    forged_config(tmp_path / "runs" / "ddp", tmp_path, "plugin-file")
+    promised(command(tmp_path, "run", "--resume", "runs/ddp", "--nproc", "2"), 2, "names code that opening it")
 
 
 @pytest.mark.slow

@@ -25,9 +25,9 @@ _HOMES = {
     "chain": ("rebuild_optimizer",),
     "plugins": ("ENTRY_POINT_GROUP", "Plugins", "make_plugins"),
     "saved": ("load", "model_file", "open_run", "trained_module"),
-    "schema": ("FilePath", "Range"),
+    "schema": ("Changeable", "FilePath", "Range"),
+    "start": ("run", "setup"),
     "trainer": ("Result", "Trainer"),
-    "jobs": ("run", "setup"),
     "types": (
         "Acceleration",
         "Batch",

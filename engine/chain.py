@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import resuming
 from .calling import ModelLoss, model_call
 from .checks import returned
 from .config import Config
@@ -26,19 +27,28 @@ from .types import DataInfo, InputTransform, Loaders, Precision, Scheduled, Stat
 
 def build_chain(trainer: Any, checkpoint: Path | None) -> None:
     """Every link of the setup chain, in order, on a trainer that holds its config, plugins and
-    processes; `checkpoint` is restored into the final objects when the run resumes."""
+    processes; `checkpoint` is restored into the final objects when the run resumes, once its
+    record shows that the config and the data are the run's (engine/resuming.py)."""
     config = trainer.config
     trainer.epochs, trainer.max_steps = config["epochs"], config["max_steps"]
     trainer.accumulation, trainer.device = config["grad_accumulation"], trainer.distributed.device
     trainer.state = State()
+    # What the checkpoint records besides the tensors (a sharded one's shards are read below).
+    saved = dict(read_checkpoint(trainer.plugins, checkpoint, {})) if checkpoint is not None else None
+    if saved is not None:
+        allowed = resuming.check_config(trainer, saved, checkpoint)
     seed_everything(config["seed"])
     build_data(trainer)
+    if saved is not None:
+        resuming.check_data(trainer, saved, checkpoint, allowed)
     torch.manual_seed(config["seed"])  # model init must not depend on what the data consumed
     optimizer = build_components(trainer)
     wrap_components(trainer, optimizer)
-    if checkpoint is not None:
-        template = trainer.distributed.state(trainer.module, trainer.optimizer)
-        restore(trainer, read_checkpoint(trainer.plugins, checkpoint, template), checkpoint)
+    if saved is not None:
+        if "model" not in saved:  # a sharded checkpoint: its shards, read into this run's tensors
+            template = trainer.distributed.state(trainer.module, trainer.optimizer)
+            saved.update(read_checkpoint(trainer.plugins, checkpoint, template))
+        restore(trainer, saved, checkpoint)
     bind_hooks(trainer)
     step = chain(trainer, "wrap_step", "step", build_step(trainer))
     trainer.train_step = trainer.acceleration.step(step) if trainer.acceleration is not None else step
@@ -169,6 +179,7 @@ def restore(trainer: Any, saved: Mapping[str, Any], source: Path) -> None:
         trainer.state.load_state_dict(saved["state"], trainer.device)
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
         raise ConfigError(f"checkpoint '{source}' does not fit this run: {one_line(error)}") from None
+    resuming.continue_position(trainer, saved)
     trainer.hooks.load_plugin_state(state=saved["plugins"], trainer=trainer)
 
 

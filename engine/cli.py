@@ -13,7 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import pluggy
 
@@ -22,11 +22,19 @@ from .components import CORE_KINDS
 from .config import Reference, dump_toml, merged_job, references
 from .errors import ConfigError, EngineError, Interrupted, one_line, suggest
 from .hookspecs import SETUP_CHAIN
-from .jobs import setup
 from .plugins import OWN_DISTRIBUTION, Plugins, make_plugins
+from .start import setup
 
 Handler = Callable[[argparse.Namespace], int]
 Wrapper = Callable[[argparse.Namespace, Handler], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error in one line like every other error (argparse prints
+    the whole usage block first); ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (--help shows the usage)\n")
 
 
 class Commands:
@@ -65,16 +73,29 @@ class Commands:
             action="store_true",
             help="refuse a job file that imports code (plugins, module:attr names): for job files from elsewhere",
         )
+        # For a command that opens a run directory: a run is data, whose config.toml imports
+        # nothing it names unless the user trusts it (engine/saved.py).
+        self.opening = argparse.ArgumentParser(add_help=False)
+        self.opening.add_argument(
+            "--trust-run",
+            action="store_true",
+            help="import the code the run's config.toml names (plugin modules and files, module:factory "
+            "components); without it, such a run is refused",
+        )
         self.parsers: dict[str, argparse.ArgumentParser] = {}
         self.handlers: dict[str, Handler] = {}
 
-    def add(self, name: str, handler: Handler, help: str, *, job: bool = False) -> argparse.ArgumentParser:
+    def add(
+        self, name: str, handler: Handler, help: str, *, job: bool = False, opens_run: bool = False
+    ) -> argparse.ArgumentParser:
         """A subcommand `name` that ``handler(args)`` runs, returning its exit code. It takes
-        ``--plugin``, ``--block`` and ``--debug``, and with `job` a job file, ``--set`` and
-        ``--no-imports``; add its own arguments to the parser returned."""
+        ``--plugin``, ``--block`` and ``--debug``; with `job` a job file, ``--set`` and
+        ``--no-imports``; with `opens_run` (it opens a run directory) ``--trust-run``. Add its own
+        arguments to the parser returned."""
         if name in self.parsers:
             raise ConfigError(f"command {name!r} exists already")
         parents = [self.job, self.common] if job else [self.common]
+        parents += [self.opening] if opens_run else []
         self.parsers[name] = self.subparsers.add_parser(name, parents=parents, help=help, description=help)
         self.handlers[name] = handler
         return self.parsers[name]
@@ -111,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def early_options() -> argparse.ArgumentParser:
     """The options that decide which plugins load, read before the plugins add their commands."""
-    early = argparse.ArgumentParser(add_help=False)
+    early = Parser(add_help=False)
     early.add_argument("--plugin", action="append", default=[])
     early.add_argument("--block", action="append", default=[])
     early.add_argument("--debug", action="store_true")
@@ -120,15 +141,23 @@ def early_options() -> argparse.ArgumentParser:
 
 def parser(plugins: Plugins) -> tuple[argparse.ArgumentParser, Commands]:
     """The command line: the core's commands, then every plugin's."""
-    top = argparse.ArgumentParser(prog="python -m engine", description="A plugin-based PyTorch training engine.")
+    top = Parser(prog="python -m engine", description="A plugin-based PyTorch training engine.")
     top.add_argument("--version", action="version", version=f"{OWN_DISTRIBUTION} {own_version()}")
     commands = Commands(top.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    run = commands.add("run", run_command, "train a job", job=True)
+    run = commands.add("run", run_command, "train a job", job=True, opens_run=True)
     run.add_argument(
         "--resume",
         metavar="RUN_DIR|auto",
         help="continue a run from its last checkpoint (its config.toml is the job unless one is given); "
         "auto: continue the run named by run_name if it has a checkpoint, else start it",
+    )
+    run.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: let the run continue with another value of KEY (a setting or a section), "
+        "which its summary records; repeatable",
     )
     run.add_argument("--quiet", action="store_true", help="print nothing but errors (no epoch lines, no progress bar)")
     commands.add(
@@ -176,6 +205,8 @@ def run_command(args: argparse.Namespace) -> int:
         blocked=args.block,
         resume=args.resume,
         imports=not args.no_imports,
+        trust=args.trust_run,
+        allow_changes=args.allow_change,
     )
     try:
         with contextlib.ExitStack() as stack:
@@ -186,7 +217,8 @@ def run_command(args: argparse.Namespace) -> int:
             trainer.fit()
     except Interrupted as interrupted:
         if shown(interrupted):
-            resume = f"python -m engine run --resume {trainer.run_dir}"
+            trusted = " --trust-run" if references(trainer.config.to_dict()) else ""  # its config names code
+            resume = f"python -m engine run --resume {trainer.run_dir}{trusted}"
             print(f"{interrupted}; continue with: {resume}", file=sys.stderr)
         return interrupted.exit_code
     return 0

@@ -126,4 +126,12 @@ def import_object(reference: str, key: str) -> Any:
         raise ConfigError(
             f"{key}: {reference!r} is a {type(found).__name__}, not a function or class (a component's factory)"
         )
+    # Where it is defined, not where it is named: a module may re-export the standard library's
+    # (torch's modules import subprocess.Popen).
+    home = getattr(found, "__module__", None) or ""
+    if home.partition(".")[0] in sys.stdlib_module_names:
+        raise ConfigError(
+            f"{key}: {reference!r} is {home}.{getattr(found, '__qualname__', attribute)} of the standard library, "
+            "which provides no components; name a factory or class of your own"
+        )
     return found

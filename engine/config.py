@@ -19,7 +19,7 @@ from .components import CORE_KINDS, OPTIONAL_KINDS, UNCONFIGURED_KINDS
 from .errors import ConfigError, suggest
 from .plugins import Plugins, dotted, is_plugin_file, make_plugins, plugin_target
 from .runs import valid_run_name
-from .schema import MISSING, Range, Setting, convert, is_path, settings_of, toml_key
+from .schema import MISSING, Changeable, Range, Setting, convert, is_path, settings_of, toml_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,17 +27,19 @@ class CoreSettings:
     """The core's top-level settings."""
 
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 42
-    # The run ends when either ends (engine/steps.py); neither given: DEFAULT_EPOCHS epochs.
-    epochs: Annotated[int, Range(ge=1)] | None = None
-    max_steps: Annotated[int, Range(ge=1)] | None = None  # optimizer steps
+    # The run ends when either ends (engine/steps.py); neither given: DEFAULT_EPOCHS epochs. A
+    # resumed run may run longer or shorter.
+    epochs: Annotated[int, Range(ge=1), Changeable()] | None = None
+    max_steps: Annotated[int, Range(ge=1), Changeable()] | None = None  # optimizer steps
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     plugins: tuple[str, ...] = ()  # plugin modules to load, as --plugin does
     grad_accumulation: Annotated[int, Range(ge=1)] = 1
     val_every: Annotated[int, Range(ge=0)] = 1  # epochs between validations; 0: none by epochs
     val_every_steps: Annotated[int, Range(ge=0)] = 0  # optimizer steps between validations; 0: none by steps
-    run_name: str = ""  # one plain path component; empty: a timestamp
-    runs_dir: str = "runs"
-    resume: Literal["", "auto"] = ""  # "auto": continue the run named run_name if it has a checkpoint
+    run_name: Annotated[str, Changeable()] = ""  # one plain path component; empty: a timestamp
+    runs_dir: Annotated[str, Changeable()] = "runs"
+    # "auto": continue the run named run_name if it has a checkpoint
+    resume: Annotated[Literal["", "auto"], Changeable()] = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +48,9 @@ class LogSettings:
 
     # Epochs, and optimizer steps, between logging points; both 0: a tenth of the run (in steps
     # when max_steps is set, else in epochs).
-    every: Annotated[int, Range(ge=0)] = 0
-    every_steps: Annotated[int, Range(ge=0)] = 0
-    train_metrics: bool = True  # compute_metrics inside each train step too, logged as train_<name>
+    every: Annotated[int, Range(ge=0), Changeable()] = 0
+    every_steps: Annotated[int, Range(ge=0), Changeable()] = 0
+    train_metrics: Annotated[bool, Changeable()] = True  # compute_metrics in each train step, as train_<name>
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,8 @@ def load_job(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"job file '{path}' is not valid TOML: {error}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"job file '{path}' nests arrays or tables too deeply to read") from None
 
 
 def apply_overrides(job: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -175,6 +179,8 @@ def apply_overrides(job: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
             value = Override(text, tomllib.loads(f"v = {text}")["v"])
         except tomllib.TOMLDecodeError:
             value = Override(text, text)  # a bare word: a string
+        except RecursionError:
+            raise ConfigError(f"--set {key}: the value nests arrays or tables too deeply to read") from None
         section, _, name = key.rpartition(".")
         if section:
             target = merged.setdefault(section, {})
@@ -241,6 +247,22 @@ def resolve(job: Mapping[str, Any], plugins: Plugins, base: Path | None = None) 
         _check(section, values, plugins)
         resolved[section] = Section(values, params)
     return Config(resolved)
+
+
+def changeable(config: Config, plugins: Plugins) -> set[str]:
+    """The dotted keys of `config` that a resumed run may change (`engine.Changeable`): the
+    declared settings and the chosen components' parameters so marked."""
+    keys = {
+        dotted(section, key)
+        for section, declared in declared_settings(plugins).items()
+        for key, setting in declared.items()
+        if setting.changeable
+    }
+    for section, values in config.items():
+        if isinstance(values, Section) and values.params and isinstance(values.get("name"), str):
+            params = _component_params(section, values["name"], {}, plugins)
+            keys |= {dotted(section, key) for key, setting in params.items() if setting.changeable}
+    return keys
 
 
 def _check(section: str, values: Mapping[str, Any], plugins: Plugins) -> None:
@@ -368,9 +390,12 @@ def references(job: Mapping[str, Any]) -> list[Reference]:
         if isinstance(name, str):
             found.append(Reference(f"plugins[{index}]", name, given))
     for section, values in job.items():
-        name = values.get("name") if isinstance(values, Mapping) else None
-        if isinstance(plain(name, str), str) and ":" in plain(name, str):
-            found.append(Reference(f"{section}.name", plain(name, str), isinstance(name, Override)))
+        # A component's name, and the one a run records outside a `name` key: the input transform
+        # its loaders chose, which `engine.load` builds.
+        for key in ("name", "input_transform") if section == "inferred" else ("name",):
+            name = values.get(key) if isinstance(values, Mapping) else None
+            if isinstance(plain(name, str), str) and ":" in plain(name, str):
+                found.append(Reference(f"{section}.{key}", plain(name, str), isinstance(name, Override)))
     return found
 
 

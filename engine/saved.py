@@ -1,6 +1,13 @@
 """Opening a trained run: its config and what it inferred from its data, the file of the weights
-`which` names, and the model rebuilt from them (`engine.load`). Nothing in the files is executed:
-the weights are read with ``torch.load(weights_only=True)``."""
+`which` names, and the model rebuilt from them (`engine.load`).
+
+A run directory is data: opening one imports nothing it names unless the caller says so. A
+config.toml that names code (plugin modules or files, ``"package.module:factory"`` components) is
+refused, listing what it would import, unless the caller trusts the run (`trust`, on the command
+line ``--trust-run``) or gives those plugins itself; a run of built-in components opens with no
+import beyond the installed plugins. The weights are read with ``torch.load(weights_only=True)``,
+from files inside the run.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import torch
 from . import runs
 from .checks import kept_rng
 from .components import build_component
-from .config import Config, load_config
+from .config import Config, load_config, merged_job, recorded, references
 from .errors import ConfigError, one_line
 from .plugins import Plugins
 from .types import DataInfo, WithInputTransform
@@ -22,24 +29,36 @@ from .types import DataInfo, WithInputTransform
 WHICH = ("final", "best", "last")
 
 
-def load(run_dir: str | Path, which: Literal["final", "best", "last"] = "final") -> torch.nn.Module:
+def load(
+    run_dir: str | Path,
+    which: Literal["final", "best", "last"] = "final",
+    *,
+    plugins: Iterable[Any] = (),
+    trust: bool = False,
+) -> torch.nn.Module:
     """The model a run trained, on the CPU in eval mode, rebuilt from the run's config.toml (which
     records what was inferred from the data) and its weights: ``final`` (model.pt: the model a
     completed or interrupted run ended with), ``best`` (by the checkpoints' monitored metric) or
     ``last`` (the latest checkpoint). It takes raw inputs: a run whose data fitted an input
-    transform (a standardization) has it in front."""
+    transform (a standardization) has it in front.
+
+    A run whose config names code is refused unless `trust` is True or `plugins` gives its
+    plugins (see the module docstring)."""
     run_dir = Path(run_dir)
-    config, plugins, info = open_run(run_dir)
-    return trained_module(config, plugins, info, *model_file(plugins, run_dir, which))
+    config, found, info = open_run(run_dir, plugins, trust=trust)
+    return trained_module(config, found, info, *model_file(found, run_dir, which))
 
 
 def open_run(
-    run_dir: Path, plugins: Iterable[Any] = (), blocked: Iterable[str] = ()
+    run_dir: Path, plugins: Iterable[Any] = (), blocked: Iterable[str] = (), *, trust: bool = False
 ) -> tuple[Config, Plugins, DataInfo]:
     """A run's config.toml (with `plugins` and without `blocked`) and what the run inferred from
-    its data, or a ConfigError saying why the directory holds no trained run."""
+    its data, or a ConfigError saying why the directory holds no trained run, or what code its
+    config would import when the run is not trusted (`check_trusted`)."""
+    plugins = list(plugins)
     if not (run_dir / runs.CONFIG).is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (it has no {runs.CONFIG})")
+    check_trusted(run_dir, plugins, trust)
     config, found = load_config(run_dir / runs.CONFIG, plugins=plugins, blocked=blocked)
     inferred = config["inferred"]
     if not inferred["task"]:
@@ -56,6 +75,26 @@ def open_run(
     return config, found, info
 
 
+def check_trusted(run_dir: Path, plugins: Iterable[Any] = (), trust: bool = False, what: str = "") -> None:
+    """A ConfigError listing the code the run's config.toml would import, read without importing
+    it, unless the run is trusted; plugins the caller gives itself (`plugins`) are its own."""
+    if trust:
+        return
+    job, base = merged_job(run_dir / runs.CONFIG)
+    given = {recorded(item) for item in plugins if isinstance(item, str)}
+    given |= {item.__name__ for item in plugins if isinstance(getattr(item, "__name__", None), str)}
+    foreign = [
+        f"{found.key} = {found.value!r}"
+        for found in references(job)
+        if not (found.key.startswith("plugins[") and recorded(found.value, base) in given)
+    ]
+    if foreign:
+        raise ConfigError(
+            f"{what}run '{run_dir}' names code that opening it would import: {', '.join(foreign)}; a run "
+            "directory is data: pass --trust-run (trust=True) if you trust it, or give its plugins with --plugin"
+        )
+
+
 def model_file(plugins: Plugins, run_dir: Path, which: str) -> tuple[Path, str]:
     """The file holding the weights `which` names, and its format: model.pt for ``final``, else
     the checkpoint the plugin that keeps them finds (`find_checkpoint`)."""
@@ -68,7 +107,7 @@ def model_file(plugins: Plugins, run_dir: Path, which: str) -> tuple[Path, str]:
                 f"run '{run_dir}' has no {runs.MODEL}: it did not complete or stop cleanly (its latest checkpoint: "
                 "which='last', on the command line --which last)"
             )
-        return path, runs.MODEL_FORMAT
+        return runs.inside(run_dir, path, "model file"), runs.MODEL_FORMAT
     if not plugins.hook.find_checkpoint.get_hookimpls():
         raise ConfigError(f"which = {which!r}: no plugin finds checkpoints (find_checkpoint); is one blocked?")
     found = plugins.hook.find_checkpoint(run_dir=run_dir, which=which)

@@ -57,6 +57,13 @@ class IsPath:
     """Marks a string setting as a file path: `FilePath`."""
 
 
+class Changeable:
+    """Marks a setting that a resumed run may change, because it does not change what the run
+    trains: how long it runs, what it logs and where, when it checkpoints (``Annotated[int,
+    Range(ge=0), Changeable()]``). A resume that changes any other setting is refused unless the
+    user allows that change (``--allow-change KEY``)."""
+
+
 # A file path setting: relative paths resolve against the job file's folder (a --set value or a
 # dict job's: the working directory), so a recorded config.toml holds absolute ones.
 FilePath = Annotated[str, IsPath()]
@@ -70,6 +77,16 @@ class Setting:
     annotation: Any
     default: Any  # MISSING: required
     owner: str
+
+    @property
+    def changeable(self) -> bool:
+        """Whether a resumed run may change it (`Changeable`; of ``T | None``, on T)."""
+        union = typing.get_origin(self.annotation) in (Union, types.UnionType)
+        return any(
+            typing.get_origin(annotation) is Annotated
+            and any(isinstance(rule, Changeable) for rule in typing.get_args(annotation)[1:])
+            for annotation in (typing.get_args(self.annotation) if union else (self.annotation,))
+        )
 
 
 def settings_of(declared: Callable[..., Any], owner: str, context: Iterable[str] = ()) -> dict[str, Setting]:

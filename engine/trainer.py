@@ -1,10 +1,11 @@
-"""The trainer: a run's setup (engine/chain.py), its loop, validation and logging points, its end,
-and `setup` and `run`, which build one."""
+"""The trainer: a run's setup (engine/chain.py), its loop, validation and logging points, its end.
+`engine.setup` and `engine.run` build one (engine/start.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import runs
+from . import resuming, runs
 from .chain import build_chain, chain, resolve_device
 from .checks import check_finite, check_finite_row, check_sample, explain, in_eval_mode, setup_error, whole_set_metrics
 from .components import build_component
@@ -58,6 +59,7 @@ class Trainer:
         run_dir: Path | None = None,
         checkpoint: Path | None = None,
         distributed: Distributed | None = None,
+        allow_changes: Iterable[str] = (),
     ) -> None:
         self.config, self.plugins, self.hooks = config, plugins, plugins.hook
         self.distributed = distributed if distributed is not None else OneProcess(resolve_device(config["device"]))
@@ -66,13 +68,21 @@ class Trainer:
         self.final_module: torch.nn.Module | None = None
         self.interrupted = 0  # the number of the signal that asked the run to stop
         self.started, self.started_at = 0.0, ""
+        # What resumes changed of the run's settings, and what this one may change beyond the
+        # changeable ones (engine/resuming.py).
+        self.changes: list[dict[str, Any]] = []
+        self.allowed_changes = tuple(allow_changes)
+        self.lock: runs.Lock | None = None
         try:
+            if run_dir is not None and self.rank == 0:  # before its checkpoint is read
+                self.lock = runs.Lock(run_dir)
             build_chain(self, self.distributed.broadcast(checkpoint))  # the checkpoint rank 0 found
             check_sample(self)
-        except ConfigError:
-            raise
-        except Exception as error:  # nothing is written yet: whatever failed, it is the setup's
-            raise setup_error(plugins, error) from error
+        except BaseException as error:
+            self.release()
+            if isinstance(error, ConfigError) or not isinstance(error, Exception):
+                raise
+            raise setup_error(plugins, error) from error  # nothing is written yet: it is the setup's
 
     @property
     def rank(self) -> int:
@@ -121,16 +131,34 @@ class Trainer:
         return Result(self.final_module.eval(), metrics, self.run_dir, self.config, self.state)
 
     def start(self) -> None:
-        """Create the run directory exclusively with its config.toml (or continue the resumed one),
-        mark the run running, then `on_run_start`. Rank 0 writes, and tells the others the name."""
-        if self.run_dir is None:
-            created = runs.create(self.config["runs_dir"], self.config["run_name"]) if self.rank == 0 else None
-            self.run_dir = self.distributed.broadcast(created)
+        """Create the run directory exclusively (or continue the resumed one), claim it, then
+        `on_run_start`. Rank 0 writes, and tells the others the name."""
+        created = self.run_dir is None
+        if created:
+            made = runs.create(self.config["runs_dir"], self.config["run_name"]) if self.rank == 0 else None
+            self.run_dir = self.distributed.broadcast(made)
         self.started, self.started_at = time.perf_counter(), now()
         if self.rank == 0:
+            self.claim(created)
+        self.hooks.on_run_start(trainer=self)
+
+    def claim(self, created: bool) -> None:
+        """Rank 0's hold on the run directory: its lock (a resumed run's is taken at setup), the
+        space kept for the final summary, config.toml and the "running" summary. A new directory
+        that cannot get that far is removed: it holds nothing, and its name stays free."""
+        try:
+            self.lock = self.lock or runs.Lock(self.run_dir)
+            runs.reserve(self.run_dir)
             runs.write_text(self.run_dir / runs.CONFIG, dump_toml(self.config))
             runs.write_json(self.run_dir / runs.SUMMARY, self.summary())
-        self.hooks.on_run_start(trainer=self)
+        except BaseException as error:
+            if created:
+                self.release()
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.started_at = ""  # no summary for a directory that is gone
+            if isinstance(error, OSError):
+                raise TrainingError(f"cannot start the run in '{self.run_dir}': {one_line(error)}") from None
+            raise
 
     def loop(self) -> None:
         """The tutorial's loop: epochs of steps, each epoch then ended (`end_epoch`); the points
@@ -227,13 +255,21 @@ class Trainer:
                 if error is None:
                     error = self.stopped(raised)
         if self.run_dir is not None and self.rank == 0 and self.started_at:
+            runs.unreserve(self.run_dir)  # the space kept for this write, on a disk the run may have filled
             try:
                 runs.write_json(self.run_dir / runs.SUMMARY, self.summary(error, ended=True))
             except OSError as raised:
                 error = error or TrainingError(f"cannot write {self.run_dir / runs.SUMMARY}: {one_line(raised)}")
         self.loaders.close()
         self.distributed.close()
+        self.release()
         return error
+
+    def release(self) -> None:
+        """Let the run directory go: its lock, for the next process to train it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def summary(self, error: BaseException | None = None, ended: bool = False) -> dict[str, Any]:
         """summary.json, its one schema: "running" with the process, then how the run ended."""
@@ -246,6 +282,8 @@ class Trainer:
         }
         if self.resumed_from is not None:
             values["resumed_from"] = str(self.resumed_from.relative_to(self.run_dir))
+        if self.changes:  # what resumes changed, each at the step it resumed from
+            values["changes"] = self.changes
         if not ended:
             return values
         state, wall = self.state, self.elapsed()
@@ -358,6 +396,7 @@ class Trainer:
             "state": saved,
             "evaluated": evaluated.state_dict() if evaluated is not self.module else None,
             "plugins": self.plugin_state(),
+            "course": resuming.course(self),
         }
 
     def plugin_state(self) -> dict[str, Any]:

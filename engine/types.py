@@ -295,6 +295,10 @@ class ExportFormat(Protocol):
     max_batch: int | None  # the largest batch the file takes (a TensorRT engine's); None: any
     # The order `--backend auto` tries formats in, highest first; None: auto never picks this one.
     auto_rank: int | None
+    # Whether loading the file may run code it holds: a compiled library (AOTInductor), a program
+    # whose graph names Python callables (torch.export). Such a file is loaded only from a run the
+    # user trusts, or when this machine verified it; a format that does not say is taken to.
+    runs_code: bool
 
     def missing(self) -> str | None:
         """What this machine lacks to write or run the format (one line saying what to install), or None."""

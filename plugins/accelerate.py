@@ -19,14 +19,18 @@ steps of the same maths, so trying costs no work.
   never leaves a run slower than eager.
 - With several processes, each round's time is the slowest process's (one all-reduce per round),
   so that every process makes the same choices; rank 0 prints it.
+- The choice is the run's: its checkpoints keep it (`save_plugin_state`), and a resumed run takes
+  the same path without timing again, so that it trains with the same numerics as before.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections import deque
-from typing import Annotated, NamedTuple
+from collections.abc import Mapping
+from typing import Annotated, Any, NamedTuple
 
 import torch
 
@@ -70,9 +74,31 @@ def auto(
     return Auto(trainer, others, skipped, steps // ROUNDS, margin, max_build_share)
 
 
-@engine.hookimpl
-def register_components():
-    return {"default": {"accelerate": "eager"}, "accelerate": {"eager": eager, "auto": auto}}
+class Accelerate:
+    """Per run: the `Auto` it built, whose choice its checkpoints keep."""
+
+    def __init__(self) -> None:
+        self.auto: Auto | None = None
+
+    @engine.hookimpl
+    def register_components(self):
+        @functools.wraps(auto)  # its settings are auto's parameters
+        def kept(**settings: Any) -> Auto:
+            self.auto = auto(**settings)
+            return self.auto
+
+        return {"default": {"accelerate": "eager"}, "accelerate": {"eager": eager, "auto": kept}}
+
+    @engine.hookimpl
+    def save_plugin_state(self) -> dict[str, Any] | None:
+        if self.auto is None or self.auto.chosen_name is None:
+            return None
+        return {"accelerate": {"chosen": self.auto.chosen_name}}
+
+    @engine.hookimpl
+    def load_plugin_state(self, state: Mapping[str, Any]) -> None:
+        if self.auto is not None and "accelerate" in state:
+            self.auto.resumed = str(state["accelerate"]["chosen"])
 
 
 class Trial:
@@ -111,6 +137,8 @@ class Auto:
         self.trainer, self.others, self.skipped = trainer, others, skipped
         self.per_round, self.margin, self.max_build_share = per_round, margin, max_build_share
         self.cuda = trainer.device.type == "cuda"
+        self.resumed: str | None = None  # the choice the run made before it was resumed
+        self.chosen_name: str | None = None
 
     def unavailable(self) -> str | None:
         return None
@@ -127,7 +155,18 @@ class Auto:
         self.plan = deque([Segment(self.eager, 1, False), Segment(self.eager, self.per_round, True)])
         self.joined, self.done, self.started = False, 0, 0.0
         self.chosen: engine.Step | None = None
+        if self.resumed is not None:
+            self.keep(self.resumed)
         return self.run
+
+    def keep(self, name: str) -> None:
+        """The choice a resumed run made before: no timing, the same numerics."""
+        if name != "eager" and name not in self.others:
+            self.say(f"the run chose {name}, which cannot run here: timing the candidates again")
+            return
+        self.chosen = self.eager.step if name == "eager" else self.others[name].step(self.eager.step)
+        self.chosen_name = name
+        self.say(f"{name} (the run's choice, kept on resume)")
 
     def run(self, batch: engine.Batch, window: engine.Window) -> Output:
         if self.chosen is not None:
@@ -179,8 +218,11 @@ class Auto:
         best = min(self.trials, key=Trial.median)
         if best.median() > eager.median() * (1 - self.margin):
             best = eager
-        self.chosen = best.step
+        self.chosen, self.chosen_name = best.step, best.name
         times = ", ".join(f"{trial.name} {trial.median() * 1e6:.1f} us" for trial in self.trials)
         skipped = "".join(f"; {reason}" for reason in self.skipped)
+        self.say(f"{best.name} (median per step: {times}{skipped})")
+
+    def say(self, line: str) -> None:
         if self.trainer.rank == 0:
-            print(f"accelerate auto: {best.name} (median per step: {times}{skipped})", flush=True)
+            print(f"accelerate auto: {line}", flush=True)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -69,7 +69,7 @@ class Compile:
         mode: Mode = "default",
         fullgraph: bool = False,
         dynamic: bool | None = False,
-        explain: bool = False,
+        explain: Annotated[bool, engine.Changeable()] = False,  # reports only: a resumed run may change it
     ) -> Compiled:
         """The train step under torch.compile (see the module docstring)."""
         built = Compiled(trainer.device, mode, fullgraph, dynamic, explain, says=trainer.rank == 0)

@@ -24,7 +24,9 @@ import engine
 
 @dataclass(frozen=True)
 class Settings:
-    patience: Annotated[int, engine.Range(ge=0)] = 0  # validations without improvement; 0: off
+    patience: Annotated[int, engine.Range(ge=0), engine.Changeable()] = (
+        0  # validations without improvement; 0: off (may change on resume)
+    )
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     min_delta: Annotated[float, engine.Range(ge=0)] = 0.0

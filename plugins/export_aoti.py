@@ -2,7 +2,10 @@
 shared library and packaged as a ``.pt2`` file.
 
 The package loads without the engine (``torch._inductor.aoti_load_package(path)``) and, with
-``torch/csrc/inductor/aoti_package``, from C++ without Python. Compiling needs a C++ compiler and
+``torch/csrc/inductor/aoti_package``, from C++ without Python. Its shared library is code by
+nature: loading the package runs it, so the inference plugin loads one only from a trusted run or
+when this machine verified that very file (the package is one zip file: its content hash covers
+every file inside it, the library included). Compiling needs a C++ compiler and
 takes seconds (about 5 s for the MLP of bench/ on one core, plus 6 s once per process to probe the
 CPU's vector instructions).
 
@@ -14,6 +17,7 @@ the difference). The backend calls the runner with the one input tensor instead.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ class AOTInductor:
     tolerance = 1e-5
     max_batch = None
     auto_rank = 10  # behind ONNX Runtime on the CPU at batch 1 (bench/RESULTS.md, inference)
+    runs_code = True  # a shared library, which loading runs
 
     def missing(self) -> str | None:
         from torch._inductor import cpp_builder
@@ -37,7 +42,11 @@ class AOTInductor:
         return None
 
     def write(self, program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        # Into memory first: torch's archive writer fails a full disk with a C++ exception in its
+        # destructor, which aborts the process; a Python write raises OSError.
+        buffer = io.BytesIO()
+        torch._inductor.aoti_compile_and_package(program, package_path=buffer)
+        path.write_bytes(buffer.getvalue())
 
     def load(self, path: Path) -> engine.Runner:
         run = torch._inductor.aoti_load_package(str(path)).loader.run

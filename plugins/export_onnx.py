@@ -13,7 +13,7 @@ import contextlib
 import importlib.util
 import io
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
@@ -27,6 +27,7 @@ class Onnx:
     tolerance = 1e-5
     max_batch = None
     auto_rank = 20
+    runs_code = False  # a graph of ONNX operators with its weights inside: data, which ONNX Runtime interprets
 
     def __init__(self, opset: int | None) -> None:
         self.opset = opset
@@ -40,10 +41,30 @@ class Onnx:
     def write(self, program: torch.export.ExportedProgram, example: torch.Tensor, path: Path) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints each pass it runs
             exported = torch.onnx.export(program, (example,), dynamo=True, opset_version=self.opset, verbose=False)
+        written = opset_of(exported.model_proto)
+        if self.opset is not None and written != self.opset:
+            # torch's exporter writes its own opset when it cannot convert the model to the one asked for
+            raise engine.ConfigError(
+                f"export.opset: {self.opset} asked for, but torch's ONNX exporter can write this model in opset "
+                f"{written} only (0: its default)"
+            )
         exported.save(str(path), external_data=False)
 
     def load(self, path: Path) -> engine.Runner:
+        import onnx
         import onnxruntime
+
+        # The file holds its weights (they are written inside it); one that points at external
+        # files would have ONNX Runtime read whatever they name.
+        outside = [
+            tensor.name
+            for tensor in onnx.load(str(path), load_external_data=False).graph.initializer
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+        ]
+        if outside:
+            raise engine.ConfigError(
+                f"'{path}' takes its weights from other files ({outside[0]}); its own are inside it"
+            )
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -55,6 +76,11 @@ class Onnx:
             return torch.from_numpy(run(None, {name: x.numpy()})[0])
 
         return call
+
+
+def opset_of(model: Any) -> int:
+    """The version of the default ("") ONNX operator set a model uses."""
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
 
 
 def onnx(opset: Annotated[int, engine.Range(ge=0)] = 0) -> Onnx:

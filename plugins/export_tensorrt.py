@@ -25,6 +25,7 @@ Batch = Annotated[int, engine.Range(ge=1)]
 class TensorRT:
     suffix = ".ep"
     auto_rank = 30  # where it can run (a GPU), ahead of the CPU formats
+    runs_code = True  # a torch.export program (its graph names Python callables) around a TensorRT engine
 
     def __init__(self, precision: str, max_batch: int, opt_batch: int) -> None:
         self.dtype = torch.float16 if precision == "fp16" else torch.float32

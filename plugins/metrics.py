@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -30,13 +30,15 @@ Regression = Literal["mae", "rmse", "r2"]
 
 @dataclass(frozen=True)
 class Settings:
-    classification: tuple[Classification, ...] = ("precision", "recall", "f1", "auroc")
-    regression: tuple[Regression, ...] = ("mae", "rmse", "r2")
+    # Which whole-set figures are computed: a resumed run may log others (not `average`, which
+    # changes what a figure means).
+    classification: Annotated[tuple[Classification, ...], engine.Changeable()] = ("precision", "recall", "f1", "auroc")
+    regression: Annotated[tuple[Regression, ...], engine.Changeable()] = ("mae", "rmse", "r2")
     # A sequence task's per-class metrics over every position (a vocabulary's F1 means little):
     # none unless asked; the perplexity always.
-    sequence: tuple[Classification, ...] = ()
+    sequence: Annotated[tuple[Classification, ...], engine.Changeable()] = ()
     average: Literal["macro", "micro", "weighted"] = "macro"
-    confusion_matrix: bool = True
+    confusion_matrix: Annotated[bool, engine.Changeable()] = True
 
 
 class Metrics:

@@ -14,16 +14,18 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import engine
 
 
 @dataclass(frozen=True)
 class Settings:
-    enabled: bool = False
-    tracking_uri: str = ""  # default: sqlite:///mlruns/mlflow.db in the working directory
-    experiment: str = "engine"
+    enabled: Annotated[bool, engine.Changeable()] = False
+    tracking_uri: Annotated[str, engine.Changeable()] = (
+        ""  # default: sqlite:///mlruns/mlflow.db in the working directory
+    )
+    experiment: Annotated[str, engine.Changeable()] = "engine"
 
     def __post_init__(self) -> None:
         if self.enabled and importlib.util.find_spec("mlflow") is None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Annotated, Any, TextIO
 
 import engine
 
 
 @dataclass(frozen=True)
 class Settings:
-    progress: bool = True  # a tqdm bar on a terminal
+    progress: Annotated[bool, engine.Changeable()] = True  # a tqdm bar on a terminal
 
 
 def shown(trainer: engine.TrainerView) -> bool:

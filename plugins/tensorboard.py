@@ -13,15 +13,15 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import engine
 
 
 @dataclass(frozen=True)
 class Settings:
-    enabled: bool = False
-    dir: engine.FilePath = ""  # default: <run directory>/tensorboard
+    enabled: Annotated[bool, engine.Changeable()] = False
+    dir: Annotated[engine.FilePath, engine.Changeable()] = ""  # default: <run directory>/tensorboard
 
     def __post_init__(self) -> None:
         if self.enabled and importlib.util.find_spec("tensorboard") is None:

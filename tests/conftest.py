@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,11 @@ def no_curves(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         from engine_plugins import metrics_file
 
         monkeypatch.setattr(metrics_file, "plot", lambda run_dirs, out: None)
+
+
+# The hashes of the exports this machine verified (plugins/inference) go to a cache of the test
+# session's own, not the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="engine-tests-cache-")
 
 
 @pytest.fixture(autouse=True)

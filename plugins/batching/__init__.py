@@ -32,8 +32,18 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import engine
 
-from .data import as_task, named_classes, outputs_of, pair_of, same_rows, sample_tensors, task_of, tensors
-from .loaders import DatasetLoaders, TensorLoaders
+from .data import (
+    as_task,
+    named_classes,
+    outputs_of,
+    pair_of,
+    same_rows,
+    sample_tensors,
+    task_of,
+    tensors,
+    zeros_and_ones,
+)
+from .loaders import DatasetLoaders, TensorLoaders, quiet_worker, started
 from .splits import Part, batch_count, check_split, split_indices
 
 SPLITS = ("training", "validation", "test")
@@ -59,7 +69,7 @@ class Batching:
     # binary: a probability of class 1 above it predicts 1 (accuracy, the metrics, predict)
     threshold: Annotated[float, engine.Range(gt=0, lt=1)] = 0.5
     num_workers: Annotated[int, engine.Range(ge=0)] = 0
-    pin_memory: bool = False
+    pin_memory: Annotated[bool, engine.Changeable()] = False  # speed only: a resumed run may change it
     # A Dataset whose samples are dicts: the key of the targets; the other items are the inputs,
     # which the model takes as keyword arguments (engine/calling.py).
     target_key: str = "labels"
@@ -135,7 +145,8 @@ def build_loaders(
     data: Any, config: engine.Config, seed: int, device: torch.device, rank: int, world_size: int
 ) -> engine.Loaders:
     settings = config["data"]
-    prepared = prepare(splits_of(data), settings, config["inferred"]["task"])
+    # The loss's name (a core kind's, which every plugin may read): bce_with_logits takes 0/1 labels.
+    prepared = prepare(splits_of(data), settings, config["inferred"]["task"], config["loss"]["name"] or "")
     n = prepared.info.n_train
     batch_size = settings["batch_size"] or n
     batches = batch_count(n, batch_size, settings["drop_last"])
@@ -177,12 +188,12 @@ class Prepared:
     # integer inputs (token ids) stay as they are.
 
 
-def prepare(splits: dict[str, Any], settings: Any, recorded_task: str) -> Prepared:
-    """The pipeline before batching: checked data, its task, the held-out splits, the input
-    transform and what the data is (`engine.DataInfo`)."""
+def prepare(splits: dict[str, Any], settings: Any, recorded_task: str, loss: str = "") -> Prepared:
+    """The pipeline before batching: checked data, its task (which `loss` may tell), the held-out
+    splits, the input transform and what the data is (`engine.DataInfo`)."""
     if isinstance(splits["training"], Dataset):
-        return prepare_dataset(splits, settings, recorded_task)
-    return prepare_tensors(splits, settings, recorded_task)
+        return prepare_dataset(splits, settings, recorded_task, loss)
+    return prepare_tensors(splits, settings, recorded_task, loss)
 
 
 def described(x: torch.Tensor, n_outputs: int, task: str, parts: list[Any], settings: Any) -> engine.DataInfo:
@@ -193,12 +204,13 @@ def described(x: torch.Tensor, n_outputs: int, task: str, parts: list[Any], sett
     return engine.DataInfo(width, n_outputs, task, train, val, test, settings["threshold"], shape)
 
 
-def prepare_tensors(splits: dict[str, Any], settings: Any, recorded_task: str) -> Prepared:
+def prepare_tensors(splits: dict[str, Any], settings: Any, recorded_task: str, loss: str) -> Prepared:
     """In-memory data: every split checked and its targets as the task takes them, then the
     held-out splits drawn (stratified for labels) and the standardization fitted."""
     pairs = {name: tensors(part, name) for name, part in splits.items() if part is not None}
     x, raw_y = pairs["training"]
-    task = task_of(raw_y, settings["task"], recorded_task)
+    labels = all(zeros_and_ones(targets) for _, targets in pairs.values())  # 0/1 in every split
+    task = task_of(raw_y, settings["task"], recorded_task, loss if labels else "")
     pairs["training"] = (x, as_task(raw_y, task, "training"))
     for name in SPLITS[1:]:
         if name in pairs:
@@ -239,18 +251,27 @@ def held_out(n: int, labels: torch.Tensor | None, settings: Any, has_val: bool, 
     return {name: order for name, order in found.items() if order is not None}
 
 
-def prepare_dataset(splits: dict[str, Any], settings: Any, recorded_task: str) -> Prepared:
+def prepare_dataset(splits: dict[str, Any], settings: Any, recorded_task: str, loss: str) -> Prepared:
     """A Dataset: the held-out splits cut as Subsets (not stratified: its labels are not read
-    ahead), its task from its first sample, and the standardization fitted in one pass."""
+    ahead), its task from its first sample (and, for 0/1 labels a loss takes, from all of them),
+    and the standardization fitted in one pass."""
     train = splits["training"]
     if len(train) == 0:
         raise engine.ConfigError("data: the training Dataset is empty")
     held = held_out(len(train), None, settings, splits["validation"] is not None, splits["test"] is not None)
     parts = {name: Subset(train, order.tolist()) for name, order in held.items()}
     splits = {**splits, **parts}
-    x, y = sample_tensors(splits["training"], 0, settings["target_key"])
-    task = task_of(y[None], settings["task"], recorded_task)
-    n_outputs = dataset_outputs(splits, y, task, settings["target_key"])
+    target_key = settings["target_key"]
+    x, y = sample_tensors(splits["training"], 0, target_key)
+    task = task_of(y[None], settings["task"], recorded_task, loss)
+    if (
+        task == "binary"
+        and settings["task"] == "auto"
+        and not recorded_task
+        and not zeros_and_ones(all_targets(splits, target_key))
+    ):
+        task = task_of(y[None], "auto", "")  # the first sample's 0 or 1 said binary; the others do not
+    n_outputs = dataset_outputs(splits, y, task, target_key)
     first = next(iter(x.values())) if isinstance(x, Mapping) else x  # the width of the first input
     transform = None
     if settings["standardize"]:
@@ -260,6 +281,17 @@ def prepare_dataset(splits: dict[str, Any], settings: Any, recorded_task: str) -
     parts = [splits[name] for name in SPLITS]
     info = described(first[None] if first.dim() else first.reshape(1, 1), n_outputs, task, parts, settings)
     return Prepared(*parts, task, info, transform)
+
+
+def all_targets(splits: dict[str, Any], target_key: str) -> torch.Tensor:
+    """Every target of every split of a Dataset, one row a sample."""
+    found = [
+        torch.as_tensor(pair_of(dataset[i], target_key, i)[1]).double().reshape(1, -1)
+        for dataset in splits.values()
+        if dataset is not None
+        for i in range(len(dataset))
+    ]
+    return torch.cat(found)
 
 
 def dataset_outputs(splits: dict[str, Any], y: torch.Tensor, task: str, target_key: str) -> int:
@@ -287,7 +319,8 @@ def dataset_statistics(train: Dataset, workers: int, by: bool | str = "features"
     """The training inputs' mean and standard deviation per feature (or channel, `by`), in one pass over them."""
     total = squares = None
     count, sample = 0, ()
-    for x, _ in DataLoader(train, batch_size=1024, num_workers=workers):
+    loader = DataLoader(train, batch_size=1024, num_workers=workers, worker_init_fn=quiet_worker if workers else None)
+    for x, _ in started(loader):
         flat, sample = statistics_rows(x.double(), by), tuple(x.shape[1:])
         total = flat.sum(0) if total is None else total + flat.sum(0)
         squares = (flat * flat).sum(0) if squares is None else squares + (flat * flat).sum(0)

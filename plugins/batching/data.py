@@ -113,19 +113,33 @@ def outputs_of(labels: torch.Tensor, task: str) -> int:
     return labels.shape[-1] if labels.dim() > 1 else 1
 
 
-def task_of(y: torch.Tensor, task: str, recorded: str) -> str:
+# Losses that take one logit per sample, of the probability of class 1: with them, targets that are
+# all 0 or 1 (of any dtype: bce_with_logits itself wants floats) are binary labels.
+BINARY_LOSSES = frozenset({"bce_with_logits"})
+
+
+def task_of(y: torch.Tensor, task: str, recorded: str, loss: str = "") -> str:
     """What the targets `y` (of one sample or more: [N, ...]) are: ``data.task``; for "auto", the
     task a trained run recorded (its [inferred] task, when another file is read for it), else
-    values when they are floats, class indices when they are integers, one per sample, and a
-    sequence of class indices when they are integers, several per sample."""
+    binary labels when the loss takes them and they are all 0 or 1, values when they are floats,
+    class indices when they are integers, one per sample, and a sequence of class indices when
+    they are integers, several per sample."""
     if task != "auto":
         return task
     if recorded:
         return recorded
+    if loss in BINARY_LOSSES and zeros_and_ones(y):
+        return "binary"
     if y.is_floating_point():
         return "regression"
     # Integer targets of more than one value per sample ([N, T]) are a class index per position.
     return "sequence" if y.dim() > 1 and y[0].numel() > 1 else "classification"
+
+
+def zeros_and_ones(y: torch.Tensor) -> bool:
+    """Whether `y` (targets, or one sample's) holds labels 0 and 1 only, one per sample."""
+    flat = y.reshape(len(y), -1) if y.dim() else y.reshape(1, 1)
+    return flat.numel() > 0 and flat.shape[1] == 1 and bool(((flat == 0) | (flat == 1)).all())
 
 
 def as_task(y: torch.Tensor, task: str, split: str) -> torch.Tensor:

@@ -1,11 +1,20 @@
 """The two kinds of loaders: batches sliced from tensors that live on the device, and batches of a
 ``torch.utils.data.Dataset`` through ``DataLoader``. Both take the data as `prepare` left it and
-this process's `Part` of every batch."""
+this process's `Part` of every batch.
+
+DataLoader's worker processes ignore SIGINT and SIGTERM (`quiet_worker`). Schedulers (Slurm,
+systemd, Kubernetes) and a terminal's Ctrl-C signal the whole process group: a worker that died
+of it would fail the run ("DataLoader worker ... is killed by signal") before the run could stop
+as it should, at the end of its window with a checkpoint. The run stops its workers itself when
+it ends (`close`). They are started with the two signals blocked (`started`), so that none
+arrives between a worker's fork and its handlers.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+import signal
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -115,6 +124,7 @@ class DatasetLoaders:
             "num_workers": workers,
             "pin_memory": settings["pin_memory"] and device.type == "cuda",
             "persistent_workers": workers > 0,
+            "worker_init_fn": quiet_worker if workers else None,
         }
         # Each DataLoader draws its workers' base seed at `iter()`: from a generator of its own,
         # not the global torch RNG, so that a run resumed at another epoch draws the same dropout.
@@ -150,7 +160,7 @@ class DatasetLoaders:
         if self.shuffle:
             positions = torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, epoch))[positions]
         self.order.indices = positions.tolist()
-        for x, y in self.loader:
+        for x, y in started(self.loader):
             yield self.on_device(x, y)
 
     def val(self) -> Iterator[engine.Batch] | None:
@@ -160,7 +170,7 @@ class DatasetLoaders:
         return self.batches(self.test_loader)
 
     def batches(self, loader: DataLoader | None) -> Iterator[engine.Batch] | None:
-        return None if loader is None else (self.on_device(x, y) for x, y in loader)
+        return None if loader is None else (self.on_device(x, y) for x, y in started(loader))
 
     def close(self) -> None:
         """Stop the persistent worker processes now, not when the loaders are garbage collected
@@ -193,3 +203,25 @@ def collate(samples: list[Any], target_key: str) -> tuple[Any, Any]:
         inputs = [{key: value for key, value in sample.items() if key != target_key} for sample in samples]
         return default_collate(inputs), default_collate([sample[target_key] for sample in samples])
     return default_collate(samples)
+
+
+SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def quiet_worker(worker_id: int) -> None:
+    """A DataLoader worker's start: the run, not its workers, answers SIGINT and SIGTERM (see the
+    module docstring). A signal that arrived while they were blocked is dropped with them."""
+    for number in SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+def started(loader: Iterable[Any]) -> Iterator[Any]:
+    """``iter(loader)`` (which starts a DataLoader's workers the first time) with SIGINT and SIGTERM
+    held back: a worker forked meanwhile starts with them blocked until `quiet_worker` ignores
+    them, and this process receives what arrived once they are unblocked here."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)

@@ -61,6 +61,7 @@ from .files import (
     checkpoint_path,
     link,
     numbered,
+    own_name,
     remove,
     replace_directory,
     snapshot,
@@ -73,10 +74,11 @@ runs = engine.runs
 
 @dataclass(frozen=True)
 class Settings:
-    every_steps: Annotated[int, engine.Range(ge=0)] = 0  # 0: off
-    every_epochs: Annotated[int, engine.Range(ge=0)] = 0  # 0: off
-    every_seconds: Annotated[float, engine.Range(ge=0)] = 60.0  # 0: off
-    keep_last: Annotated[int, engine.Range(ge=1)] = 2
+    # When checkpoints are taken and how many are kept: a resumed run may change them.
+    every_steps: Annotated[int, engine.Range(ge=0), engine.Changeable()] = 0  # 0: off
+    every_epochs: Annotated[int, engine.Range(ge=0), engine.Changeable()] = 0  # 0: off
+    every_seconds: Annotated[float, engine.Range(ge=0), engine.Changeable()] = 60.0  # 0: off
+    keep_last: Annotated[int, engine.Range(ge=1), engine.Changeable()] = 2
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     keep_best: Annotated[int, engine.Range(ge=0)] = 1  # 0: no best tracking
@@ -132,7 +134,9 @@ class Checkpoints:
             self.group = dist.new_group(backend="gloo")  # every process: a collective
         self.rearm(trainer.state.step)
         if trainer.rank == 0:
-            self.forget_after(trainer, trainer.state.step)  # a directory reused by a resumed or restarted run
+            fresh = not (trainer.run_dir / FOLDER).exists()
+            engine.runs.folder(trainer.run_dir, FOLDER)  # a real folder: pruning must not delete through a link
+            self.forget_after(trainer, trainer.state.step, fresh)  # a directory reused by a resumed or restarted run
 
     @engine.hookimpl
     def skip_per_step(self, trainer: engine.TrainerView) -> bool:
@@ -186,9 +190,11 @@ class Checkpoints:
         return {"checkpoint": {"best": [dict(entry) for entry in self.best]}}
 
     @engine.hookimpl
-    def load_plugin_state(self, state: dict[str, Any]) -> None:
+    def load_plugin_state(self, state: dict[str, Any], trainer: engine.TrainerView) -> None:
         if "checkpoint" in state:
             self.best = [dict(entry) for entry in state["checkpoint"]["best"]]
+            for entry in self.best:
+                own_name(entry.get("file"), trainer.resumed_from)
 
     def improved(self, state: engine.State) -> float | None:
         """The monitored value measured at this step if it ranks among the best kept, else None."""
@@ -218,7 +224,8 @@ class Checkpoints:
         return step + math.ceil((self.due - now) / pace) if pace > 0 else math.inf
 
     def save(self, trainer: engine.TrainerView, best: float | None = None) -> None:
-        """Take a checkpoint now; write it (and rank it, and prune the old ones) in the background."""
+        """Take a checkpoint now; write it (and rank it, and prune the old ones) in the background.
+        The folder was checked to be the run's own at the start; the writer keeps to it."""
         state, run_dir = trainer.state, trainer.run_dir
         path = checkpoint_path(run_dir, "step", state.step, SHARDED if self.sharded else WHOLE)
         ranking = None
@@ -292,13 +299,13 @@ class Checkpoints:
         index = {"monitor": self.settings["monitor"], "mode": self.settings["mode"], "ranking": ranking}
         runs.write_text(run_dir / FOLDER / RANKING, json.dumps(index, indent=2) + "\n")
 
-    def forget_after(self, trainer: engine.TrainerView, step: int) -> None:
+    def forget_after(self, trainer: engine.TrainerView, step: int, fresh: bool) -> None:
         """Remove what a killed run left after `step` (its later checkpoints, a half-written one)
-        and rank only the best checkpoints that exist."""
-        for stray in list(trainer.run_dir.rglob(".*.tmp")):
+        and rank only the best checkpoints that exist; in a `fresh` folder, there is none."""
+        for stray in [*trainer.run_dir.glob(".*.tmp"), *(trainer.run_dir / FOLDER).glob(".*.tmp")]:
             remove(stray)
-        if not (trainer.run_dir / FOLDER).is_dir():
-            return  # a new run
+        if fresh:
+            return
         for kind in ("step", "best"):
             for saved_step, path in numbered(trainer.run_dir, kind):
                 if saved_step > step:

@@ -46,12 +46,20 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def own_name(name: Any, source: Any) -> str:
+    """`name` if it names a checkpoint of the folder (``best-<step>.pt``, ``.dcp``): a ranking read
+    from a file names nothing else, so that nothing outside the folder is read or deleted through it."""
+    if not (isinstance(name, str) and NUMBERED.fullmatch(name) and name.startswith("best-")):
+        raise engine.ConfigError(f"'{source}' ranks {name!r}, which is not a best checkpoint's file name")
+    return name
+
+
 def best_checkpoint(run_dir: Path) -> Path | None:
     """The best checkpoint by the monitored metric: first in checkpoints/best.json's ranking."""
     index = run_dir / FOLDER / RANKING
     try:
         ranking = json.loads(index.read_text(encoding="utf-8"))["ranking"]
-        return run_dir / FOLDER / ranking[0]["file"] if ranking else None
+        return run_dir / FOLDER / own_name(ranking[0]["file"], index) if ranking else None
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:

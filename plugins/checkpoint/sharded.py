@@ -58,6 +58,8 @@ def read(path: Path, template: dict[str, Any]) -> dict[str, Any]:
         )
     beside = engine.runs.load(path / STATE, engine.runs.CHECKPOINT_FORMAT)
     whole = not any(isinstance(value, DTensor) for value in shards.get("model", {}).values())
+    if not shards:  # what the checkpoint records besides its tensors (a resume checks it first)
+        return beside
     try:
         with warnings.catch_warnings():  # that a single process reads the whole tensors, as meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)

@@ -13,12 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import engine
 
 from .backends import Backend, backend_of, load_backend
-from .exporting import ExportReport, Run, export
-from .serving import evaluate, predict, predictions, read_inputs, takes_targets, write_evaluation, write_predictions
+from .exporting import ExportReport, Run, export, writable
+from .serving import (
+    check_batch_size,
+    evaluate,
+    evaluated,
+    predict,
+    predictions,
+    predictions_writer,
+    read_inputs,
+    write_evaluation,
+)
 
 __all__ = ["Backend", "ExportReport", "evaluate", "export", "load_backend", "predict"]
 
@@ -31,7 +41,7 @@ def register_commands(commands: engine.Commands) -> None:
         "export": "export a run's model, checked against eager",
     }
     for name, handler in (("evaluate", evaluate_command), ("predict", predict_command), ("export", export_command)):
-        parser = commands.add(name, handler, helps[name])
+        parser = commands.add(name, handler, helps[name], opens_run=True)
         run_options(parser)
         if name != "export":
             served_options(parser)
@@ -43,6 +53,11 @@ def register_commands(commands: engine.Commands) -> None:
         help="where to write them; its suffix names the component that writes it",
     )
     predict.add_argument("--batch-size", type=int, default=1024, metavar="N", help="samples per forward pass")
+    predict.add_argument(
+        "--pass-non-finite",
+        action="store_true",
+        help="predict inputs that hold NaN or inf too (their predictions are NaN); without it they are refused",
+    )
     exporter = commands.parser("export")
     exporter.add_argument(
         "--format", required=True, metavar="FORMAT", help="an export component (`python -m engine plugins` lists them)"
@@ -53,10 +68,7 @@ def register_commands(commands: engine.Commands) -> None:
 def run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (runs/<name>)")
     parser.add_argument(
-        "--which",
-        choices=("final", "best", "last"),
-        default="final",
-        help="model.pt, the best or the latest checkpoint",
+        "--which", default="final", metavar="final|best|last", help="model.pt, the best or the latest checkpoint"
     )
     parser.add_argument(
         "--set",
@@ -81,18 +93,9 @@ def served_options(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    run = Run.open(args.run_dir, args.which, args.plugin, args.block)
-    backend = backend_of(run, args.backend, takes_targets(run))
+    run = Run.open(args.run_dir, args.which, args.plugin, args.block, args.trust_run)
+    result, backend = evaluated(run, Path(args.data), args.backend, args.overrides)
     print(f"backend: {backend.description}", file=sys.stderr)
-    result = evaluate(
-        args.run_dir,
-        args.data,
-        which=args.which,
-        backend=backend,
-        overrides=args.overrides,
-        plugins=args.plugin,
-        blocked=args.block,
-    )
     write_evaluation(result)
     if result.get("non_finite"):
         print(f"warning: not finite on this data (null below): {', '.join(result['non_finite'])}", file=sys.stderr)
@@ -101,12 +104,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    run = Run.open(args.run_dir, args.which, args.plugin, args.block)
-    x = read_inputs(run, args.data, args.overrides)
-    backend = load_backend(args.run_dir, args.which, args.backend, plugins=args.plugin, blocked=args.block)
+    out = writable(Path(args.out), "--out")
+    check_batch_size(args.batch_size)
+    run = Run.open(args.run_dir, args.which, args.plugin, args.block, args.trust_run)
+    writer = predictions_writer(run, out, args.overrides)
+    x = read_inputs(run, args.data, args.overrides, pass_non_finite=args.pass_non_finite)
+    backend = backend_of(run, args.backend)
     print(f"backend: {backend.description}", file=sys.stderr)
     columns = predictions(backend, x, args.batch_size)
-    write_predictions(run, columns, args.out, args.overrides)
+    try:
+        writer(out, {key: value.numpy() for key, value in columns.items()})
+    except OSError as error:
+        raise engine.TrainingError(f"--out '{out}': cannot write it: {engine.one_line(error)}") from None
     print(f"{len(x)} predictions ({', '.join(columns)}): {args.out}")
     return 0
 
@@ -120,6 +129,7 @@ def export_command(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         plugins=args.plugin,
         blocked=args.block,
+        trust=args.trust_run,
     )
     print(report.describe())
     return 0

@@ -1,9 +1,10 @@
 """A run's model ready to run on a batch: eager PyTorch, or a verified export loaded back.
 
 ``auto`` tries the formats this machine can run, by their `auto_rank` (highest first), uses a
-verified export of these weights in the run's ``exports/`` folder or exports one, and falls back
-to eager, saying why: whatever stops an export (a model torch.export cannot trace, inputs it does
-not take, a check it fails) makes ``auto`` serve the model eagerly, never an error.
+verified export of these weights in the run's ``exports/`` folder (under the content hash its
+record holds) or exports one, and falls back to eager, saying why: whatever stops an export (a
+model torch.export cannot trace, inputs it does not take, a check it fails) makes ``auto`` serve
+the model eagerly, never an error.
 
 A run whose model computes its loss from its targets (``[model] targets``, or a loss component
 returning `engine.ModelLoss`) is evaluated eagerly, called as training called it: an export
@@ -12,7 +13,6 @@ takes the inputs alone.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ import torch
 
 import engine
 
-from .exporting import Run, export_format, record_path, write_export
+from .exporting import Changed, Run, export_format, load_verified, verified_record, write_export
 
 EAGER = "eager"
 
@@ -53,17 +53,24 @@ def load_backend(
     *,
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
+    trust: bool = False,
 ) -> Backend:
-    """A run's model on `backend`: ``eager``, an export format, or ``auto`` (see the module docstring)."""
-    return backend_of(Run.open(run_dir, which, plugins, blocked), backend)
+    """A run's model on `backend`: ``eager``, an export format, or ``auto`` (see the module
+    docstring). `trust`: the run's config may import code, and its exports may hold code."""
+    return backend_of(Run.open(run_dir, which, plugins, blocked, trust), backend)
+
+
+def known_backend(run: Run, backend: str) -> str:
+    names = backend_names(run.plugins)
+    if backend not in names:
+        raise engine.ConfigError(f"--backend: unknown backend {backend!r}{engine.suggest(backend, names)}")
+    return backend
 
 
 def backend_of(run: Run, backend: str, eager_only: str = "") -> Backend:
     """The run's model on `backend`; `eager_only` says why no export can serve it here (evaluating
     a model that takes its targets), which makes auto choose eager and an export format an error."""
-    names = backend_names(run.plugins)
-    if backend not in names:
-        raise engine.ConfigError(f"--backend: unknown backend {backend!r}{engine.suggest(backend, names)}")
+    known_backend(run, backend)
     if backend == EAGER:
         return eager(run, "eager (asked for)")
     if eager_only:
@@ -101,22 +108,23 @@ def eager(run: Run, description: str) -> Backend:
 
 
 def exported(run: Run, name: str, chosen: engine.ExportFormat, auto: bool = False) -> Backend:
-    """The format's verified export of the run's weights, written first if there is none."""
+    """The format's verified export of the run's weights, loaded under its content hash; written
+    (and verified) first if there is none, or none this process may load."""
     missing = chosen.missing()
     if missing:
         raise engine.ConfigError(f"--backend {name}: {missing}")
     path = run.export_path(name, chosen.suffix)
     how = "auto" if auto else "asked for"
-    if verified(path, run):
-        return Backend(name, chosen.load(path), run.info, f"{name} ({how}; verified export {path})")
-    report = write_export(run, name, chosen, path)
-    return Backend(name, chosen.load(path), run.info, f"{name} ({how}; {report.describe()})")
-
-
-def verified(path: Path, run: Run) -> bool:
-    """Whether `path` holds an export of these weights that passed its check."""
-    try:
-        record = json.loads(record_path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return path.is_file() and record.get("fingerprint") == run.fingerprint()
+    record = verified_record(path, run)
+    why = ""
+    if record is not None and run.may_load(chosen, record["sha256"]):
+        try:
+            return Backend(
+                name, load_verified(chosen, path, record["sha256"]), run.info, f"{name} ({how}; verified export {path})"
+            )
+        except Changed as changed:
+            why = f"{changed}; "
+    elif record is not None:  # a verified file that may hold code, from a run received from elsewhere
+        why = "its export may run code and the run is not trusted (--trust-run) nor the file verified here; "
+    report, runner = write_export(run, name, chosen, path)
+    return Backend(name, runner, run.info, f"{name} ({how}; {why}{report.describe()})")

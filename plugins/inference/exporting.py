@@ -1,9 +1,18 @@
 """Export a run's model: trace it once with ``torch.export`` (the batch dimension dynamic), let
 the format write its file, load the file back and check it against the eager model, and record
-the check beside it.
+the check beside it, with the file's content hash.
 
     runs/<name>/exports/<which>-<format><suffix>        the exported model
-    runs/<name>/exports/<which>-<format><suffix>.json   what it was exported from and how it was checked
+    runs/<name>/exports/<which>-<format><suffix>.json   what it was exported from, how it was
+                                                        checked, and its sha256
+
+An export is used later only under that hash, loaded from a private copy whose bytes were hashed
+(`load_verified`): a file swapped or damaged after its check is not the file that was checked. A
+format whose file may run code when loaded (`engine.ExportFormat.runs_code`: AOTInductor's shared
+library, a torch.export program) is loaded only from a run the user trusts, or when this machine
+verified that very file: its hash is kept in the user's cache (`vouch`), outside any run directory,
+since a run received from elsewhere brings its own records. Every load runs with torch.load forced
+to ``weights_only`` (`weights_only_loads`).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -46,15 +56,21 @@ class Run:
     weights_format: str  # engine.runs' format of the weights file: model.pt's or a checkpoint's
     extra: list[Any]  # plugins beyond the run's own (--plugin), for every config built from it
     blocked: list[str]
+    trust: bool  # the user trusts the run: its config may import code, its exports may hold code
 
     @classmethod
     def open(
-        cls, run_dir: str | Path, which: str = "final", plugins: Iterable[Any] = (), blocked: Iterable[str] = ()
+        cls,
+        run_dir: str | Path,
+        which: str = "final",
+        plugins: Iterable[Any] = (),
+        blocked: Iterable[str] = (),
+        trust: bool = False,
     ) -> Run:
         run_dir, plugins, blocked = Path(run_dir), list(plugins), list(blocked)
-        config, found, info = engine.open_run(run_dir, plugins, blocked)
+        config, found, info = engine.open_run(run_dir, plugins, blocked, trust=trust)
         weights, weights_format = engine.model_file(found, run_dir, which)
-        return cls(run_dir, config, found, info, which, weights, weights_format, plugins, blocked)
+        return cls(run_dir, config, found, info, which, weights, weights_format, plugins, blocked, trust)
 
     def load_config(
         self, job: Any = None, overrides: Sequence[str] = (), plugins: Iterable[Any] = ()
@@ -112,6 +128,11 @@ class Run:
     def export_path(self, name: str, suffix: str) -> Path:
         return self.run_dir / EXPORTS / f"{self.which}-{name}{suffix}"
 
+    def may_load(self, chosen: engine.ExportFormat, sha256: str) -> bool:
+        """Whether the verified export with this hash may be loaded: a file that may run code only
+        from a trusted run, or when this machine verified it."""
+        return not getattr(chosen, "runs_code", True) or self.trust or vouched(sha256)
+
 
 class Picked(torch.nn.Module):
     """A model whose logits are in what it returns (``[model] output``: a tuple's, a dict's), as
@@ -142,6 +163,7 @@ class ExportReport:
     path: Path
     verified: dict[str, Any]
     seconds: float
+    sha256: str
 
     def describe(self) -> str:
         check = self.verified
@@ -161,53 +183,189 @@ def export(
     overrides: Sequence[str] = (),
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
+    trust: bool = False,
 ) -> ExportReport:
     """Export a run's model to `format` (an ``export`` component), check it against the eager model
     and write it to `out` (default: ``runs/<name>/exports/<which>-<format><suffix>``) with its
     record beside it (``<file>.json``). Nothing is written at `out` unless the check passes."""
-    run = Run.open(run_dir, which, plugins, blocked)
+    out = writable(Path(out), "--out") if out is not None else None
+    run = Run.open(run_dir, which, plugins, blocked, trust)
     chosen = export_format(run, format, overrides)
-    path = Path(out) if out is not None else run.export_path(format, chosen.suffix)
+    path = out if out is not None else run.export_path(format, chosen.suffix)
     if not path.name.endswith(chosen.suffix):
         raise engine.ConfigError(f"--out: a {format} file's name ends with {chosen.suffix!r}, got '{path}'")
-    return write_export(run, format, chosen, path)
+    return write_export(run, format, chosen, path)[0]
 
 
-def write_export(run: Run, name: str, chosen: engine.ExportFormat, path: Path) -> ExportReport:
+def writable(path: Path, option: str) -> Path:
+    """`path` if a file can be written there (a file, in a folder that exists and takes new files),
+    checked before any work; else a ConfigError naming `option`."""
+    if path.is_dir():
+        raise engine.ConfigError(f"{option} '{path}' is a folder: name a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise engine.ConfigError(f"{option} '{path}': the folder '{folder}' does not exist")
+    try:  # what writing will do: a new file beside it (os.access says yes to root, and on read-only mounts)
+        descriptor, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise engine.ConfigError(f"{option} '{path}': cannot write in '{folder}': {error.strerror}") from None
+    os.close(descriptor)
+    os.unlink(probe)
+    return path
+
+
+def write_export(run: Run, name: str, chosen: engine.ExportFormat, path: Path) -> tuple[ExportReport, engine.Runner]:
+    """Write, load back and check the export; its report, and the file as loaded for the check."""
     missing = chosen.missing()
     if missing:
         raise engine.ConfigError(f"export {name}: {missing}")
     module = run.module()
     inputs = run.inputs()
     started = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent == run.run_dir / EXPORTS:
+        engine.runs.folder(run.run_dir, EXPORTS)  # a real folder of the run, not a link out of it
     # Written and checked in a folder beside the target, then renamed over it: a format may insist
     # on the file's suffix (AOTInductor does), so the usual temporary name will not do.
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    engine.runs.IN_FLIGHT.add(staging)
     try:
         staged = staging / path.name
-        example = batch_of(inputs, 2)
-        what = f"export {name}: model {run.config['model']['name']!r} ({type(module).__name__})"
-        try:
-            with quiet_torch():
-                chosen.write(trace(module, example), example, staged)
-        except engine.ConfigError as error:
-            raise engine.ConfigError(f"{what}: {error}") from error
-        except Exception as error:
-            raise engine.TrainingError(f"{what}: {engine.one_line(error)}") from error
-        verified = verify(module, chosen.load(staged), chosen, name, inputs)
+        write_staged(run, name, chosen, module, batch_of(inputs, 2), staged)
+        runner = loaded(chosen, staged, f"export {name}: the file written")
+        verified = verify(module, runner, chosen, name, inputs)
+        sha256 = file_sha256(staged)
         staged.replace(path)
         engine.runs.fsync_directory(path.parent)
     finally:
+        engine.runs.IN_FLIGHT.discard(staging)
         shutil.rmtree(staging, ignore_errors=True)
     record = {"format": name, "run": str(run.run_dir), "which": run.which, "weights": str(run.weights)}
-    record.update(fingerprint=run.fingerprint(), verified=verified, torch=torch.__version__)
-    engine.runs.write_text(record_path(path), json.dumps(record, indent=2) + "\n")
-    return ExportReport(name, path, verified, time.perf_counter() - started)
+    record.update(sha256=sha256, fingerprint=run.fingerprint(), verified=verified, torch=torch.__version__)
+    try:
+        engine.runs.write_text(record_path(path), json.dumps(record, indent=2) + "\n")
+    except OSError as error:
+        raise engine.TrainingError(
+            f"export {name}: cannot write {record_path(path)}: {engine.one_line(error)}"
+        ) from None
+    vouch(sha256)
+    return ExportReport(name, path, verified, time.perf_counter() - started, sha256), runner
+
+
+def write_staged(
+    run: Run, name: str, chosen: engine.ExportFormat, module: torch.nn.Module, example: torch.Tensor, staged: Path
+) -> None:
+    """The format's `write` of the model traced on `example` (inputs of the run's) to `staged`;
+    what fails, in one line naming it."""
+    what = f"export {name}: model {run.config['model']['name']!r} ({type(module).__name__})"
+    try:
+        with quiet_torch():
+            chosen.write(trace(module, example), example, staged)
+    except engine.ConfigError as error:
+        raise engine.ConfigError(f"{what}: {error}") from error
+    except OSError as error:  # a full disk: the machine's, not the model's
+        raise engine.TrainingError(f"export {name}: cannot write '{staged.parent}': {engine.one_line(error)}") from None
+    except Exception as error:
+        raise engine.TrainingError(f"{what}: {engine.one_line(error)}") from error
 
 
 def record_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified_record(path: Path, run: Run) -> dict[str, Any] | None:
+    """The record of an export at `path` of this run's weights that passed its check, or None (no
+    record, another run's weights, a record from before content hashes)."""
+    record_file = record_path(path)
+    if not (path.is_file() and record_file.is_file()):
+        return None
+    for file in (path, record_file):
+        if file.is_relative_to(run.run_dir):
+            engine.runs.inside(run.run_dir, file, "export")
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return None
+    return record if record.get("fingerprint") == run.fingerprint() else None
+
+
+class Changed(engine.ConfigError):
+    """An export whose content is not the content its record verified."""
+
+
+def load_verified(chosen: engine.ExportFormat, path: Path, sha256: str) -> engine.Runner:
+    """The export at `path`, loaded from a private copy whose bytes have the hash `sha256` (the
+    one its record verified); `Changed` if they do not."""
+    folder = Path(tempfile.mkdtemp(prefix="engine-export-"))  # private to this user (0700)
+    try:
+        copy = folder / path.name  # the same name: a format may insist on its suffix
+        digest = hashlib.sha256()
+        with open(path, "rb") as source, open(copy, "wb") as target:
+            for block in iter(lambda: source.read(1 << 20), b""):
+                digest.update(block)
+                target.write(block)
+        if digest.hexdigest() != sha256:
+            raise Changed(f"export '{path}' is not the file its record verified (its content hash differs)")
+        return loaded(chosen, copy, f"export '{path}'")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def loaded(chosen: engine.ExportFormat, path: Path, what: str) -> engine.Runner:
+    """`chosen.load(path)`, with torch.load held to weights_only; a file it cannot load is a
+    ConfigError naming `what`."""
+    try:
+        with weights_only_loads(), quiet_torch():
+            return chosen.load(path)
+    except engine.EngineError:
+        raise
+    except Exception as error:
+        raise engine.ConfigError(f"{what} cannot be loaded: {engine.one_line(error)}") from error
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` in the block reads weights only, even where torch asks for more:
+    ``torch.export.load`` unpickles a program's weights and constants with ``weights_only=False``
+    where the file says so, and falls back to it when the safe load fails (torch/_export/serde/
+    serialize.py). torch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each call."""
+    variable = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(variable)
+    os.environ[variable] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
+
+
+def vouched_folder() -> Path:
+    """Where this machine keeps the hashes of the exports it verified: the user's cache, outside
+    every run directory."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "torch-plugin-engine" / "verified-exports"
+
+
+def vouch(sha256: str) -> None:
+    with contextlib.suppress(OSError):  # an unwritable cache only means exporting again next time
+        folder = vouched_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / sha256).touch()
+
+
+def vouched(sha256: str) -> bool:
+    return bool(sha256) and all(c in "0123456789abcdef" for c in sha256) and (vouched_folder() / sha256).is_file()
 
 
 def trace(module: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:

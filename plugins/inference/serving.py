@@ -19,7 +19,7 @@ import torch
 
 import engine
 
-from .backends import EAGER, Backend, backend_of, load_backend
+from .backends import EAGER, Backend, backend_of, known_backend, load_backend
 from .exporting import Run
 
 EVALUATIONS = "evaluations"  # in the run directory: what `evaluate` writes
@@ -33,10 +33,13 @@ def predictions(backend: Backend, x: Any, batch_size: int = 1024) -> dict[str, t
     sequence task (token ids [N, T]) a ``class`` per position [N, T] and ``probability`` over the
     vocabulary, the last axis [N, T, vocabulary]."""
     info = backend.info
+    check_batch_size(batch_size)
     x, width = inputs(x, info)
     wrong = misfit(tuple(x.shape[1:]) if x.dim() > 1 else (width,), info)
     if wrong:
         raise engine.ConfigError(f"inputs have {wrong[0]}, but the model was trained on {wrong[1]}")
+    if len(x) == 0:
+        raise engine.ConfigError("the inputs hold no samples")
     outputs = torch.cat([backend(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]).detach()
     if info.task in ("classification", "sequence"):
         # softmax turns logits into probabilities, and leaves log-probabilities' exp unchanged; the
@@ -57,24 +60,57 @@ def predict(
     backend: str = "auto",
     batch_size: int = 1024,
     plugins: Iterable[Any] = (),
+    trust: bool = False,
+    pass_non_finite: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A run's predictions for the inputs `x` (see `predictions`), on `backend` (see `load_backend`)."""
-    return predictions(load_backend(run_dir, which, backend, plugins=plugins), x, batch_size)
+    """A run's predictions for the inputs `x` (see `predictions`), on `backend` (see
+    `load_backend`); inputs that are not finite are refused unless `pass_non_finite`."""
+    loaded = load_backend(run_dir, which, backend, plugins=plugins, trust=trust)
+    if not pass_non_finite:
+        finite_inputs(inputs(x, loaded.info.n_features)[0], "the inputs")
+    return predictions(loaded, x, batch_size)
 
 
-def read_inputs(run: Run, file: str | Path, overrides: Sequence[str] = ()) -> torch.Tensor:
+def check_batch_size(size: int) -> int:
+    if size < 1:
+        raise engine.ConfigError(f"--batch-size: expected 1 or more samples, got {size}")
+    return size
+
+
+def read_inputs(
+    run: Run, file: str | Path, overrides: Sequence[str] = (), *, pass_non_finite: bool = False
+) -> torch.Tensor:
     """The inputs of a data file, read by the data component named after its suffix (without
-    labels where the component can do without), checked against the run's input shape."""
+    labels where the component can do without), checked against the run's input shape, holding
+    samples, and (unless `pass_non_finite`) finite."""
     config, found = file_config(run, Path(file), overrides, labelled=False)
     cpu = torch.device("cpu")
     data = engine.build_component(
         config, found, "data", seed=config["seed"], device=cpu, labelled=False, inferred=config["inferred"]
     )
     x, width = inputs(data[0] if isinstance(data, tuple) else data, run.info)
+    if len(x) == 0:
+        raise engine.ConfigError(f"--data '{file}': holds no samples")
     wrong = misfit(tuple(x.shape[1:]) if x.dim() > 1 else (width,), run.info)
     if wrong:
         raise wrong_shape(file, wrong, run)
+    if not pass_non_finite:
+        finite_inputs(x, f"--data '{file}'")
     return x
+
+
+def finite_inputs(x: torch.Tensor, where: str) -> None:
+    """A ConfigError naming the first row (sample) of `x` that holds NaN or inf."""
+    if not x.is_floating_point():
+        return  # token ids
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    count = int(bad.sum())
+    if count:
+        first = int(bad.nonzero()[0, 0])
+        raise engine.ConfigError(
+            f"{where}: row {first} (counting from 0) holds a value that is not finite (NaN or inf), and {count} "
+            f"row{'s' if count > 1 else ''} in all; predict them anyway with --pass-non-finite"
+        )
 
 
 def inputs(x: Any, info: engine.DataInfo) -> tuple[torch.Tensor, int]:
@@ -109,7 +145,12 @@ def wrong_shape(file: str | Path, wrong: tuple[str, str], run: Run) -> engine.Co
 
 def write_predictions(run: Run, columns: Mapping[str, torch.Tensor], out: str | Path, overrides: Sequence[str] = ()):
     """Write `columns` with the ``predictions`` component named after `out`'s suffix."""
-    out = Path(out)
+    writer = predictions_writer(run, Path(out), overrides)
+    writer(Path(out), {key: value.numpy() for key, value in columns.items()})
+
+
+def predictions_writer(run: Run, out: Path, overrides: Sequence[str] = ()) -> Any:
+    """The ``predictions`` component named after `out`'s suffix, with its settings."""
     name = suffix(out, "--out")
     table = run.plugins.components.get("predictions", {})
     if name not in table:
@@ -117,8 +158,7 @@ def write_predictions(run: Run, columns: Mapping[str, torch.Tensor], out: str | 
             f"--out '{out}': no predictions component writes .{name} files{engine.suggest(name, table)}"
         )
     config, found = run.load_config(overrides=[f"predictions.name={name}", *overrides])
-    writer = engine.build_component(config, found, "predictions")
-    writer(out, {key: value.numpy() for key, value in columns.items()})
+    return engine.build_component(config, found, "predictions")
 
 
 def suffix(path: Path, option: str) -> str:
@@ -222,6 +262,7 @@ def evaluate(
     overrides: Sequence[str] = (),
     plugins: Iterable[Any] = (),
     blocked: Iterable[str] = (),
+    trust: bool = False,
 ) -> dict[str, Any]:
     """The loss terms and metrics of a run's model on a labelled data file, by the run's own
     validation: a Trainer built from the run's config (nothing is written, nothing trained, the
@@ -229,18 +270,31 @@ def evaluate(
     model. On the run's validation data it gives the run's final validation figures. A figure
     that is not finite (the model's outputs overflow on this data) is None, and named in
     ``non_finite``."""
-    run = Run.open(run_dir, which, plugins, blocked)
-    file = Path(data)
-    chosen = backend if isinstance(backend, Backend) else backend_of(run, backend, takes_targets(run))
+    run = Run.open(run_dir, which, plugins, blocked, trust)
+    return evaluated(run, Path(data), backend, overrides)[0]
+
+
+def evaluated(
+    run: Run, file: Path, backend: str | Backend = "auto", overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], Backend]:
+    """`evaluate` of an open run, and the backend it ran on. The file is read and checked before
+    the backend is loaded, which may export the model into the run: a file that cannot be
+    evaluated leaves nothing written."""
+    if not isinstance(backend, Backend):
+        known_backend(run, backend)
     # On the CPU, where the backends run; no accelerate component: the train step is never called.
     changes: dict[str, Any] = {"device": "cpu", "accelerate": {"name": None}}
-    if chosen.name != EAGER:  # an export returns the logits alone, and takes the inputs alone
-        changes["model"] = {**run.config.to_dict()["model"], "output": "", "targets": ""}
-    config, found = file_config(run, file, overrides, True, changes, [EvaluationData(run, file)])
     # The trainer's setup seeds every RNG (every CUDA device's too): all kept as they were.
     with engine.kept_rng(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
-        trainer = engine.Trainer(config, found)
+        trainer = engine.Trainer(*file_config(run, file, overrides, True, changes, [EvaluationData(run, file)]))
         try:
+            chosen = backend if isinstance(backend, Backend) else backend_of(run, backend, takes_targets(run))
+            model = run.config.to_dict()["model"]
+            if chosen.name != EAGER and (model["output"] or model["targets"]):
+                # An export takes the inputs alone and returns the logits alone: validation calls it so.
+                trainer.loaders.close()
+                changes["model"] = {**model, "output": "", "targets": ""}
+                trainer = engine.Trainer(*file_config(run, file, overrides, True, changes, [EvaluationData(run, file)]))
             # compute_loss hooks (a regularizer) read the trained weights from the trainer's module,
             # which the eager backend is, called as training called it.
             weights = engine.trained_module(run.config, run.plugins, run.info, run.weights, run.weights_format)
@@ -248,13 +302,13 @@ def evaluate(
             metrics = trainer.validate(model=trainer.module if chosen.name == EAGER else Served(chosen))
         finally:
             trainer.loaders.close()
-    result: dict[str, Any] = {"run": str(run.run_dir), "which": which, "data": str(file)}
+    result: dict[str, Any] = {"run": str(run.run_dir), "which": run.which, "data": str(file)}
     result.update(samples=trainer.info.n_val, backend=chosen.name)
     result.update({name.removeprefix("val_"): value for name, value in metrics.items()})
     non_finite = [name for name, value in result.items() if isinstance(value, float) and not math.isfinite(value)]
     if non_finite:  # JSON has no inf or nan
         result.update(dict.fromkeys(non_finite), non_finite=non_finite)
-    return result
+    return result, chosen
 
 
 def takes_targets(run: Run) -> str:
@@ -271,7 +325,10 @@ def takes_targets(run: Run) -> str:
 
 def write_evaluation(result: Mapping[str, Any]) -> Path:
     """`result` as ``runs/<name>/evaluations/<data file stem>-<which>.json``."""
-    path = Path(result["run"]) / EVALUATIONS / f"{Path(result['data']).stem}-{result['which']}.json"
-    path.parent.mkdir(exist_ok=True)
-    engine.runs.write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    folder = engine.runs.folder(Path(result["run"]), EVALUATIONS)  # a real folder of the run, not a link out
+    path = folder / f"{Path(result['data']).stem}-{result['which']}.json"
+    try:
+        engine.runs.write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    except OSError as error:
+        raise engine.TrainingError(f"cannot write '{path}': {engine.one_line(error)}") from None
     return path

@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import engine
 
@@ -28,7 +28,7 @@ from .table import COLUMNS, runs_table
 
 @dataclass(frozen=True)
 class Settings:
-    curves: bool = True  # curves.png in the run directory when matplotlib is installed
+    curves: Annotated[bool, engine.Changeable()] = True  # curves.png in the run directory when matplotlib is installed
 
 
 class MetricsFile:
@@ -44,7 +44,7 @@ class MetricsFile:
     def on_run_start(self, trainer: engine.TrainerView) -> None:
         if trainer.rank:
             return
-        self.file = os.open(trainer.run_dir / METRICS, os.O_RDWR | os.O_CREAT, 0o644)
+        self.file = engine.runs.append_only(trainer.run_dir / METRICS)  # refuses a link out of the run
         if os.fstat(self.file).st_size < self.offset:
             # Shorter than when the checkpoint was taken (cut by a fault or by hand): go on after its
             # last whole line, not after the zero bytes that extending it would write.

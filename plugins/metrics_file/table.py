@@ -3,8 +3,6 @@ and metrics.jsonl."""
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,11 @@ class RunRow:
 def run_row(run_dir: Path) -> RunRow:
     summary = engine.runs.read_summary(run_dir)
     status = summary.get("status", "unknown")
-    if status == "running" and alive(summary.get("pid", -1), summary.get("host", "")) is False:
+    # Running is what the run's lock says: a process holds it while it trains, and the kernel
+    # releases it when the process dies, however it dies.
+    if engine.runs.held(run_dir):
+        status = "running"
+    elif status == "running":
         status = "crashed"
     lines = engine.runs.read_lines(run_dir / METRICS)
     validated = [line["val_loss"] for line in lines if finite(line.get("val_loss"))]
@@ -46,19 +48,6 @@ def run_row(run_dir: Path) -> RunRow:
         wall_s=summary.get("wall_time_s", last.get("time")),
         started=summary.get("started", ""),
     )
-
-
-def alive(pid: int, host: str) -> bool | None:
-    """Whether process `pid` runs on `host`; None when the run was on another host."""
-    if host != socket.gethostname():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def runs_table(runs_dir: str | Path, sort: str = "started", descending: bool = False) -> str:

@@ -255,8 +255,11 @@ def test_record_inferred_fills_in_what_the_data_tells_and_refuses_a_mismatch():
 def test_a_checkpoint_that_does_not_fit_the_run_is_a_config_error_naming_it(tmp_path):
     result = engine.run(job(epochs=2))
     [checkpoint] = (result.run_dir / "checkpoints").glob("step-*.pt")
+    changed = job(model={"name": "mlp", "hidden": [4]})
+    with pytest.raises(engine.ConfigError, match=r"other settings: model.name 'linear' -> 'mlp';"):
+        engine.setup(changed, resume=result.run_dir)  # engine/resuming.py: not the same run
     with pytest.raises(engine.ConfigError, match=rf"^checkpoint '{checkpoint}' does not fit this run: RuntimeError"):
-        engine.setup(job(model={"name": "mlp", "hidden": [4]}), resume=result.run_dir)
+        engine.setup(changed, resume=result.run_dir, allow_changes=["model"])  # allowed, but the weights cannot
     assert [path.name for path in (result.run_dir / "checkpoints").iterdir()] == [checkpoint.name]
 
 

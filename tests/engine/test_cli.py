@@ -70,7 +70,14 @@ def test_python_m_engine_run_trains_the_tutorial(tmp_path):
     assert len(lines) == 12
     assert lines[11].startswith("Run files: runs/")
     run_dir = tmp_path / lines[11].removeprefix("Run files: ")
-    files = {"config.toml", "metrics.jsonl", "summary.json", "model.pt", "checkpoints"}
+    files = {
+        ".lock",
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.pt",
+        "checkpoints",
+    }  # .lock: held while it trained
     assert {p.name for p in run_dir.iterdir()} - {"curves.png"} == files  # curves.png: with matplotlib
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000001000.pt"]
     weight, bias = (float(part.split(" = ")[1]) for part in lines[10].removeprefix("Learned parameters: ").split(", "))
@@ -252,7 +259,8 @@ def test_run_nproc_comes_from_the_distributed_plugin(capsys):
     with pytest.raises(SystemExit) as raised:
         main(["run", "--nproc", "2", "--block", "distributed"])
     assert raised.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == "python -m engine: error: unrecognized arguments: --nproc"
+    err = capsys.readouterr().err
+    assert err == "error: python -m engine: unrecognized arguments: --nproc (--help shows the usage)\n"
 
 
 def test_commands_add_parse_the_common_options_and_wrap_runs_through_a_wrapper():
@@ -456,10 +464,49 @@ def test_resume_errors_are_one_line_exit_2(capsys, tmp_path):
         path.unlink()  # as if it were killed before its first checkpoint
     code, _, err = run_cli(capsys, "run", "--resume", "runs/bare")
     assert code == 2
-    assert_one_line_error(err, "--resume: run 'runs/bare' has no checkpoint to continue from")
+    assert_one_line_error(
+        err,
+        "--resume: run 'runs/bare' has no checkpoint to continue from (its summary: completed); start it again under "
+        "another run_name, or remove the directory",
+    )
     code, _, err = run_cli(capsys, "run", "--resume", "auto")
     assert code == 2
     assert_one_line_error(err, "resume = 'auto': name the run to continue with run_name")
+    code, _, err = run_cli(capsys, "run", "--resume", "")
+    assert code == 2  # not a new run of the default job
+    assert_one_line_error(err, "--resume: expected a run directory or 'auto', got an empty string")
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["bare"]
+
+
+def test_a_usage_error_is_one_line_and_a_deeply_nested_value_a_config_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as raised:
+        main(["run", "--epochs", "3"])
+    assert raised.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: python -m engine: unrecognized arguments: --epochs (--help shows the usage)\n"
+    )
+    deep = "[" * 3000 + "]" * 3000  # tomllib reads nested arrays recursively
+    (tmp_path / "deep.toml").write_text(f"epochs = {deep}\n")
+    code, _, err = run_cli(capsys, "config", "deep.toml")
+    assert code == 2
+    assert_one_line_error(err, "job file 'deep.toml' nests arrays or tables too deeply to read")
+    code, _, err = run_cli(capsys, "run", "--set", f"model.hidden={deep}")
+    assert code == 2
+    assert_one_line_error(err, "--set model.hidden: the value nests arrays or tables too deeply to read")
+
+
+@pytest.mark.slow  # a real command: seconds to start
+def test_a_folder_named_engine_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+    """A clone of this repository named engine/, where python -m puts the working directory first:
+    with an editable install, it became the package (as a namespace package), and its plugins/
+    folder engine.plugins."""
+    clone = tmp_path / "engine"
+    for folder in ("engine", "plugins", "tests"):
+        (clone / folder).mkdir(parents=True)
+        (clone / folder / "__init__.py").write_text("raise ImportError('the clone was imported')\n")
+    done = engine_command("run", "--set", "epochs=2", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert (tmp_path / "runs").is_dir()
 
 
 def test_resume_continues_with_more_epochs_in_the_same_directory(capsys, tmp_path):

@@ -105,6 +105,13 @@ def test_a_component_by_reference_imports_it():
         (":scaled_model", "k: ':scaled_model' is not a reference of the form"),
         ("tests.helpers:not-a-name", "k: 'tests.helpers:not-a-name' is not a reference of the form"),
         ("tests.helpers:QUICK", "k: 'tests.helpers:QUICK' is a dict, not a function or class (a component's factory)"),
+        # The standard library's, re-exported by a module outside it (torch's imports subprocess.Popen).
+        (
+            "torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler:Popen",
+            "k: 'torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler:Popen' is "
+            "subprocess.Popen of the standard library, which provides no components",
+        ),
+        ("tests.helpers:Path", "k: 'tests.helpers:Path' is pathlib.Path of the standard library"),
     ],
 )
 def test_import_object_takes_only_functions_and_classes_outside_the_standard_library(reference, message):

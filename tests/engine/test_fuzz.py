@@ -705,3 +705,108 @@ def test_sweep_spaces(space, sweep):
         (directory / "job.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
         assert assert_well_behaved(["sweep", "job.toml", "--status"], directory) == 2
         assert not (directory / "runs").exists()
+
+
+# --- after training: evaluate, predict and export, their arguments and files ------------------------
+
+WHICH = st.sampled_from([[], ["--which", "final"], ["--which", "best"], ["--which", "last"], ["--which", "bogus"]])
+# Not auto or onnx: each would export to ONNX first (seconds); exported stands for the formats.
+BACKENDS = st.sampled_from([["--backend", "eager"], ["--backend", "exported"], ["--backend", "tpu"]])
+OUTS = st.sampled_from(["p.csv", "p.npz", "p.parquet", "p", "folder", "folder/p.csv", "missing/p.csv", "/proc/p.csv"])
+EXTRA = st.lists(
+    st.sampled_from(
+        [
+            ["--batch-size", "0"],
+            ["--batch-size", "-2"],
+            ["--batch-size", "3"],
+            ["--pass-non-finite"],
+            ["--trust-run"],
+            ["--set", "data.x=inputs"],
+            ["--set", "export.opset=3"],
+            ["--set", "predictions.delimiter=;"],
+            ["--set", "nope.x=1"],
+            ["--block", "datasets"],
+        ]
+    ),
+    max_size=2,
+)
+RUN_DAMAGE = st.sampled_from(
+    ["none", "none", "none", "plugin-file", "component", "model-garbage", "model-link", "exports-link", "no-best"]
+)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A classification run of 4 features with validation (so a best checkpoint), to copy and use."""
+    directory = tmp_path_factory.mktemp("trained")
+    job = [
+        *("run", "--set", "epochs=3", "--set", "run_name=t", "--set", "data.name=classification"),
+        *("--set", "data.n_features=4", "--set", "data.n_samples=60", "--set", "data.val_fraction=0.25"),
+        *("--set", "model.name=mlp", "--set", "model.hidden=[4]", "--set", "loss.name=cross_entropy"),
+        *("--set", f"runs_dir={directory / 'runs'}"),
+    ]
+    assert assert_well_behaved(job, directory) == 0
+    return directory / "runs" / "t"
+
+
+def damage_run(run: Path, damage: str, directory: Path) -> None:
+    config = run / "config.toml"
+    if damage == "plugin-file":
+        (directory / "evil.py").write_text("open('FORGED_PLUGIN_RAN', 'w').close()\n")  # imported: it ran
+        config.write_text(config.read_text().replace("plugins = []", f'plugins = ["{directory / "evil.py"}"]'))
+    elif damage == "component":
+        config.write_text(config.read_text().replace('name = "mlp"', 'name = "tests.helpers:scaled_model"'))
+    elif damage == "model-garbage":
+        (run / "model.pt").write_bytes(b"\x80\x04garbage")
+    elif damage == "model-link":
+        (run / "model.pt").rename(directory / "model.pt")
+        (run / "model.pt").symlink_to(directory / "model.pt")
+    elif damage == "exports-link":
+        (directory / "elsewhere").mkdir()
+        (run / "exports").symlink_to(directory / "elsewhere")
+    elif damage == "no-best":
+        (run / "checkpoints" / "best.json").write_text('{"ranking": [{"file": "../../evil.pt"}]}')
+
+
+@fuzz(6)
+@given(
+    command=st.sampled_from(["evaluate", "predict", "predict", "export"]),
+    x=ARRAYS,
+    fill=st.sampled_from([0.0, 0.0, math.nan, math.inf]),
+    width=st.sampled_from([4, 4, 4, 3, 0]),
+    labels=st.sampled_from(["int64", "float32", "none"]),
+    as_csv=st.booleans(),
+    out=OUTS,
+    which=WHICH,
+    backend=BACKENDS,
+    extra=EXTRA,
+    export_format=st.sampled_from(["exported", "exported", "nope"]),
+    damage=RUN_DAMAGE,
+)
+def test_after_training_commands(
+    trained_run, command, x, fill, width, labels, as_csv, out, which, backend, extra, export_format, damage
+):
+    with example_directory() as directory:
+        run = directory / "runs" / "t"
+        shutil.copytree(trained_run, run)
+        damage_run(run, damage, directory)
+        (directory / "folder").mkdir()
+        rows = array("float32", [7, width], fill) if width else array(*x, fill)
+        data = "data.csv" if as_csv else "data.npz"
+        if as_csv:
+            header = ",".join([f"f{i}" for i in range(rows.shape[1] if rows.ndim == 2 else 1)] + ["t"])
+            body = [",".join(map(str, [*np.atleast_1d(row), i % 3])) for i, row in enumerate(np.atleast_2d(rows))]
+            (directory / data).write_text("\n".join([header, *body]) + "\n")
+        else:
+            arrays = {"x": rows} if labels == "none" else {"x": rows, "y": np.arange(len(np.atleast_1d(rows))) % 3}
+            np.savez(directory / data, **arrays)
+        if command == "export":
+            argv = ["export", "runs/t", "--format", export_format, *which]
+            argv += ["--out", out.replace(".csv", ".pt2")] if "csv" in out else []
+        else:
+            argv = [command, "runs/t", "--data", data, *which, *backend]
+            argv += ["--out", out] if command == "predict" else []
+        argv += [item for flag in extra for item in flag]
+        assert_well_behaved(argv, directory)
+        if (directory / "FORGED_PLUGIN_RAN").exists():  # a run's code runs only when the user trusts the run
+            assert damage == "plugin-file" and "--trust-run" in argv

@@ -246,7 +246,7 @@ def test_components_have_a_kind_a_name_and_an_owner():
     plugins = engine.make_plugins()
     assert {kind: sorted(table) for kind, table in plugins.components.items()} == {
         "accelerate": ["auto", "compile", "cudagraph", "eager"],
-        "data": ["classification", "csv", "images", "linear_regression", "npy", "npz"],
+        "data": ["classification", "csv", "images", "linear_regression", "npy", "npz", "tokens"],
         "distributed": ["ddp"],
         "export": ["aoti", "exported", "onnx", "tensorrt"],
         "input_transform": ["standardize", "standardize_channels"],
@@ -254,7 +254,7 @@ def test_components_have_a_kind_a_name_and_an_owner():
         "precision": ["16-mixed", "32", "bf16-mixed"],
         "scheduler": ["cosine", "none", "onecycle", "step", "warmup_cosine"],
         "loss": ["bce_with_logits", "cross_entropy", "huber", "l1", "model", "mse", "nll", "smooth_l1"],
-        "model": ["cnn", "linear", "mlp"],
+        "model": ["cnn", "gpt", "linear", "mlp"],
         "optimizer": ["adam", "adamw", "sgd"],
     }
     assert plugins.component("optimizer", "sgd").plugin == "optimizers"

@@ -202,10 +202,10 @@ def test_a_run_killed_at_a_random_step_resumes_exactly(case, tmp_path, request, 
         run_dir = tmp_path / "runs" / name
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"  # what SIGKILL leaves
         if "accelerate" in case:  # a fresh process again
-            resumed = cli(tmp_path, "--resume", str(run_dir))
+            resumed = cli(tmp_path, "--resume", str(run_dir), "--trust-run")  # its job's plugin is ours
             assert resumed.returncode == 0, resumed.stderr
         else:  # `--resume` is this call: setup(resume=...).fit()
-            engine.run(resume=run_dir)
+            engine.run(resume=run_dir, trust=True)
         assert_same_run(tmp_path / "runs" / "whole", run_dir)
 
 
@@ -218,7 +218,8 @@ def test_a_signal_ends_the_window_writes_a_checkpoint_and_an_interrupted_summary
     stopped = cli(tmp_path, "job.toml", "--set", "run_name=stopped", KILL_AT="13", KILL_SIGNAL=name)
     assert stopped.returncode == code
     assert stopped.stderr.splitlines()[-1] == (
-        f"interrupted by {name} at epoch 2, step 14; continue with: python -m engine run --resume runs/stopped"
+        f"interrupted by {name} at epoch 2, step 14; continue with: python -m engine run --resume runs/stopped "
+        "--trust-run"  # its config names a plugin file
     )
     run_dir = tmp_path / "runs" / "stopped"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -228,7 +229,7 @@ def test_a_signal_ends_the_window_writes_a_checkpoint_and_an_interrupted_summary
     if name == "SIGTERM":  # the same checkpoint either way: resuming one of them is enough
         uninterrupted(tmp_path, monkeypatch)
         monkeypatch.chdir(tmp_path)  # the job's plugin file, as `--resume` from there finds it
-        engine.run(resume=run_dir)  # what `--resume` calls (its command line: the second-signal test)
+        engine.run(resume=run_dir, trust=True)  # what `--resume` calls (its command line: the second-signal test)
         assert_same_run(tmp_path / "runs" / "whole", run_dir)
 
 
@@ -245,7 +246,7 @@ def test_a_second_signal_exits_at_once_leaving_every_file_valid(tmp_path):
     assert not list(run_dir.rglob("*.tmp"))
     assert [p.name for p in sorted((run_dir / "checkpoints").glob("step-*"))] == ["step-000000006.pt"]
     assert engine.runs.load(run_dir / "checkpoints" / "step-000000006.pt", engine.runs.CHECKPOINT_FORMAT)
-    resumed = cli(tmp_path, "--resume", "runs/twice")
+    resumed = cli(tmp_path, "--resume", "runs/twice", "--plugin", "killer.py")  # its plugin, given again
     assert resumed.returncode == 0, resumed.stderr
 
 

@@ -1,11 +1,16 @@
 """engine/runs.py: the run directory's exclusive creation, atomic writes that leave the old file or
-the new one, files read without running code, JSON lines cut by a kill, and paths kept inside a
-run. (summary.json's schema and write_json's non-finite numbers: tests/engine/test_summary.py.)"""
+the new one, files read without running code, JSON lines cut by a kill, paths kept inside a run,
+the lock of the process that owns a run and the room kept for its summary. (summary.json's schema
+and write_json's non-finite numbers: tests/engine/test_summary.py.)"""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
+import socket
+import time
 
 import pytest
 import torch
@@ -133,3 +138,75 @@ def test_inside_keeps_a_path_inside_the_run_once_links_are_resolved(tmp_path):
 )
 def test_a_run_name_is_one_plain_path_component(name, valid):
     assert runs.valid_run_name(name) is valid
+
+
+# --- one process owns a run: its lock -------------------------------------------------------------
+
+
+def test_a_run_locked_by_one_holder_is_refused_to_another_naming_the_holder(tmp_path):
+    run_dir = runs.create(tmp_path, "r")
+    assert not runs.held(run_dir)
+    lock = runs.Lock(run_dir)
+    assert runs.held(run_dir)
+    # Another holder: here a second open file of the same process, as another process would be.
+    host = socket.gethostname()
+    with pytest.raises(engine.ConfigError, match=rf"^run 'r' is in use by pid {os.getpid()} on {host} \("):
+        runs.Lock(run_dir)
+    lock.release()
+    lock.release()  # once is enough
+    assert not runs.held(run_dir)
+    runs.Lock(run_dir).release()
+
+
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
+    """A DataLoader worker is a forked child: when the run's process dies, its lock must go with it,
+    not when the last worker does."""
+    run_dir = runs.create(tmp_path, "r")
+    lock = runs.Lock(run_dir)
+    started, said = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child (its fork handlers have run): alive, holding whatever it inherited
+        os.write(said, b"up")
+        time.sleep(3)
+        os._exit(0)
+    try:
+        assert os.read(started, 2) == b"up"
+        lock.release()
+        assert not runs.held(run_dir)  # the child closed its copy when it was forked
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(started)
+        os.close(said)
+
+
+def test_the_reserve_holds_disk_space_until_freed(tmp_path):
+    run_dir = runs.create(tmp_path, "r")
+    runs.reserve(run_dir)
+    reserved = run_dir / runs.RESERVE
+    assert reserved.stat().st_size == runs.RESERVED_BYTES
+    assert reserved.stat().st_blocks * 512 >= runs.RESERVED_BYTES  # allocated, not a sparse file
+    runs.unreserve(run_dir)
+    runs.unreserve(run_dir)
+    assert not reserved.exists()
+
+
+def test_a_runs_folder_or_file_that_is_a_link_out_of_it_is_refused(tmp_path):
+    run_dir = runs.create(tmp_path, "r")
+    assert runs.folder(run_dir, "checkpoints") == run_dir / "checkpoints"
+    assert runs.folder(run_dir, "checkpoints").is_dir()  # again: it exists
+    (tmp_path / "elsewhere").mkdir()
+    (run_dir / "exports").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(engine.ConfigError, match=r"^'.*r/exports' is a link: a run's files stay inside it$"):
+        runs.folder(run_dir, "exports")
+    (run_dir / "notes").write_text("")
+    with pytest.raises(engine.ConfigError, match=r"^'.*r/notes' is not a folder"):
+        runs.folder(run_dir, "notes")
+    (tmp_path / "victim.txt").write_text("keep\n")
+    (run_dir / "metrics.jsonl").symlink_to(tmp_path / "victim.txt")
+    with pytest.raises(engine.ConfigError, match=r"^'.*r/metrics.jsonl' is a link: a run's files stay inside it$"):
+        runs.append_only(run_dir / "metrics.jsonl")
+    assert (tmp_path / "victim.txt").read_text() == "keep\n"
+    descriptor = runs.append_only(run_dir / "log.jsonl")
+    os.close(descriptor)
+    assert (run_dir / "log.jsonl").is_file()

@@ -1,10 +1,12 @@
 """engine/saved.py: opening a trained run (`engine.load`): the model rebuilt from its config.toml
 behind its input transform, with the weights ``final`` (model.pt), ``last`` or ``best`` name (the
-checkpoints a plugin finds), and one-line errors for what is not there."""
+checkpoints a plugin finds), one-line errors for what is not there, and a run directory opened as
+data: a config that names code is refused unless trusted."""
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -122,3 +124,65 @@ def test_opening_a_run_leaves_the_global_random_streams_as_they_were(trained):
     state = torch.get_rng_state()
     engine.load(result.run_dir)  # building the model draws initial weights, then loads the saved ones
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# --- a run directory is data: opening one imports nothing it names ----------------------------
+
+CANARY = """
+from pathlib import Path
+
+import engine
+
+Path({marker!r}).open("a").write("imported\\n")  # what running this file leaves behind
+
+
+@engine.hookimpl
+def on_log(metrics):
+    pass
+"""
+
+
+def test_a_run_whose_config_names_a_plugin_file_opens_only_trusted_or_with_the_plugin_given(tmp_path, monkeypatch):
+    marker = tmp_path / "imported.txt"
+    plugin = tmp_path / "canary.py"
+    plugin.write_text(CANARY.format(marker=str(marker)))
+    result = engine.run(job(epochs=2, plugins=[str(plugin)]))
+    assert marker.read_text() == "imported\n"
+    marker.unlink()
+    for name in [name for name in sys.modules if name.startswith(engine.plugins.PLUGIN_FILE_MODULE)]:
+        monkeypatch.delitem(sys.modules, name)  # so that a second import would run the file again
+    message = (
+        rf"^run '.*quick' names code that opening it would import: plugins\[0\] = '{plugin}'; a run directory "
+        r"is data: pass --trust-run \(trust=True\) if you trust it, or give its plugins with --plugin$"
+    )
+    with pytest.raises(engine.ConfigError, match=message):
+        engine.load(result.run_dir)
+    with pytest.raises(engine.ConfigError, match=message):
+        engine.open_run(result.run_dir)
+    with pytest.raises(engine.ConfigError, match=r"^--resume: run '.*quick' names code"):
+        engine.setup(resume=result.run_dir)
+    assert not marker.exists()  # refused before anything was imported
+    torch.testing.assert_close(engine.load(result.run_dir, plugins=[str(plugin)]).weight, result.model.weight)
+    assert marker.read_text() == "imported\n"  # given with --plugin: the caller's own
+    torch.testing.assert_close(engine.load(result.run_dir, trust=True).weight, result.model.weight)
+
+
+def test_a_run_whose_config_names_a_component_or_an_input_transform_by_reference_is_refused(tmp_path):
+    result = engine.run(job(epochs=2, model={"name": "tests.helpers:scaled_model", "scale": 2.0}))
+    with pytest.raises(engine.ConfigError, match=r"would import: model.name = 'tests.helpers:scaled_model'; "):
+        engine.load(result.run_dir)
+    assert isinstance(engine.load(result.run_dir, trust=True), torch.nn.Module)
+    plain = engine.run(job(epochs=2, run_name="plain"))
+    config = plain.run_dir / "config.toml"
+    config.write_text(config.read_text().replace('input_transform = ""', 'input_transform = "tests.helpers:job"'))
+    with pytest.raises(engine.ConfigError, match=r"would import: inferred.input_transform = 'tests.helpers:job'"):
+        engine.load(plain.run_dir)  # a component the model is built with, though no section names it
+
+
+def test_weights_outside_the_run_are_not_read(tmp_path):
+    result = engine.run(job(epochs=2))
+    (tmp_path / "elsewhere.pt").write_bytes((result.run_dir / "model.pt").read_bytes())
+    (result.run_dir / "model.pt").unlink()
+    (result.run_dir / "model.pt").symlink_to(tmp_path / "elsewhere.pt")
+    with pytest.raises(engine.ConfigError, match=r"^model file '.*quick/model.pt' is outside run '.*quick'$"):
+        engine.load(result.run_dir)

@@ -40,6 +40,7 @@ def test_a_run_writes_its_resolved_config_summary_and_model_beside_its_plugins_f
     run_dir = tmp_path / "runs" / "quick"
     assert result.run_dir.resolve() == run_dir
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",  # held by the process that trained it (engine.runs.Lock); the space it kept is freed
         "checkpoints",  # the checkpoint plugin's
         "config.toml",
         "confusion_matrix.json",  # the metrics plugin's
@@ -230,7 +231,8 @@ def test_a_plugin_failing_in_on_run_end_does_not_prevent_the_summary():
 @pytest.mark.parametrize("blocked", [["checkpoint", "metrics_file"], ["checkpoint", "metrics_file", "console"]])
 def test_the_core_files_need_no_blockable_plugin(blocked):
     result = engine.run(job(epochs=3, run_name="bare"), blocked=blocked)
-    assert sorted(path.name for path in result.run_dir.iterdir()) == ["config.toml", "model.pt", "summary.json"]
+    files = sorted(path.name for path in result.run_dir.iterdir())
+    assert files == [".lock", "config.toml", "model.pt", "summary.json"]
     assert read_json(result.run_dir / "summary.json")["status"] == "completed"
     assert torch.equal(engine.load(result.run_dir).weight, result.model.weight)
 

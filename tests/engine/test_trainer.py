@@ -797,7 +797,17 @@ def test_a_checkpoint_is_taken_only_at_the_end_of_an_accumulation_window():
     trainer.state.batch = 2
     taken = trainer.checkpoint()
     assert taken["format"] == engine.runs.CHECKPOINT_FORMAT and taken["state"]["batch"] == 2
-    assert set(taken) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "evaluated", "plugins"}
+    assert set(taken) == {
+        "format",
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "state",
+        "evaluated",
+        "plugins",
+        "course",
+    }
 
 
 def test_two_plugins_returning_one_state_key_is_an_error_naming_the_key():

@@ -112,6 +112,21 @@ def test_auto_tries_a_third_partys_candidate_and_refuses_itself(capsys):
         train(TUTORIAL, accelerate={"name": "auto", "candidates": ["eager", "auto"]})
 
 
+def test_a_resumed_auto_run_keeps_the_choice_it_made_without_timing_again(capsys):
+    """The path auto chose is part of the run's course (its numerics): the checkpoint keeps it."""
+    job = {**TUTORIAL, "accelerate": {"name": "auto", "steps": 10, "candidates": ["eager", "counted"]}}
+    job = {**job, "run_name": "auto", "checkpoint": {"every_epochs": 25}}
+    first = Counted()
+    result = engine.run(job, plugins=[first])
+    chosen = auto_line(capsys.readouterr().out).split()[2]
+    saved = engine.runs.load(result.run_dir / "checkpoints" / "step-000000050.pt", engine.runs.CHECKPOINT_FORMAT)
+    assert saved["plugins"]["accelerate"] == {"chosen": chosen}
+    resumed = Counted()
+    engine.run(resume=result.run_dir, overrides=["epochs=60"], plugins=[resumed])
+    assert auto_line(capsys.readouterr().out) == f"accelerate auto: {chosen} (the run's choice, kept on resume)"
+    assert resumed.calls == (10 if chosen == "counted" else 0)  # no trial: every step on the path chosen
+
+
 def test_a_candidate_that_cannot_run_here_is_no_candidate():
     class Elsewhere(Counted):
         def unavailable(self) -> str | None:

@@ -75,8 +75,20 @@ def test_a_checkpoint_holds_everything_a_resumed_run_needs_and_loads_without_pic
     path = checkpoint_plugin.Checkpoints().find_checkpoint(result.run_dir, "last")
     saved = torch.load(path, weights_only=True)  # raises on anything but tensors and plain values
     assert saved["format"] == runs.CHECKPOINT_FORMAT
-    assert set(saved) == {"format", "model", "optimizer", "scheduler", "scaler", "state", "evaluated", "plugins"}
+    assert set(saved) == {
+        "format",
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "state",
+        "evaluated",
+        "plugins",
+        "course",
+    }
     assert saved["evaluated"] is None  # validation evaluates the trained model here (no average)
+    assert saved["course"]["config"]["precision.name"] == "16-mixed"  # what it trains with: engine/resuming.py
+    assert saved["course"]["sizes"] == {"n_train": 64, "n_val": 0, "n_test": 0, "batches_per_epoch": 4}
     assert saved["scheduler"]["last_epoch"] == 12 and saved["scaler"]["scale"] > 0
     assert saved["state"]["epoch"] == 4 and saved["state"]["step"] == 12
     assert set(saved["state"]["rng"]) >= {"python", "numpy", "torch"}
@@ -92,7 +104,7 @@ def test_a_file_that_would_run_code_is_refused(tmp_path):
     bad = tmp_path / "evil.pt"
     with open(bad, "wb") as handle:
         pickle.dump({"format": runs.CHECKPOINT_FORMAT, "x": Payload()}, handle)
-    with pytest.raises(engine.ConfigError, match=r"evil.pt' is not a readable engine.checkpoint/2 file"):
+    with pytest.raises(engine.ConfigError, match=r"evil.pt' is not a readable engine.checkpoint/3 file"):
         runs.load(bad, runs.CHECKPOINT_FORMAT)
 
 
@@ -229,6 +241,7 @@ def test_find_checkpoint_answers_last_and_best():
 def test_without_the_checkpoint_plugin_the_run_keeps_its_model_and_engine_load_works():
     result = engine.run(job(epochs=3, run_name="bare"), blocked=["checkpoint"])
     assert sorted(path.name for path in result.run_dir.iterdir()) == [
+        ".lock",
         "config.toml",
         "metrics.jsonl",
         "model.pt",
@@ -258,3 +271,55 @@ def test_a_checkpoint_holds_the_state_other_plugins_updated_in_the_same_step_wha
     engine.run(resume=rewound, plugins=[resumed, checkpoint_plugin.Checkpoints()], blocked=["ema", "checkpoint"])
     for name, value in whole.average.state_dict().items():
         assert torch.equal(resumed.average.state_dict()[name], value), name
+
+
+# --- the folder stays the run's ------------------------------------------------------------------
+
+
+def test_a_checkpoints_folder_that_is_a_link_out_of_the_run_is_refused_and_nothing_there_deleted(tmp_path):
+    """keep_last prunes old checkpoints: through a link it would delete another folder's files."""
+    result = engine.run(job(epochs=3, checkpoint={"every_steps": 1}))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for name in ("step-000000001.pt", "step-000000002.pt", "notes.txt"):
+        (outside / name).write_text("precious\n")
+    (result.run_dir / "checkpoints").rename(tmp_path / "moved")
+    (result.run_dir / "checkpoints").symlink_to(outside)
+    with pytest.raises(engine.ConfigError, match=r"^checkpoint '.*step-000000002.pt' is outside run '.*quick'$"):
+        engine.setup(resume=result.run_dir)  # what it would continue from is not the run's
+    for name in ("step-000000001.pt", "step-000000002.pt"):
+        (outside / name).unlink()
+    # Nothing to continue from there: resume = "auto" starts the run again in its directory, whose
+    # checkpoints/ is refused before anything is pruned or written through it.
+    (outside / "best-000000009.pt").write_text("precious\n")  # what pruning a fresh start would delete
+    with pytest.raises(
+        engine.TrainingError, match=r"checkpoint' failed in hook on_run_start: .*checkpoints' is a link"
+    ):
+        engine.run(job(epochs=3, resume="auto"))
+    assert sorted(path.read_text() for path in outside.iterdir()) == ["precious\n"] * 2
+    assert read_json(result.run_dir / "summary.json")["status"] == "failed"
+
+
+@pytest.mark.parametrize("name", ["../../victim.pt", "/tmp/victim.pt", "step-000000003.pt", 3])
+def test_a_ranking_that_names_what_is_not_a_best_checkpoint_of_the_folder_is_refused(name):
+    result = engine.run(job(epochs=3, data={"val_fraction": 0.2}))
+    ranking = result.run_dir / "checkpoints" / "best.json"
+    recorded = read_json(ranking)
+    recorded["ranking"][0]["file"] = name
+    ranking.write_text(json.dumps(recorded))
+    with pytest.raises(engine.ConfigError, match=r"best.json' ranks .* which is not a best checkpoint's file name"):
+        engine.load(result.run_dir, which="best")
+
+
+def test_a_checkpoint_whose_ranking_names_a_file_outside_the_folder_is_refused_before_anything_is_deleted(tmp_path):
+    """The ranking a checkpoint carries decides what the resumed run deletes when it drops one."""
+    result = engine.run(job(epochs=3, data={"val_fraction": 0.2}, checkpoint={"keep_last": 5}))
+    victim = tmp_path / "victim.pt"
+    victim.write_text("precious\n")
+    [last] = [path for _, path in checkpoint_plugin.numbered(result.run_dir, "step")][-1:]
+    saved = runs.load(last, runs.CHECKPOINT_FORMAT)
+    saved["plugins"]["checkpoint"]["best"][0]["file"] = "../../../victim.pt"
+    runs.save(saved, last)
+    with pytest.raises(engine.ConfigError, match=r"ranks '../../../victim.pt', which is not a best checkpoint's"):
+        engine.setup(resume=result.run_dir, overrides=["epochs=5"])
+    assert victim.read_text() == "precious\n"

@@ -509,11 +509,11 @@ def test_sigterm_to_the_launcher_stops_every_process_and_one_resumes_the_run(tmp
     assert summary["status"] == "interrupted" and summary["steps"] % 2 == 0  # a window's end
     assert [line for line in done.stderr.splitlines() if "interrupted" in line] == [
         f"interrupted by SIGTERM at epoch {summary['steps'] // 4 + 1}, step {summary['steps']}; "
-        "continue with: python -m engine run --resume runs/stopped"
+        "continue with: python -m engine run --resume runs/stopped --trust-run"  # its job names a plugin
     ]
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    resumed = engine.run(resume=run_dir)
+    resumed = engine.run(resume=run_dir, plugins=["terminating"])  # the run's plugin, given again
     whole = engine.run({**job, "run_name": "whole"})
     assert_close(resumed.model.state_dict(), whole.model.state_dict())
     steps = [(line["epoch"], line["step"]) for line in read_jsonl(run_dir / "metrics.jsonl")]

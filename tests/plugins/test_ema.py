@@ -205,7 +205,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_average_bit_for_bit(t
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
     saved = engine.runs.load(sorted((run_dir / "checkpoints").glob("step-*"))[-1], engine.runs.CHECKPOINT_FORMAT)
     assert "ema" in saved["plugins"]
-    resumed = engine.run(resume=run_dir)
+    resumed = engine.run(resume=run_dir, trust=True)  # its job's plugin file is ours
     assert same(resumed.model.state_dict(), whole.model.state_dict())
     assert same(torch.load(run_dir / "model.pt", weights_only=True)["model"], whole.model.state_dict())
     whole_lines = [

@@ -7,7 +7,10 @@ ONNX Runtime, AOTInductor's loader), not through the plugin that wrote it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +61,7 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 
 def agree(run: Path, loaded, tolerance: float) -> None:
     """`loaded` (a function of a CPU batch) gives the eager model's outputs at several batch sizes."""
-    model = engine.load(run)
+    model = engine.load(run, trust=True)  # the zoo's runs are ours (one names a user module)
     generator = torch.Generator().manual_seed(3)
     for size in BATCHES:
         x = torch.randn(size, *_shape(run), generator=generator) * 3
@@ -74,7 +77,7 @@ def _shape(run: Path) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("job", list(ZOO))
 def test_exported_agrees_with_eager_on_the_zoo(zoo, job):
-    written = inference.export(zoo[job], "exported")
+    written = inference.export(zoo[job], "exported", trust=True)
     assert written.path == zoo[job] / "exports" / "final-exported.pt2"
     assert written.verified["max_abs_diff"] <= 1e-5
     agree(zoo[job], torch.export.load(written.path).module(), 1e-5)
@@ -87,7 +90,7 @@ RICHEST = ("mlp-layer-norm-dropout", "standardized", "cnn")
 @pytest.mark.parametrize("job", [job if job in RICHEST else pytest.param(job, marks=pytest.mark.slow) for job in ZOO])
 def test_onnx_agrees_with_eager_on_the_zoo(zoo, job):
     onnxruntime = pytest.importorskip("onnxruntime")
-    written = inference.export(zoo[job], "onnx")
+    written = inference.export(zoo[job], "onnx", trust=True)
     assert written.path.suffix == ".onnx" and not Path(f"{written.path}.data").exists()  # weights inside
     session = onnxruntime.InferenceSession(str(written.path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -124,7 +127,7 @@ def test_aoti_package_loads_without_the_engine_and_agrees_with_eager(zoo, tmp_pa
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    model = engine.load(run)
+    model = engine.load(run, trust=True)  # the zoo's runs are ours (one names a user module)
     for x, got in zip(inputs, torch.load(tmp_path / "outputs.pt")):
         with torch.inference_mode():
             torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
@@ -204,3 +207,74 @@ def test_onnx_without_its_packages_says_what_to_install(zoo, monkeypatch, capsys
     )
     backend = inference.load_backend(zoo["linear"], blocked=["export_aoti"])  # auto passes it over, and says so
     assert "onnx: ONNX export needs onnxruntime" in backend.description
+
+
+# --- what a format cannot honour, and files it will not load ---------------------------------------
+
+
+@pytest.mark.slow  # two ONNX exports, seconds each
+def test_an_onnx_opset_the_exporter_cannot_write_is_refused_naming_the_key(zoo, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    run = zoo["mlp"]
+    argv = ["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    assert main([*argv, "--set", "export.opset=13"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: export onnx: model 'mlp' (Sequential): export.opset: 13 asked for, but torch's ONNX exporter can write "
+        "this model in opset 18 only (0: its default)\n"
+    )
+    assert not (tmp_path / "m.onnx").exists()
+    assert main([*argv, "--set", "export.opset=19"]) == 0
+    assert [entry.version for entry in onnx.load(tmp_path / "m.onnx").opset_import if entry.domain == ""] == [19]
+
+
+def test_an_onnx_file_that_does_not_load_is_one_line_and_auto_passes_it_over(zoo, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    run = Path(shutil.copytree(zoo["linear"], tmp_path / "run"))
+    written = inference.export(run, "onnx")
+    written.path.write_bytes(b"not an onnx file")
+    record_file = written.path.with_name(written.path.name + ".json")
+    record = json.loads(record_file.read_text())
+    record["sha256"] = hashlib.sha256(written.path.read_bytes()).hexdigest()  # a record forged to match
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(engine.ConfigError, match=rf"^export '{written.path}' cannot be loaded: "):
+        inference.load_backend(run, backend="onnx")
+    backend = inference.load_backend(run, blocked=["export_aoti"])
+    assert backend.name == "eager" and f"onnx: export '{written.path}' cannot be loaded: " in backend.description
+
+
+def test_an_onnx_file_that_takes_its_weights_from_other_files_is_refused(zoo, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    run = Path(shutil.copytree(zoo["linear"], tmp_path / "run"))
+    written = inference.export(run, "onnx")
+    model = onnx.load(written.path)
+    convert_model_to_external_data(model, location="weights.bin", size_threshold=0)
+    onnx.save(model, written.path)  # (its data file lands beside it; ONNX Runtime would read what it names)
+    record_file = written.path.with_name(written.path.name + ".json")
+    record = json.loads(record_file.read_text())
+    record["sha256"] = hashlib.sha256(written.path.read_bytes()).hexdigest()
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(engine.ConfigError, match=r"takes its weights from other files \(.*\); its own are inside it"):
+        inference.load_backend(run, backend="onnx")
+
+
+@pytest.mark.slow  # an AOTInductor compile
+def test_a_received_aoti_export_is_compiled_again_not_loaded_unless_trusted(zoo, tmp_path, monkeypatch):
+    """A shared library is code: the record a run brings with it cannot vouch for it."""
+    run = Path(shutil.copytree(zoo["linear"], tmp_path / "run"))
+    written = inference.export(run, "aoti")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-machine"))
+    backend = inference.load_backend(run, backend="aoti")
+    assert "its export may run code and the run is not trusted (--trust-run)" in backend.description
+    assert (
+        inference.load_backend(run, backend="aoti").description == f"aoti (asked for; verified export {written.path})"
+    )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-third-machine"))
+    assert inference.load_backend(run, backend="aoti", trust=True).description.endswith(
+        f"verified export {written.path})"
+    )

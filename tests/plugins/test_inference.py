@@ -7,8 +7,11 @@ figures (summary.json). Runs are trained once per module; each test works in its
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -280,14 +283,14 @@ def test_a_model_torch_export_cannot_trace_is_exit_2_naming_the_model_and_the_li
     model = f"{__name__}:branchy_model"
     run = engine.run({"epochs": 2, "run_name": "branchy", "model": {"name": model}}).run_dir
     capsys.readouterr()
-    code, out, err = run_cli(capsys, "export", run, "--format", "exported")
+    code, out, err = run_cli(capsys, "export", run, "--format", "exported", "--trust-run")  # our own model
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"error: export exported: model '{model}' (Branchy): torch.export cannot trace it at ")
     assert "test_inference.py" in err and "in forward (`if x.sum() > 0:`)" in err
     assert "data-dependent expression" in err
     assert not (run / "exports" / "final-exported.pt2").exists()
-    backend = inference.load_backend(run)  # auto falls back to eager, saying why
+    backend = inference.load_backend(run, trust=True)  # auto falls back to eager, saying why
     assert backend.name == "eager" and "torch.export cannot trace it" in backend.description
 
 
@@ -328,6 +331,57 @@ def test_a_model_torch_export_cannot_trace_is_exit_2_naming_the_model_and_the_li
             ["export", "{unsaved}", "--format", "exported"],
             "error: run '{unsaved}' has no model.pt: it did not complete",
         ),
+        # Where the output goes, checked before anything is computed.
+        (
+            ["predict", "{classify}", "--data", "new.npz", "--out", "folder.csv"],
+            "error: --out 'folder.csv' is a folder",
+        ),
+        (
+            ["predict", "{classify}", "--data", "new.npz", "--out", "missing/p.csv"],
+            "error: --out 'missing/p.csv': the folder 'missing' does not exist",
+        ),
+        (
+            ["predict", "{classify}", "--data", "new.npz", "--out", "/proc/p.csv"],
+            "error: --out '/proc/p.csv': cannot write in '/proc': ",
+        ),
+        (
+            ["export", "{classify}", "--format", "exported", "--out", "folder.csv"],
+            "error: --out 'folder.csv' is a folder",
+        ),
+        (
+            ["export", "{classify}", "--format", "exported", "--out", "missing/m.pt2"],
+            "error: --out 'missing/m.pt2': the folder 'missing' does not exist",
+        ),
+        (
+            ["export", "{classify}", "--format", "exported", "--out", "/proc/m.pt2"],
+            "error: --out '/proc/m.pt2': cannot write in '/proc': ",
+        ),
+        # What predict reads.
+        (
+            ["predict", "{classify}", "--data", "new.npz", "--out", "p.csv", "--batch-size", "0"],
+            "error: --batch-size: expected 1 or more samples, got 0",
+        ),
+        (
+            ["predict", "{classify}", "--data", "new.npz", "--out", "p.csv", "--batch-size", "-3"],
+            "error: --batch-size: expected 1 or more samples, got -3",
+        ),
+        (
+            ["predict", "{classify}", "--data", "empty.npz", "--out", "p.csv"],
+            "error: --data 'empty.npz': holds no samples",
+        ),
+        (
+            ["predict", "{classify}", "--data", "holes.npz", "--out", "p.csv"],
+            "error: --data 'holes.npz': row 2 (counting from 0) holds a value that is not finite (NaN or inf), and 2 "
+            "rows in all; predict them anyway with --pass-non-finite",
+        ),
+        (
+            ["evaluate", "{classify}", "--data", "new.npz", "--which", "bogus"],
+            "error: which: expected one of 'final', 'best', 'last', got 'bogus'",
+        ),
+        (
+            ["predict", "{classify}", "--data", "new.npz"],
+            "error: python -m engine predict: the following arguments are required: --out (--help shows the usage)",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, trained, capsys):
@@ -335,13 +389,23 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, trained, capsys):
     unsaved.mkdir(parents=True)
     shutil.copy(trained["classify"] / "config.toml", unsaved / "config.toml")
     np.savez("narrow.npz", x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))
+    np.savez("new.npz", x=np.zeros((4, 8), np.float32))
+    np.savez("empty.npz", x=np.zeros((0, 8), np.float32))
+    holes = np.zeros((5, 8), np.float32)
+    holes[2, 3], holes[4, 0] = np.nan, np.inf
+    np.savez("holes.npz", x=holes)
+    Path("folder.csv").mkdir()
     Path("data.txt").write_text("1 2 3\n")
     paths = {"classify": trained["classify"], "unsaved": unsaved}
-    code, _, err = run_cli(capsys, *(arg.format(**paths) for arg in argv))
+    try:
+        code, _, err = run_cli(capsys, *(arg.format(**paths) for arg in argv))
+    except SystemExit as usage:  # argparse's, in one line too
+        code, err = usage.code, capsys.readouterr().err
     assert code == 2
     last = err.splitlines()[-1]
     assert last.startswith(message.format(**paths)), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("error")] == [last]
+    assert not Path("p.csv").exists() and not Path("missing").exists()
 
 
 def test_a_file_with_an_unknown_suffix_to_write_is_named(trained, capsys):
@@ -352,3 +416,136 @@ def test_a_file_with_an_unknown_suffix_to_write_is_named(trained, capsys):
     assert code == 2 and err.splitlines()[-1].startswith(
         "error: --out 'p.parquet': no predictions component writes .parquet files"
     )
+
+
+def test_predict_passes_inputs_that_are_not_finite_only_when_asked(trained, capsys):
+    holes = np.random.RandomState(0).randn(5, 8).astype(np.float32)
+    holes[3, 1] = np.nan
+    np.savez("holes.npz", x=holes)
+    argv = ["predict", trained["classify"], "--data", "holes.npz", "--out", "p.npz", "--backend", "eager"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "row 3 (counting from 0) holds a value that is not finite" in err
+    with pytest.raises(engine.ConfigError, match=r"^the inputs: row 3 \(counting from 0\)"):
+        inference.predict(trained["classify"], holes, backend="eager")
+    code, _, err = run_cli(capsys, *argv, "--pass-non-finite")
+    assert code == 0, err
+    probability = np.load("p.npz")["probability"]
+    assert np.isnan(probability[3]).all() and np.isfinite(probability[[0, 1, 2, 4]]).all()
+
+
+# --- a run directory is data ----------------------------------------------------------------------
+
+
+def test_a_run_whose_model_is_code_is_served_only_when_trusted(tmp_path, capsys):
+    run = engine.run({"epochs": 2, "run_name": "user", "model": {"name": "tests.helpers:scaled_model"}}).run_dir
+    np.savez("new.npz", x=np.zeros((3, 1), np.float32))
+    capsys.readouterr()
+    for command in (["predict", run, "--data", "new.npz", "--out", "p.npz"], ["export", run, "--format", "exported"]):
+        code, out, err = run_cli(capsys, *command)
+        assert code == 2 and out == ""
+        assert err == (
+            f"error: run '{run}' names code that opening it would import: model.name = 'tests.helpers:scaled_model'; "
+            "a run directory is data: pass --trust-run (trust=True) if you trust it, or give its plugins with "
+            "--plugin\n"
+        )
+    assert not Path("p.npz").exists() and not (run / "exports").exists()
+    assert run_cli(capsys, "predict", run, "--data", "new.npz", "--out", "p.npz", "--trust-run")[0] == 0
+
+
+def test_an_export_is_used_only_under_the_content_hash_its_record_holds(trained, tmp_path):
+    run = Path(shutil.copytree(trained["default"], tmp_path / "run"))
+    written = inference.export(run, "exported")
+    record = read_json(written.path.with_name(written.path.name + ".json"))
+    assert record["sha256"] == hashlib.sha256(written.path.read_bytes()).hexdigest() == written.sha256
+    assert (
+        inference.load_backend(run, backend="exported").description
+        == f"exported (asked for; verified export {written.path})"
+    )
+    # Another run's export put in its place, the record untouched: not the file that was checked.
+    other = engine.run({"epochs": 5, "run_name": "other", "optimizer": {"lr": 0.5}}).run_dir
+    shutil.copy(inference.export(other, "exported").path, written.path)
+    backend = inference.load_backend(run, backend="exported")
+    assert backend.description.startswith(
+        f"exported (asked for; export '{written.path}' is not the file its record verified (its content hash "
+        "differs); exported written to"
+    )
+    x = torch.randn(4, 1)
+    torch.testing.assert_close(backend(x), engine.load(run)(x))  # this run's model, exported again
+
+
+def test_an_export_that_may_run_code_is_loaded_only_when_trusted_or_verified_on_this_machine(
+    trained, tmp_path, monkeypatch
+):
+    run = Path(shutil.copytree(trained["default"], tmp_path / "run"))
+    written = inference.export(run, "exported")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-machine"))  # a run received from elsewhere
+    backend = inference.load_backend(run, backend="exported")
+    assert "its export may run code and the run is not trusted (--trust-run) nor the file verified here" in (
+        backend.description
+    )
+    trusted = inference.load_backend(run, backend="exported", trust=True)
+    assert trusted.description == f"exported (asked for; verified export {written.path})"
+
+
+class Payload:
+    """What a forged file runs if it is unpickled: a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
+
+
+def forged_program(source: Path, target: Path, marker: Path) -> None:
+    """`source` (a torch.export archive) with its first weight replaced by a pickle that runs
+    `Payload`, which torch.export.load unpickles with weights_only=False as the archive says."""
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config_name = next(name for name in members if name.endswith("_weights_config.json"))
+    config = json.loads(members[config_name])
+    entry = next(iter(config["config"].values()))
+    entry["use_pickle"] = True
+    members[config_name] = json.dumps(config).encode()
+    buffer = io.BytesIO()
+    torch.save({"weight": Payload(marker)}, buffer)
+    members[f"{config_name.rsplit('/', 1)[0]}/{entry['path_name']}"] = buffer.getvalue()
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def test_a_forged_program_under_a_forged_record_does_not_run_even_from_a_trusted_run(trained, tmp_path, capsys):
+    run = Path(shutil.copytree(trained["default"], tmp_path / "run"))
+    written = inference.export(run, "exported")
+    marker = tmp_path / "ran.txt"
+    forged_program(written.path, written.path, marker)
+    record_file = written.path.with_name(written.path.name + ".json")
+    record = read_json(record_file)
+    record["sha256"] = hashlib.sha256(written.path.read_bytes()).hexdigest()  # the forger rewrote it too
+    record_file.write_text(json.dumps(record))
+    np.savez("new.npz", x=np.zeros((3, 1), np.float32))
+    argv = ["predict", run, "--data", "new.npz", "--out", "p.npz", "--backend", "exported", "--trust-run"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.startswith(f"error: export '{written.path}' cannot be loaded: UnpicklingError: Weights")
+    assert err.count("\n") == 1
+    assert not marker.exists()  # torch.load was held to weights_only
+    with zipfile.ZipFile(written.path, "a") as archive:
+        archive.writestr("exported/data/constants/opaque_obj_0", b"anything")  # plain pickle in torch.export.load
+    record["sha256"] = hashlib.sha256(written.path.read_bytes()).hexdigest()
+    record_file.write_text(json.dumps(record))
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.endswith(
+        "holds pickled objects (exported/data/constants/opaque_obj_0), which loading would run\n"
+    )
+
+
+def test_a_file_evaluate_cannot_read_is_refused_before_a_backend_exports_into_the_run(trained, tmp_path, capsys):
+    """auto exports the model into the run to serve it: not for a file that cannot be evaluated."""
+    run = Path(shutil.copytree(trained["classify"], tmp_path / "run"))
+    for made in ("exports", "evaluations"):  # by other tests of the shared run
+        shutil.rmtree(run / made, ignore_errors=True)
+    np.savez("unlabelled.npz", x=np.zeros((4, 8), np.float32))
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", "unlabelled.npz")
+    assert code == 2 and out == "" and err.startswith("error: data.path: file ") and err.count("\n") == 1
+    assert not (run / "exports").exists() and not (run / "evaluations").exists()

@@ -4,11 +4,13 @@ leaves whole, and `python -m engine runs`, the table of a folder of runs."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from engine_plugins.metrics_file.table import METRICS, alive, runs_table
+import pytest
+from engine_plugins.metrics_file.table import METRICS, runs_table
 
 import engine
 from engine.cli import main
@@ -153,9 +155,41 @@ def test_runs_names_a_missing_directory(capsys):
     assert capsys.readouterr().err == "error: runs_dir: 'nowhere' is not a directory\n"
 
 
-def test_a_run_on_another_host_is_not_called_crashed():
-    assert alive(2**22 + 12345, "elsewhere") is None
-    assert alive(2**22 + 12345, __import__("socket").gethostname()) is False
+def status(name: str) -> str:
+    rows = {line.split()[0]: line.split()[1] for line in runs_table("runs").splitlines()[1:]}
+    return rows[name]
+
+
+# Holds a run's lock as the engine does (engine.runs.Lock), without importing torch.
+HOLDER = """
+import fcntl, os, socket, sys, time
+descriptor = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+os.ftruncate(descriptor, 0)
+os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_is_running_while_a_process_holds_its_lock_and_crashed_once_that_process_died():
+    engine.run(job(epochs=2, run_name="held"))
+    run_dir = Path("runs/held")
+    assert status("held") == "completed"
+    summary = run_dir / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "running"}))  # as SIGKILL leaves it
+    assert status("held") == "crashed"  # whatever its pid: no process holds the lock
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert status("held") == "running"
+        host = socket.gethostname()
+        with pytest.raises(engine.ConfigError, match=rf"^run 'held' is in use by pid {holder.pid} on {host} "):
+            engine.run(resume=run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status("held") == "crashed"  # the kernel released the lock of the killed process
 
 
 def test_the_table_reads_summary_json_alone_when_the_run_wrote_no_metrics_file():
@@ -163,3 +197,15 @@ def test_the_table_reads_summary_json_alone_when_the_run_wrote_no_metrics_file()
     assert not (result.run_dir / METRICS).exists()
     [_, row] = runs_table("runs").splitlines()
     assert row.split()[:4] == ["plain", "completed", "3", f"{result.metrics['loss']:.4g}"]
+
+
+def test_a_metrics_file_that_is_a_link_out_of_the_run_is_never_written_through(tmp_path):
+    """A resume cuts metrics.jsonl back to its checkpoint: through a link it would cut another file."""
+    result = engine.run(job(epochs=3, log={"every": 1}, checkpoint={"every_steps": 1}))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a line that must stay\n" * 50)
+    (result.run_dir / METRICS).unlink()
+    (result.run_dir / METRICS).symlink_to(victim)
+    with pytest.raises(engine.TrainingError, match=r"failed in hook on_run_start: .*metrics.jsonl' is a link: a run's"):
+        engine.run(resume=result.run_dir, overrides=["epochs=4"])
+    assert victim.read_text() == "a line that must stay\n" * 50

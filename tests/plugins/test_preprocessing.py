@@ -16,7 +16,7 @@ from engine_plugins.datasets import looks_like_classes
 
 import engine
 from engine.cli import main
-from tests.helpers import job, read_json
+from tests.helpers import Pairs, job, read_json
 
 # Features on very different scales (as in breast_cancer: areas in the thousands, ratios below 1).
 SCALES = np.array([1000.0, 1.0, 0.01, 50.0], dtype=np.float32)
@@ -218,7 +218,7 @@ def test_the_binary_threshold_decides_accuracy_metrics_confusion_and_predictions
     ("file", "data", "loss", "message"),
     [
         (scaled_classes, {"task": "binary"}, "bce_with_logits", "data.task = 'binary': the training targets hold 2"),
-        (binary_file, {}, "bce_with_logits", 'For 0/1 labels: data.task = "binary"'),
+        (scaled_classes, {}, "bce_with_logits", 'For 0/1 labels: data.task = "binary"'),
         (binary_file, {"task": "binary"}, "cross_entropy", 'data.task = "binary" gives 0/1 labels with one output'),
         (scaled_classes, {"val_fraction": 0.6, "test_fraction": 0.4}, "cross_entropy", "of 240 samples leave none"),
     ],
@@ -310,3 +310,41 @@ def test_evaluate_of_a_csv_classification_run_on_a_few_rows(tmp_path, capsys):
     assert result.config["inferred"]["task"] == "classification"
     code = main(["evaluate", str(result.run_dir), "--data", str(tmp_path / "few.csv"), "--backend", "eager"])
     assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "bool"])
+def test_zero_one_targets_of_any_dtype_with_bce_with_logits_are_binary_under_auto(tmp_path, dtype):
+    path = binary_file(tmp_path / "binary.npz")
+    y = np.load(path)["y"]
+    np.savez(path, x=np.load(path)["x"], y=y.astype(dtype))
+    data = {"name": "npz", "path": str(path), "val_fraction": 0.25, "batch_size": 50}
+    trainer = engine.setup(job(epochs=2, data=data, loss={"name": "bce_with_logits"}))
+    assert trainer.info.task == "binary" and trainer.info.n_outputs == 1
+    assert trainer.loaders.y.dtype == torch.float32  # what bce_with_logits takes, whatever the file held
+    result = trainer.fit()
+    assert {"val_accuracy", "val_f1", "val_auroc"} <= result.metrics.keys() and "val_r2" not in result.metrics
+
+
+def test_soft_labels_and_other_losses_keep_their_task_under_auto(tmp_path):
+    path = binary_file(tmp_path / "binary.npz")
+    x, y = np.load(path)["x"], np.load(path)["y"]
+    np.savez(path, x=x, y=np.where(y == 1, 0.9, 0.1).astype(np.float32))  # probabilities, not labels
+    soft = engine.setup(job(data={"name": "npz", "path": str(path)}, loss={"name": "bce_with_logits"}))
+    assert soft.info.task == "regression"
+    np.savez(path, x=x, y=y.astype(np.float32))
+    assert engine.setup(job(data={"name": "npz", "path": str(path)})).info.task == "regression"  # mse: values
+
+
+def zero_one_dataset(seed: int, soft: bool = False) -> Pairs:
+    """A Dataset of float labels 0 and 1 (or, `soft`, probabilities near them)."""
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(seed))
+    y = (x[:, 0] > 0).float()
+    return Pairs(x, y * 0.8 + 0.1 if soft else y)
+
+
+def test_a_datasets_zero_one_float_targets_with_bce_with_logits_are_binary_unless_they_are_soft():
+    data = {"name": f"{__name__}:zero_one_dataset", "batch_size": 20}
+    trainer = engine.setup(job(data=data, loss={"name": "bce_with_logits"}))
+    assert trainer.info.task == "binary" and trainer.info.n_outputs == 1
+    soft = engine.setup(job(data={**data, "soft": True}, loss={"name": "bce_with_logits"}))
+    assert soft.info.task == "regression"  # its first sample is no 0 or 1 either; read all the same

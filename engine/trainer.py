@@ -179,15 +179,16 @@ class Trainer:
                     hook(loss=loss, terms=terms, window=window)
                 if state.step == self.due and state.batch != self.batches_per_epoch and self.end_interval():
                     break  # the run ends within the epoch
-                # At the end of a window (within one the gradients are half summed), where the
-                # processes agree to stop (engine.Distributed.stops).
-                if self.interrupted and window.last and self.distributed.stops(state.step):
-                    raise Interrupted(self.interrupted)
+                self.stop_if_asked(window.last)
             else:
                 self.end_epoch()
-                # A signal during validation: the epoch's end is a window's.
-                if self.interrupted and self.distributed.stops(state.step):
-                    raise Interrupted(self.interrupted)
+                self.stop_if_asked(True)  # a signal during validation: the epoch's end is a window's
+
+    def stop_if_asked(self, window_ended: bool) -> None:
+        """After SIGINT or SIGTERM, `Interrupted` at the end of a window (within one the gradients
+        are half summed), where the processes agree to stop (engine.Distributed.stops)."""
+        if self.interrupted and window_ended and self.distributed.stops(self.state.step):
+            raise Interrupted(self.interrupted)
 
     def end_epoch(self) -> None:
         """Validation and the logging point when due, the epoch scheduler, then on to the next epoch."""

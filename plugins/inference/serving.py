@@ -67,7 +67,7 @@ def predict(
     `load_backend`); inputs that are not finite are refused unless `pass_non_finite`."""
     loaded = load_backend(run_dir, which, backend, plugins=plugins, trust=trust)
     if not pass_non_finite:
-        finite_inputs(inputs(x, loaded.info.n_features)[0], "the inputs")
+        finite_inputs(inputs(x, loaded.info)[0], "the inputs")
     return predictions(loaded, x, batch_size)
 
 

@@ -127,7 +127,7 @@ def test_a_dataset_with_classes_reports_their_count(monkeypatch):
 def test_integer_targets_of_several_values_per_sample_are_a_sequence_task_with_token_ids_kept():
     tokens = job(data={"name": "tests.helpers:next_tokens"}, model={"name": "tests.helpers:token_model"})
     trainer = engine.setup({**tokens, "loss": {"name": "cross_entropy"}})
-    assert trainer.info == engine.DataInfo(6, 5, "sequence", 64)
+    assert trainer.info == engine.DataInfo(6, 5, "sequence", 64, input_shape=(6,))
     batch = trainer.loaders.sample()
     assert batch.x.dtype == torch.long and batch.y.shape == batch.x.shape  # ids, not features
     with pytest.raises(engine.ConfigError, match=r"^loss.name: 'mse' compares outputs with values, but the targets"):

@@ -38,11 +38,15 @@ def test_off_cuda_cudagraph_is_no_candidate_of_auto():
 
 
 def test_several_processes_are_refused_naming_why():
-    trainer = SimpleNamespace(device=torch.device("cuda"), world_size=2)
-    assert Graphed(trainer, 3).unavailable() == (
+    def trainer(world_size: int, sharded: bool = False) -> SimpleNamespace:
+        processes = SimpleNamespace(sharded=sharded)
+        return SimpleNamespace(device=torch.device("cuda"), world_size=world_size, distributed=processes)
+
+    assert Graphed(trainer(2), 3).unavailable() == (
         "it runs in a single process, not 2: DDP's gradient all-reduce is not captured; use 'compile' or 'eager'"
     )
-    assert Graphed(SimpleNamespace(device=torch.device("cuda"), world_size=1), 3).unavailable() is None
+    assert Graphed(trainer(2, sharded=True), 3).unavailable().startswith("FSDP2's all-gathers and reduce-scatters")
+    assert Graphed(trainer(1), 3).unavailable() is None
 
 
 def test_a_setting_a_scheduler_changes_after_capture_is_named():

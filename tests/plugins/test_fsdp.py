@@ -101,11 +101,15 @@ def test_a_sharded_run_resumes_exactly_and_its_strategy_cannot_change_on_resume(
     summary = read_json(resumed.run_dir / "summary.json")
     assert summary["resumed_from"] == "checkpoints/step-000000010.dcp"
     assert [line["step"] for line in read_jsonl(resumed.run_dir / "metrics.jsonl")] == [4, 8, 12, 16, 20, 24]
-    # A sharded checkpoint needs a sharded run, and a whole model's checkpoint a whole-model run.
-    with pytest.raises(engine.ConfigError, match=r"holds a sharded model \(distributed.strategy 'fsdp'\)"):
+    # The strategy is part of the run's course: a resume that changes it is refused, naming it; and
+    # allowed to, a sharded checkpoint still needs a sharded run, a whole model's a whole-model run.
+    with pytest.raises(engine.ConfigError, match=r"distributed.strategy 'fsdp' -> 'ddp'; a resume continues"):
         engine.setup(resume="runs/resumed", overrides=["distributed.strategy=ddp"])
+    allowed = ["distributed.strategy"]
+    with pytest.raises(engine.ConfigError, match=r"holds a sharded model \(distributed.strategy 'fsdp'\)"):
+        engine.setup(resume="runs/resumed", overrides=["distributed.strategy=ddp"], allow_changes=allowed)
     with pytest.raises(engine.ConfigError, match="holds the whole model of a run whose model was not sharded"):
-        engine.setup(resume=expected.run_dir, overrides=["distributed.strategy=fsdp"])
+        engine.setup(resume=expected.run_dir, overrides=["distributed.strategy=fsdp"], allow_changes=allowed)
     assert not torch.distributed.is_initialized()
 
 

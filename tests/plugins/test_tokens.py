@@ -225,7 +225,7 @@ def test_a_random_window_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, b
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_dir = tmp_path / "runs" / "killed"
     assert sorted(path.name for path in (run_dir / "checkpoints").glob("step-*"))[-1] == "step-000000005.pt"
-    resumed = engine.run(resume=run_dir)
+    resumed = engine.run(resume=run_dir, trust=True)  # its job names killer.py
     for name, weight in whole.model.state_dict().items():
         assert torch.equal(weight, resumed.model.state_dict()[name]), name
 

@@ -21,8 +21,8 @@ from .errors import ConfigError, one_line
 from .hookspecs import CHAINED_TYPES
 from .saved import read_checkpoint
 from .step import build_step
-from .steps import clock_of, run_length
-from .types import DataInfo, InputTransform, Loaders, Precision, Scheduled, State, Window, WithInputTransform
+from .steps import Window, clock_of, run_length
+from .types import DataInfo, InputTransform, Loaders, Precision, Scheduled, State, WithInputTransform
 
 
 def build_chain(trainer: Any, checkpoint: Path | None) -> None:

@@ -19,10 +19,11 @@ import pluggy
 
 from .checks import setup_error
 from .components import CORE_KINDS
-from .config import Reference, dump_toml, merged_job, references
+from .config import Reference, merged_job, references
 from .errors import ConfigError, EngineError, Interrupted, one_line, suggest
 from .hookspecs import SETUP_CHAIN
 from .plugins import OWN_DISTRIBUTION, Plugins, make_plugins
+from .schema import dump_toml
 from .start import setup
 
 Handler = Callable[[argparse.Namespace], int]

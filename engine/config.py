@@ -7,7 +7,6 @@ key, with the name probably meant.
 
 from __future__ import annotations
 
-import math
 import tomllib
 import typing
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,7 +18,7 @@ from .components import CORE_KINDS, OPTIONAL_KINDS, UNCONFIGURED_KINDS
 from .errors import ConfigError, suggest
 from .plugins import Plugins, dotted, is_plugin_file, make_plugins, plugin_target
 from .runs import valid_run_name
-from .schema import MISSING, Changeable, Range, Setting, convert, is_path, settings_of, toml_key
+from .schema import MISSING, Changeable, Range, Setting, convert, is_path, settings_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,59 +406,3 @@ def recorded(plugin: str, base: Path | None = None) -> str:
     target, attribute = plugin_target(plugin)
     path = str(((base or Path.cwd()) / Path(target).expanduser()).absolute())
     return f"{path}:{attribute}" if attribute else path
-
-
-def dump_toml(config: Mapping[str, Any]) -> str:
-    """The config as TOML; a key whose value is None (unset: inferred at run time) is a comment."""
-    lines = []
-    tables = []
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            tables.append((key, value))
-        else:
-            lines.append(_toml_line(key, value))
-    for name, table in tables:
-        lines.append(f"\n[{name}]")
-        lines.extend(_toml_line(key, value) for key, value in table.items())
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _toml_string(value: str) -> str:
-    """A TOML basic string: printable ASCII as it is, quotes and backslashes escaped, every other
-    character as its code point (a vocabulary holds control characters, and may hold emoji)."""
-    characters = []
-    for character in value:
-        code = ord(character)
-        if character in '"\\':
-            characters.append("\\" + character)
-        elif 0x20 <= code < 0x7F:
-            characters.append(character)
-        else:
-            characters.append(f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}")
-    return '"' + "".join(characters) + '"'
-
-
-def _toml_line(key: str, value: Any) -> str:
-    if value is None:
-        return f"# {key} = (not set)"
-    return f"{key} = {_toml_value(value)}"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, Mapping):  # a table inside a section: inline
-        return "{" + ", ".join(f"{toml_key(key)} = {_toml_value(item)}" for key, item in value.items()) + "}"
-    raise ConfigError(f"value {value!r} cannot be written as TOML")

@@ -78,7 +78,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 import torch
 
-from .types import Batch, Loaders, State, Step, TrainerView, Window
+from .steps import Window
+from .types import Batch, Loaders, State, Step, TrainerView
 
 if TYPE_CHECKING:
     from .cli import Commands

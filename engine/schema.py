@@ -7,6 +7,7 @@ are the schema, as LightningCLI reads them: ``bool``, ``int``, ``float``, ``str`
 ``{ a = 1 }``; each value a T), ``Literal["a", "b"]``, ``T | None`` and
 ``Annotated[float, Range(gt=0)]``. A parameter without an annotation takes the type of its
 default. A value that does not fit is a ConfigError naming the key, with the name probably meant.
+Values go back to TOML through `dump_toml` (a run's config.toml).
 """
 
 from __future__ import annotations
@@ -218,3 +219,59 @@ def _shown(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def dump_toml(config: Mapping[str, Any]) -> str:
+    """The config as TOML; a key whose value is None (unset: inferred at run time) is a comment."""
+    lines = []
+    tables = []
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+        else:
+            lines.append(_toml_line(key, value))
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(_toml_line(key, value) for key, value in table.items())
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string: printable ASCII as it is, quotes and backslashes escaped, every other
+    character as its code point (a vocabulary holds control characters, and may hold emoji)."""
+    characters = []
+    for character in value:
+        code = ord(character)
+        if character in '"\\':
+            characters.append("\\" + character)
+        elif 0x20 <= code < 0x7F:
+            characters.append(character)
+        else:
+            characters.append(f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}")
+    return '"' + "".join(characters) + '"'
+
+
+def _toml_line(key: str, value: Any) -> str:
+    if value is None:
+        return f"# {key} = (not set)"
+    return f"{key} = {_toml_value(value)}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):  # a table inside a section: inline
+        return "{" + ", ".join(f"{toml_key(key)} = {_toml_value(item)}" for key, item in value.items()) + "}"
+    raise ConfigError(f"value {value!r} cannot be written as TOML")

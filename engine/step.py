@@ -13,7 +13,8 @@ import torch
 
 from .calling import plain
 from .errors import TrainingError
-from .types import Batch, Step, TrainerView, Window
+from .steps import Window
+from .types import Batch, Step, TrainerView
 
 Forward = Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor] | None]]
 

@@ -22,9 +22,10 @@ from . import resuming, runs
 from .chain import build_chain, chain, resolve_device
 from .checks import check_finite, check_finite_row, check_sample, explain, in_eval_mode, setup_error, whole_set_metrics
 from .components import build_component
-from .config import Config, dump_toml
+from .config import Config
 from .errors import ConfigError, Interrupted, TrainingError, one_line
 from .plugins import Plugins
+from .schema import dump_toml
 from .step import batch_metrics, loss_terms, total
 from .steps import INFINITE
 from .types import Batch, Distributed, OneProcess, State

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import TrainingError
+from .steps import RunLength, Window
 
 
 class Batch(NamedTuple):
@@ -25,34 +26,6 @@ class Batch(NamedTuple):
 
     x: Any
     y: Any
-
-
-class Window(NamedTuple):
-    """Where a batch sits in its gradient-accumulation window, as the train step receives it.
-
-    ``first``: the step zeroes the gradients before backward; ``last``: it runs the optimizer step;
-    ``scale``: the loss is multiplied by it before backward (1 / the window's size, times this
-    process's share of the batch). Hashable, so compiled and captured steps key their graphs on it.
-    """
-
-    first: bool
-    last: bool
-    scale: float
-
-
-def windows(shares: Sequence[float], accumulation: int) -> tuple[Window, ...]:
-    """The window of each batch position of an epoch: the one rule for gradient accumulation.
-
-    `shares` is this process's share of each batch of the epoch (`Loaders.shares`: 1.0 in a single
-    process). Windows hold `accumulation` batches and never span two epochs, so the last one of an
-    epoch may be shorter (and its loss scale larger). The scale is multiplied by the share, so that
-    the mean of the processes' gradients (DDP's) is the gradient of the whole batch.
-    """
-    batches, result = len(shares), []
-    for start in range(0, batches, accumulation):
-        size = min(accumulation, batches - start)
-        result += [Window(i == 0, i == size - 1, shares[start + i] / size) for i in range(size)]
-    return tuple(result)
 
 
 @dataclass(slots=True, frozen=True)
@@ -224,16 +197,6 @@ class OneProcess:
 
     def close(self) -> None:
         pass
-
-
-class RunLength(NamedTuple):
-    """How long the run is (engine/steps.py): what a scheduler factory receives as ``length``, and
-    `TrainerView.length`. Optimizer steps are accumulation windows; train steps are batches."""
-
-    epochs: int | None  # the whole epochs the run trains; None when max_steps ends it within one, or endless data
-    steps_per_epoch: int | None  # optimizer steps per epoch; None: endless data
-    total_steps: int  # optimizer steps of the whole run (what a schedule spans)
-    batches: int  # train steps (batches) of the whole run: what `State.step` reaches
 
 
 class Scheduled(NamedTuple):

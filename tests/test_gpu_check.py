@@ -69,6 +69,7 @@ def test_steps_past_the_deadline_are_skipped_and_fail_the_check(tmp_path):
     assert statuses == ran + ["skipped (out of time)"] * (len(statuses) - len(ran))
 
 
+@pytest.mark.slow
 def test_a_missing_dependency_stops_the_check_in_one_line_naming_it(tmp_path):
     shadow = tmp_path / "shadow" / "tqdm"
     shadow.mkdir(parents=True)

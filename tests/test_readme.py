@@ -44,6 +44,7 @@ def block_after(heading_text: str, language: str) -> str:
     raise AssertionError(f"no ```{language} block after {heading_text!r}")
 
 
+@pytest.mark.slow
 def test_the_custom_loss_example_runs_verbatim(tmp_path):
     (tmp_path / "my_losses.py").write_text(example("my_losses.py", "python"))
     command = example("run-my-loss", "bash").strip()

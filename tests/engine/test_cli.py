@@ -57,6 +57,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 # --- run -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_python_m_engine_run_trains_the_tutorial(tmp_path):
     """The real command, as a new user types it; in a folder of theirs named `plugins`, which the
     built-ins (installed as `engine_plugins`) do not import."""
@@ -353,6 +354,7 @@ def test_usage_errors_exit_2(capsys):
     assert raised.value.code == 2
 
 
+@pytest.mark.slow
 def test_a_config_error_exits_2_from_the_real_command(tmp_path):
     done = engine_command("run", "--set", "epochs=0", cwd=tmp_path)
     assert done.returncode == 2

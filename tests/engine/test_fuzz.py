@@ -280,6 +280,7 @@ def flags(chosen: list[list[str]]) -> list[str]:
 # --- the properties, per kind of input ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @fuzz(30)
 @given(pairs=st.lists(settings_pairs(), max_size=4), command=COMMANDS, chosen=FLAGS)
 def test_set_values(pairs, command, chosen):
@@ -288,6 +289,7 @@ def test_set_values(pairs, command, chosen):
         assert_well_behaved([*command[:1], *overrides, *command[1:], *flags(chosen)], directory)
 
 
+@pytest.mark.slow
 @fuzz(20)
 @given(
     pairs=st.lists(settings_pairs(), max_size=6), command=COMMANDS, mangle=st.integers(0, 4), text=st.text(max_size=20)
@@ -338,6 +340,7 @@ def array(dtype: str, shape: list[int], fill: float) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 @fuzz(15)
 @given(
     x=ARRAYS,
@@ -391,6 +394,7 @@ def test_image_files(x, y, fill, reader, shape, model, augment, standardize, com
         assert_well_behaved([command[0], *overrides, *command[1:]], directory)
 
 
+@pytest.mark.slow
 @fuzz(15)
 @given(
     data=st.binary(max_size=300),
@@ -443,6 +447,7 @@ def csv_texts(draw: st.DrawFn) -> str:
     return draw(st.sampled_from(["", "\ufeff"])) + text
 
 
+@pytest.mark.slow
 @fuzz(15)
 @given(
     text=csv_texts(),
@@ -529,6 +534,7 @@ def plugin_sources(draw: st.DrawFn) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.slow
 @fuzz(25)
 @given(
     source=plugin_sources(),
@@ -618,6 +624,7 @@ def model(info):
 """
 
 
+@pytest.mark.slow
 @fuzz(15)
 @given(
     data=st.sampled_from([None, *FACTORY_RETURNS["data"]]),

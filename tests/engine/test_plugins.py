@@ -478,6 +478,7 @@ def test_plugins_talk_only_through_hooks_and_documented_attributes():
                     )
 
 
+@pytest.mark.slow
 def test_a_blocked_plugin_is_not_imported_unless_a_job_sets_its_settings_which_stay_valid():
     import subprocess
     import sys

@@ -165,6 +165,7 @@ def first_checkpoint(job: dict[str, Any]) -> int:
     return step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     [
@@ -209,6 +210,7 @@ def test_a_run_killed_at_a_random_step_resumes_exactly(case, tmp_path, request, 
         assert_same_run(tmp_path / "runs" / "whole", run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), pytest.param("SIGINT", 130, marks=pytest.mark.slow)])
 def test_a_signal_ends_the_window_writes_a_checkpoint_and_an_interrupted_summary(name, code, tmp_path, monkeypatch):
     (tmp_path / "killer.py").write_text(KILLER)

@@ -313,6 +313,7 @@ def test_version_and_quiet(capsys):
     assert Path("runs/silent/model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly_and_the_console_script_works(tmp_path):
     script = shutil.which("engine", path=str(Path(sys.executable).parent))
     assert script is not None, "the engine console script is installed beside python"

@@ -541,7 +541,7 @@ def stub(
         log=lambda: calls.append(("log",)),
         epoch_scheduler=lambda: calls.append(("epoch_scheduler",)),
     )
-    for method in ("end_epoch", "end_interval", "measure", "plan"):
+    for method in ("end_epoch", "end_interval", "measure", "plan", "stop_if_asked"):
         setattr(trainer, method, functools.partial(getattr(engine.Trainer, method), trainer))
     trainer.plan()
     return trainer, calls

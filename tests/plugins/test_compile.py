@@ -37,6 +37,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compile_matches_eager_on_the_tutorial_job_without_unexpected_graph_breaks(capsys):
     eager, _ = train(TUTORIAL)
     compiled, _ = train(TUTORIAL, accelerate=COMPILE)
@@ -56,6 +57,7 @@ def test_a_for_loop_optimizer_compiles_without_the_fused_kernels_breaks(capsys):
     assert report == ["compile: 3 graphs, 3 graph breaks (backward 1, torch.optim step boundary 2)"]
 
 
+@pytest.mark.slow
 def test_compile_matches_eager_with_a_user_loss_a_regularizer_accumulation_and_a_short_batch(capsys):
     eager, eager_result = train(SMALL, PenalizedCrossEntropy(), L2())
     compiled, result = train(SMALL, PenalizedCrossEntropy(), L2(), accelerate=COMPILE)

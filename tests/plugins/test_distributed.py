@@ -316,6 +316,7 @@ def one_process(job: dict[str, Any], **options: Any) -> engine.Result:
     return engine.run({**job, "run_name": "one"}, **options)
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(pair):
     expected = one_process(PAIR)
     for rank in pair:

@@ -185,6 +185,7 @@ def after_step(state):
 """
 
 
+@pytest.mark.slow
 def test_a_run_killed_at_a_random_step_resumes_to_the_same_average_bit_for_bit(tmp_path, monkeypatch):
     job = {**JOB, "epochs": 6, "plugins": ["killer.py"], "checkpoint": {"every_steps": 2}}
     (tmp_path / "killer.py").write_text(KILLER)

@@ -87,6 +87,7 @@ def test_exported_agrees_with_eager_on_the_zoo(zoo, job):
 RICHEST = ("mlp-layer-norm-dropout", "standardized", "cnn")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", [job if job in RICHEST else pytest.param(job, marks=pytest.mark.slow) for job in ZOO])
 def test_onnx_agrees_with_eager_on_the_zoo(zoo, job):
     onnxruntime = pytest.importorskip("onnxruntime")

@@ -279,6 +279,7 @@ def memory_rows(printed: str) -> list[float]:
     return [float(share) for share in re.findall(r"rank \d: .* = .*, ([\d.]+) of the whole", printed)]
 
 
+@pytest.mark.slow
 def test_two_processes_sharding_the_model_reach_the_weights_of_one(pair):
     assert "error" not in pair[0], pair[0]
     expected = engine.run({**whole(PAIR), "run_name": "one"})

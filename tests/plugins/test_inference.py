@@ -194,6 +194,7 @@ def test_predict_on_auto_uses_the_fastest_verified_export_and_agrees_with_eager(
     np.testing.assert_allclose(np.load("p.npz")["probability"], expected["probability"].numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_an_export_of_other_weights_is_not_reused():
     pytest.importorskip("onnxruntime")
     run = engine.run({"epochs": 20, "run_name": "retrained"}).run_dir

@@ -71,6 +71,7 @@ def test_exports_are_checked_on_token_ids_of_the_runs_own_data(trained):
     assert "".join(vocabulary[i] for i in inputs[0].tolist()) == TEXT[:16]  # its first window
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_predict_and_evaluate_put_the_vocabulary_on_the_last_axis_on_every_backend(trained, tmp_path, capsys, backend):
     run, ids = trained["run"], trained["ids"]

@@ -50,6 +50,7 @@ def test_an_enabled_logger_without_its_package_is_refused_before_the_run(monkeyp
     assert not (tmp_path / "runs").exists()  # refused before the run directory
 
 
+@pytest.mark.slow
 def test_an_mlflow_run_holds_the_params_metrics_artifacts_and_status(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient

@@ -67,6 +67,7 @@ def test_metrics_lines_are_flushed_as_they_are_logged():
     assert peek.seen == [1, 2, 3]  # the epoch's logging point comes before on_epoch_end
 
 
+@pytest.mark.slow
 def test_a_metrics_write_that_fails_is_cut_back_to_whole_lines_and_the_summary_says_so(tmp_path):
     """A full disk, as `ulimit -f` makes one: metrics.jsonl may not grow past 2 kB."""
     import resource

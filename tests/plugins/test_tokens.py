@@ -203,6 +203,7 @@ def after_step(state):
 """
 
 
+@pytest.mark.slow
 def test_a_random_window_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, bin_file, monkeypatch):
     (tmp_path / "killer.py").write_text(KILLER)
     run = {

@@ -99,9 +99,12 @@ def continued(
         return None, None
     else:
         explicit = True
-    runs.check_not_held(run_dir)  # the truest reason first: its checkpoints may be still to come
     checkpoint = last_checkpoint(plugins, run_dir)
     if checkpoint is None and explicit:
+        # The truest reason first: a process training the run may not have written one yet. (Where
+        # there is one, rank 0's lock refuses a run in use; here the other ranks of a run whose
+        # rank 0 took it already would find it held.)
+        runs.check_not_held(run_dir)
         raise ConfigError(f"--resume: run '{run_dir}' has no checkpoint to continue from{why_not(run_dir)}")
     return run_dir, checkpoint
 

@@ -82,7 +82,9 @@ class Settings:
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     keep_best: Annotated[int, engine.Range(ge=0)] = 1  # 0: no best tracking
-    async_save: bool = True  # written by a background thread (a sharded one: dcp.async_save)
+    async_save: Annotated[bool, engine.Changeable()] = (
+        True  # written by a background thread (a sharded one: dcp.async_save)
+    )
 
 
 class Checkpoints:

@@ -36,17 +36,29 @@ MINIMIZED = frozenset({"loss", "mae", "rmse", "mse"})
 
 @dataclass(frozen=True)
 class Settings:
-    trials: Annotated[int, engine.Range(ge=1)] = 20  # in all, across reruns of the command
-    metric: str = "val_loss"  # a validation metric of the job
-    direction: Literal["auto", "minimize", "maximize"] = "auto"  # auto: from the metric's name
-    sampler: Literal["tpe", "random", "grid"] = "tpe"  # seeded by the job's seed
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    startup_trials: Annotated[int, engine.Range(ge=0)] = 5  # median: trials that end before one is pruned
-    warmup_epochs: Annotated[int, engine.Range(ge=0)] = 0  # epochs a trial trains before it can be pruned
-    parallel: Annotated[int, engine.Range(ge=1)] = 1  # trials at once, each in its own process
-    threads: Annotated[int, engine.Range(ge=0)] = 0  # torch threads per trial; 0: the cores / parallel
-    name: str = ""  # the sweep's folder in runs_dir; "": the job file's name
-    space: dict[str, dict[str, Any]] | None = None  # setting -> dimension (engine_plugins/sweep/space.py)
+    # Read by `engine sweep` alone, never by a trial's training: a trial resumed by a rerun of the
+    # sweep (with more trials, say) continues whatever they say now.
+    trials: Annotated[int, engine.Range(ge=1), engine.Changeable()] = 20  # in all, across reruns of the command
+    metric: Annotated[str, engine.Changeable()] = "val_loss"  # a validation metric of the job
+    direction: Annotated[Literal["auto", "minimize", "maximize"], engine.Changeable()] = (
+        "auto"  # auto: from the metric's name
+    )
+    sampler: Annotated[Literal["tpe", "random", "grid"], engine.Changeable()] = "tpe"  # seeded by the job's seed
+    pruner: Annotated[Literal["median", "hyperband", "none"], engine.Changeable()] = "median"
+    startup_trials: Annotated[int, engine.Range(ge=0), engine.Changeable()] = (
+        5  # median: trials that end before one is pruned
+    )
+    warmup_epochs: Annotated[int, engine.Range(ge=0), engine.Changeable()] = (
+        0  # epochs a trial trains before it can be pruned
+    )
+    parallel: Annotated[int, engine.Range(ge=1), engine.Changeable()] = 1  # trials at once, each in its own process
+    threads: Annotated[int, engine.Range(ge=0), engine.Changeable()] = (
+        0  # torch threads per trial; 0: the cores / parallel
+    )
+    name: Annotated[str, engine.Changeable()] = ""  # the sweep's folder in runs_dir; "": the job file's name
+    space: Annotated[dict[str, dict[str, Any]], engine.Changeable()] | None = (
+        None  # setting -> dimension (engine_plugins/sweep/space.py)
+    )
 
     def __post_init__(self) -> None:
         parse_space(self.space)  # the form of each dimension; its values are checked by the command

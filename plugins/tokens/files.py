@@ -4,7 +4,7 @@ an ``.npy`` file or an array of an ``.npz`` archive, and UTF-8 text read a chara
 Nothing is read whole into memory. A ``.bin`` or ``.npy`` file, or an array stored uncompressed
 in an ``.npz`` archive (``np.savez``), is mapped where it lies; a compressed array
 (``np.savez_compressed``) and a text file are first written, a block at a time, to a temporary
-token file that is mapped and removed when the run ends. Pages of the mapping that a batch read
+token file, removed as soon as it is mapped (the mapping keeps it). Pages of the mapping that a batch read
 are given back to the kernel after it (`TokenFile.release`), so that the process's resident
 memory stays flat however much of a large file the windows visit.
 """
@@ -29,13 +29,16 @@ PAGE = mmap.PAGESIZE
 
 
 class TokenFile:
-    """A 1-D array of token ids mapped from a file (`array`); `temporary` files are removed on `close`."""
+    """A 1-D array of token ids mapped from a file (`array`). A `temporary` file is removed once
+    mapped: the mapping keeps its pages, and nothing is left behind however the process ends."""
 
     def __init__(self, path: Path, dtype: np.dtype, offset: int, count: int, temporary: bool = False) -> None:
-        self.path, self.temporary = path, temporary
+        self.path = path
         with open(path, "rb") as handle:
             # A zero-length file cannot be mapped; one of fewer than two tokens has no window anyway.
             self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if count else None
+        if temporary:
+            path.unlink()
         self.offset, self.itemsize = offset, np.dtype(dtype).itemsize
         buffer = self.map if self.map is not None else b""
         self.array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset if count else 0)
@@ -59,9 +62,6 @@ class TokenFile:
         if self.map is not None:
             with contextlib.suppress(BufferError):  # a view still held elsewhere: unmapped when it goes
                 self.map.close()
-        if self.temporary:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
 
 
 def open_ids(path: Path, dtype: str, key: str, where: str) -> TokenFile:

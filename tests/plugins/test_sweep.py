@@ -388,3 +388,27 @@ def test_a_second_sweep_of_one_folder_is_refused_while_the_first_holds_it(tmp_pa
     assert "sweep 'runs/job' is being run by process 4242" in capsys.readouterr().err
     assert sorted(path.name for path in directory.iterdir()) == [".sweep.lock"]
     assert not (directory / JOURNAL).exists() and os.environ.get("ENGINE_BLOCK") == blocked
+
+
+def test_a_trial_resumed_by_a_rerun_with_more_trials_continues_the_same_run():
+    """[sweep] is read by the command alone: a trial interrupted, then resumed by a rerun that
+    raised `trials` (or changed any other sweep setting), is the same run, not a changed one."""
+    from tests.helpers import job
+
+    class StopAt:  # SIGTERM after step 2: the run checkpoints and stops, as a stopped sweep's trial does
+        @engine.hookimpl
+        def after_step(self, state):
+            if state.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    sweep = {"trials": 2, "space": {"optimizer.lr": {"log": [1e-3, 1e-1]}}}
+    trial = job(epochs=4, run_name="trial-0000", sweep=sweep, checkpoint={"every_steps": 1})
+    with pytest.raises(engine.Interrupted):
+        engine.run(trial, plugins=[StopAt()])
+    resumed = engine.run(resume="runs/trial-0000", overrides=["sweep.trials=5", "sweep.parallel=2"])
+    assert resumed.state.step == 4  # continued, its changes recorded as any resume's are
+    changes = read_json(Path("runs/trial-0000/summary.json"))["changes"]
+    assert sorted((change["key"], change["from"], change["to"]) for change in changes) == [
+        ("sweep.parallel", 1, 2),
+        ("sweep.trials", 2, 5),
+    ]

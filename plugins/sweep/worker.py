@@ -45,7 +45,7 @@ class SweepTrial:
 
     @engine.hookimpl
     def on_epoch_end(self, epoch: int, state: engine.State) -> None:
-        value = state.monitored(epoch, self.metric, "sweep.metric")
+        value = state.monitored(self.metric, "sweep.metric")
         if value is None or epoch < self.last:
             return
         if epoch > self.last:

@@ -254,6 +254,7 @@ class Contenders:
         # A round is `epochs` epochs in the middle of a long run, never its last one (whose end
         # takes the run's final checkpoint): the loop runs on, and the round stops itself.
         trainer.last_step = 2**62
+        trainer.length = trainer.length._replace(batches=trainer.last_step)  # what the checkpoint plugin reads
         trainer.plan()
 
         def end_round(epoch: int) -> None:

@@ -31,6 +31,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import engine_plugins.inference as serving  # not `inference`: the group's fixture has that name
 import pytest
 import torch
 from conftest import JOBS, Group, Job
@@ -128,7 +129,7 @@ def test_aoti_package_call(job: Job, device: str, trained, inference: Group) -> 
     _cpu_only(device)
     _skip_compiling(inference)
     run = trained(_model_and_batch(job)[0])
-    inference.load_backend(run, backend="aoti")  # exported and verified once per run
+    serving.load_backend(run, backend="aoti")  # exported and verified once per run
     package = torch._inductor.aoti_load_package(str(run / "exports" / "final-aoti.pt2"))
     _measure(inference, job, package, _inputs(job, device), "AOTInductor, package call")
 
@@ -136,14 +137,14 @@ def test_aoti_package_call(job: Job, device: str, trained, inference: Group) -> 
 def test_aoti_engine_backend(job: Job, device: str, trained, inference: Group) -> None:
     _cpu_only(device)
     _skip_compiling(inference)
-    backend = inference.load_backend(trained(_model_and_batch(job)[0]), backend="aoti")
+    backend = serving.load_backend(trained(_model_and_batch(job)[0]), backend="aoti")
     _measure(inference, job, backend, _inputs(job, device), "AOTInductor, engine backend")
 
 
 def test_onnx_runtime_engine_backend(job: Job, device: str, trained, inference: Group) -> None:
     _cpu_only(device)
     pytest.importorskip("onnxruntime")
-    backend = inference.load_backend(trained(_model_and_batch(job)[0]), backend="onnx")
+    backend = serving.load_backend(trained(_model_and_batch(job)[0]), backend="onnx")
     _measure(inference, job, backend, _inputs(job, device), "ONNX Runtime, engine backend")
 
 
@@ -192,7 +193,7 @@ def test_tensorrt_fp16(job: Job, device: str, trained, inference: Group) -> None
     _cuda_only(device)
     pytest.importorskip("torch_tensorrt")
     _skip_compiling(inference)
-    written = inference.export(trained(_model_and_batch(job)[0]), "tensorrt", overrides=["export.precision=fp16"])
+    written = serving.export(trained(_model_and_batch(job)[0]), "tensorrt", overrides=["export.precision=fp16"])
     module = torch.export.load(str(written.path)).module()
     x = _inputs(job, device).half()
 

@@ -241,7 +241,11 @@ def engine_round(
         blocked=["console"],
     )
     trainer.start()
-    trainer.epochs = 2**62
+    # A round is `epochs` epochs in the middle of a long run, never its last step (where the
+    # checkpoint plugin takes the run's final checkpoint): the round stops itself.
+    trainer.epochs = trainer.last_step = 2**62
+    trainer.length = trainer.length._replace(batches=trainer.last_step)
+    trainer.plan()
 
     def end_round(epoch: int) -> None:
         trainer.state.stop = epoch == epochs

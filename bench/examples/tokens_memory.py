@@ -24,7 +24,7 @@ JOB = HERE / "shakespeare_char.toml"
 
 
 def write_tokens(path: Path, tokens: int, vocabulary: int = 65) -> None:
-    chunk = (np.arange(1 << 20, dtype=np.uint16) * 7919 % vocabulary).astype(np.uint16)
+    chunk = (np.arange(min(tokens, 1 << 20), dtype=np.int64) * 7919 % vocabulary).astype(np.uint16)
     with open(path, "wb") as handle:
         for _ in range(tokens // len(chunk)):
             chunk.tofile(handle)
@@ -42,7 +42,7 @@ def peak_mb(path: Path, steps: int, runs_dir: Path, name: str) -> tuple[float, f
     wrapper = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
     wrapper += "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", wrapper, *command], check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", wrapper, *command], check=True, stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
     return int(done.stdout.split()[-1]) / 1024, seconds  # ru_maxrss is in KiB on Linux
 

@@ -233,6 +233,8 @@ def main() -> int:
     parser.add_argument("--auto", action="store_true", help="also run the job with accelerate.name = auto")
     parser.add_argument("--out", type=Path, default=Path("compare_nanogpt.json"))
     args = parser.parse_args()
+    if args.rounds and args.round_steps <= 100:
+        parser.error("--round-steps: more than the 100 warm-up steps of nanoGPT's schedule, which divides by the rest")
     if args.nanogpt is None or not (args.nanogpt / "train.py").is_file():
         parser.error("--nanogpt: the folder of nanoGPT's repository (with train.py), or set NANOGPT_DIR")
     args.nanogpt, args.text = args.nanogpt.resolve(), args.text.resolve()
@@ -269,6 +271,7 @@ def main() -> int:
             | {"ms_per_step": median_ms(run["ms"])}
             for name, run in runs.items()
         }
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept should the rounds fail
         if args.rounds:
             results["interleaved_ms_per_step"] = interleaved(args, work)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

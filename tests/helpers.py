@@ -3,7 +3,9 @@ user components that jobs reference as ``"tests.helpers:factory"``."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,3 +337,34 @@ class TokenDicts(torch.utils.data.Dataset):
 def normed_token_model(info: engine.DataInfo, width: int = 8) -> nn.Module:
     """Embedding, LayerNorm, a linear head: parameters of 1 and 2 dimensions, for weight decay's groups."""
     return nn.Sequential(nn.Embedding(info.n_outputs, width), nn.LayerNorm(width), nn.Linear(width, info.n_outputs))
+
+
+# --- forged files: what a run directory received from elsewhere may hold ----------------------------
+
+
+class Payload:
+    """What a forged file runs if it is unpickled: a marker file."""
+
+    def __init__(self, marker: Path | str) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
+
+
+def forged_program(source: Path, target: Path, marker: Path | str) -> None:
+    """`source` (a torch.export archive) with its first weight replaced by a pickle that runs
+    `Payload`, which torch.export.load unpickles with weights_only=False as the archive says."""
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config_name = next(name for name in members if name.endswith("_weights_config.json"))
+    config = json.loads(members[config_name])
+    entry = next(iter(config["config"].values()))
+    entry["use_pickle"] = True
+    members[config_name] = json.dumps(config).encode()
+    buffer = io.BytesIO()
+    torch.save({"weight": Payload(marker)}, buffer)
+    members[f"{config_name.rsplit('/', 1)[0]}/{entry['path_name']}"] = buffer.getvalue()
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)

@@ -41,6 +41,7 @@ import torch
 import engine
 from engine.cli import main
 from tests.conftest import REPO
+from tests.helpers import Payload, forged_program
 
 RAN = "FOREIGN_CODE_RAN"  # what forged code writes, in the case's directory, if it ever runs
 CLASSIFY = {
@@ -654,14 +655,6 @@ def test_forged_a_config_that_names_code_is_refused_by_every_opening(
     assert snapshot(run_dir) == before
 
 
-class Payload:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "ran"))
-
-
 @pytest.mark.slow
 def test_forged_pickles_in_model_pt_and_a_checkpoint_never_run(run_dir: Path, tmp_path: Path) -> None:
     marker = str(tmp_path / RAN)
@@ -672,23 +665,6 @@ def test_forged_pickles_in_model_pt_and_a_checkpoint_never_run(run_dir: Path, tm
     last = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
     torch.save({"format": engine.runs.CHECKPOINT_FORMAT, "state": Payload(marker)}, last)
     promised(in_process("run", "--resume", run_dir, "--set", "epochs=5"), 2, "is not a readable engine.checkpoint/3")
-
-
-def forged_program(path: Path, marker: str) -> None:
-    """A torch.export archive whose first weight is a pickle of `Payload`, and which says so."""
-    with zipfile.ZipFile(path) as archive:
-        members = {name: archive.read(name) for name in archive.namelist()}
-    config_name = next(name for name in members if name.endswith("_weights_config.json"))
-    config = json.loads(members[config_name])
-    entry = next(iter(config["config"].values()))
-    entry["use_pickle"] = True
-    members[config_name] = json.dumps(config).encode()
-    buffer = io.BytesIO()
-    torch.save({"weight": Payload(marker)}, buffer)
-    members[f"{config_name.rsplit('/', 1)[0]}/{entry['path_name']}"] = buffer.getvalue()
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
 
 
 def rerecorded(path: Path) -> None:
@@ -707,7 +683,7 @@ def test_forged_a_program_with_a_pickled_payload_never_runs(
     from engine_plugins import inference
 
     written = inference.export(run_dir, "exported")
-    forged_program(written.path, str(tmp_path / RAN))
+    forged_program(written.path, written.path, tmp_path / RAN)
     rerecorded(written.path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "receiver"))  # not verified on this machine
     input_files(tmp_path)

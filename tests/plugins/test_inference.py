@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import shutil
 import zipfile
@@ -22,7 +21,7 @@ from torch import nn
 
 import engine
 from engine.cli import main
-from tests.helpers import read_json, tutorial_data
+from tests.helpers import forged_program, read_json, tutorial_data
 
 CLASSIFY = {
     "epochs": 3,
@@ -486,34 +485,6 @@ def test_an_export_that_may_run_code_is_loaded_only_when_trusted_or_verified_on_
     )
     trusted = inference.load_backend(run, backend="exported", trust=True)
     assert trusted.description == f"exported (asked for; verified export {written.path})"
-
-
-class Payload:
-    """What a forged file runs if it is unpickled: a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "ran"))
-
-
-def forged_program(source: Path, target: Path, marker: Path) -> None:
-    """`source` (a torch.export archive) with its first weight replaced by a pickle that runs
-    `Payload`, which torch.export.load unpickles with weights_only=False as the archive says."""
-    with zipfile.ZipFile(source) as archive:
-        members = {name: archive.read(name) for name in archive.namelist()}
-    config_name = next(name for name in members if name.endswith("_weights_config.json"))
-    config = json.loads(members[config_name])
-    entry = next(iter(config["config"].values()))
-    entry["use_pickle"] = True
-    members[config_name] = json.dumps(config).encode()
-    buffer = io.BytesIO()
-    torch.save({"weight": Payload(marker)}, buffer)
-    members[f"{config_name.rsplit('/', 1)[0]}/{entry['path_name']}"] = buffer.getvalue()
-    with zipfile.ZipFile(target, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
 
 
 def test_a_forged_program_under_a_forged_record_does_not_run_even_from_a_trusted_run(trained, tmp_path, capsys):
